@@ -1,0 +1,1 @@
+"""Transports: how vectors travel between workers and the center."""

@@ -1,0 +1,535 @@
+"""The simulator: P replicas in one process, on exact schedules or a virtual clock.
+
+It is the oracle that every distributed path is tested against (it drives the same
+:class:`easgd.algorithms.Worker` generators and :class:`easgd.algorithms.Center` as the real
+runtimes) and the laboratory for scales this machine does not have.
+
+Schedules:
+
+* ``sync``: a global clock; every worker takes one local step per global step, collectives
+  (sums, means) combine all workers' payloads at once, and the asynchronous methods
+  (DOWNPOUR family) are served by the center in worker order.
+* ``round-robin``: at global step t only worker ``t mod p`` acts (the paper's analysis,
+  paper-spec 2.4): with ``tau = 1`` EASGD is exactly eqs. (12)-(13).
+* ``async``: event-driven on a virtual clock. Each local step costs a compute time drawn
+  from :class:`CostModel`, each message a latency plus size/bandwidth, and the center serves
+  one request at a time with a service time. Deterministic for a seed.
+
+Problems: :class:`Quadratic` (``F(x) = h/2 * |x|^2`` with Gaussian gradient noise, the
+setting of the stability and variance analysis) or :class:`TorchProblem` (a real model on real
+data: per-worker replicas whose parameters are views of the worker's flat vector).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import math
+import random
+import time
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from easgd.algorithms import Center, Hyperparams, Op, Request, Worker
+
+__all__ = [
+    "SCHEDULES",
+    "CostModel",
+    "GradFn",
+    "Problem",
+    "Quadratic",
+    "SimResult",
+    "TorchProblem",
+    "resolve_mode",
+    "simulate",
+]
+
+SCHEDULES = ("sync", "round-robin", "async")
+
+GradFn = Callable[[Tensor, Tensor], float]
+
+
+class Problem(Protocol):
+    """What the simulator needs of an objective."""
+
+    def initial_point(self) -> Tensor: ...
+
+    def grad_fn(self, rank: int, seed: int) -> GradFn:
+        """A gradient oracle for worker ``rank``: ``fn(x, out) -> loss``."""
+        ...
+
+    def grad_buffer(self, rank: int) -> Tensor | None:
+        """Where worker ``rank``'s gradients land (a model's flat grad), or None."""
+        ...
+
+    def evaluate(self, x: Tensor) -> dict[str, float]:
+        """Metrics of a point (the center): at least ``loss``."""
+        ...
+
+
+@dataclass
+class Quadratic:
+    """``F(x) = h/2 * |x|^2`` in ``dim`` independent coordinates; ``g = h*x + sigma*xi``.
+
+    ``dim > 1`` runs that many independent 1-D problems at once (Monte-Carlo in one run).
+    """
+
+    h: float = 1.0
+    sigma: float = 0.0
+    x0: float = 1.0
+    dim: int = 1
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.h) and self.h > 0):
+            raise ValueError(f"h={self.h!r} must be a positive curvature, e.g. h=1")
+        if not (math.isfinite(self.sigma) and self.sigma >= 0):
+            raise ValueError(f"noise sigma={self.sigma!r} must be >= 0")
+        if not math.isfinite(self.x0):
+            raise ValueError(f"x0={self.x0!r} must be a finite number")
+        if self.dim < 1:
+            raise ValueError(f"dim={self.dim!r} must be >= 1")
+
+    def initial_point(self) -> Tensor:
+        return torch.full((self.dim,), float(self.x0), dtype=torch.float64)
+
+    def grad_fn(self, rank: int, seed: int) -> GradFn:
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + rank)
+        noise = torch.empty(self.dim, dtype=torch.float64)
+
+        def fn(x: Tensor, out: Tensor) -> float:
+            torch.mul(x, self.h, out=out)
+            if self.sigma:
+                noise.normal_(generator=gen)
+                out.add_(noise, alpha=self.sigma)
+            return 0.5 * self.h * float(x.dot(x)) / self.dim
+
+        return fn
+
+    def grad_buffer(self, rank: int) -> Tensor | None:
+        return None
+
+    def evaluate(self, x: Tensor) -> dict[str, float]:
+        return {"loss": 0.5 * self.h * float(x.dot(x)) / self.dim}
+
+
+class TorchProblem:
+    """A real model on real data: each worker a replica whose parameters view its flat x.
+
+    Args:
+        build: returns a fresh model; called once per worker and once for evaluation, and must
+            give identical initial parameters every call (build with a fixed seed).
+        train: ``(x, y)`` training tensors; each worker samples the whole set (the paper's
+            setting) with its own seeded :class:`easgd.data.loader.BatchStream`.
+        test: ``(x, y)`` test tensors for evaluating the center.
+        batch_size: mini-batch size per worker.
+        transform: optional per-batch training transform ``(batch, generator) -> batch``.
+    """
+
+    def __init__(
+        self,
+        build: Callable[[], torch.nn.Module],
+        train: tuple[Tensor, Tensor],
+        test: tuple[Tensor, Tensor],
+        batch_size: int,
+        transform: Callable[[Tensor, torch.Generator], Tensor] | None = None,
+        eval_batch_size: int = 1024,
+    ) -> None:
+        from easgd.models import parameters_to_flat_views
+
+        self._build = build
+        self._flat = parameters_to_flat_views
+        self.train, self.test = train, test
+        self.batch_size = batch_size
+        self.transform = transform
+        self.eval_batch_size = eval_batch_size
+        self.eval_model = build()
+        self.eval_flat = parameters_to_flat_views(self.eval_model)
+        self.replicas: dict[int, Any] = {}
+
+    def _replica(self, rank: int) -> Any:
+        if rank not in self.replicas:
+            model = self._build()
+            self.replicas[rank] = (model, self._flat(model))
+        return self.replicas[rank]
+
+    def initial_point(self) -> Tensor:
+        return self.eval_flat.params.detach().clone()
+
+    def grad_buffer(self, rank: int) -> Tensor | None:
+        return self._replica(rank)[1].grads
+
+    def grad_fn(self, rank: int, seed: int) -> GradFn:
+        from easgd.data.loader import BatchStream
+
+        model, flat = self._replica(rank)
+        stream = BatchStream(
+            self.train[0],
+            self.train[1],
+            self.batch_size,
+            seed=seed + rank,
+            transform=self.transform,
+        )
+        loss_fn = torch.nn.functional.cross_entropy
+
+        def fn(x: Tensor, out: Tensor) -> float:
+            if x.data_ptr() != flat.params.data_ptr():
+                flat.params.copy_(x)
+            xb, yb = next(stream)
+            flat.ensure_grad_views_()
+            out.zero_()
+            model.train()
+            loss = loss_fn(model(xb), yb)
+            loss.backward()
+            if out.data_ptr() != flat.grads.data_ptr():
+                out.copy_(flat.grads)
+            return float(loss.detach())
+
+        return fn
+
+    def worker_vector(self, rank: int) -> Tensor:
+        """The flat parameter vector of worker ``rank``'s replica (used as its x)."""
+        return self._replica(rank)[1].params
+
+    def evaluate(self, x: Tensor) -> dict[str, float]:
+        from easgd.evaluate import evaluate_model
+
+        self.eval_flat.params.copy_(x)
+        if self.replicas:
+            # Buffers (batch-norm statistics) are not part of the center: take worker 0's.
+            src = self._replica(min(self.replicas))[0]
+            for b_dst, b_src in zip(self.eval_model.buffers(), src.buffers(), strict=True):
+                b_dst.copy_(b_src)
+        return evaluate_model(self.eval_model, self.test[0], self.test[1], self.eval_batch_size)
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Virtual costs of the asynchronous (and synchronous) schedules, in seconds and bytes.
+
+    Args:
+        step_time: mean compute time of one local step (default 1.0).
+        step_dist: ``"constant"``, ``"exponential"`` or ``"lognormal"`` (default constant).
+        step_cv: coefficient of variation of the lognormal distribution (default 0.2).
+        stragglers: ``{worker: slowdown factor}``, e.g. ``{0: 3.0}`` (default none).
+        latency: one-way message latency (default 0).
+        bandwidth: link bandwidth in bytes/s (default infinite).
+        server_time: the center's service time per request (default 0).
+        bytes_per_param: bytes of one parameter on the wire (default 4, float32).
+        numel: parameters counted for message sizes; None means the problem's own size
+            (set it to model a large network while computing on a small problem).
+    """
+
+    step_time: float = 1.0
+    step_dist: str = "constant"
+    step_cv: float = 0.2
+    stragglers: dict[int, float] = field(default_factory=dict)
+    latency: float = 0.0
+    bandwidth: float = math.inf
+    server_time: float = 0.0
+    bytes_per_param: int = 4
+    numel: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.step_dist not in ("constant", "exponential", "lognormal"):
+            raise ValueError(
+                f"step_dist={self.step_dist!r}; choose constant, exponential or lognormal"
+            )
+        for name in ("step_time", "latency", "server_time"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name}={value!r} must be a finite number >= 0 (seconds)")
+        if not self.bandwidth > 0:
+            raise ValueError(f"bandwidth={self.bandwidth!r} must be > 0 bytes/s")
+        for w, f in self.stragglers.items():
+            if not (math.isfinite(f) and f > 0):
+                raise ValueError(f"straggler factor {f!r} of worker {w} must be > 0")
+
+    def draw_step(self, rank: int, rng: random.Random) -> float:
+        mean = self.step_time * self.stragglers.get(rank, 1.0)
+        if self.step_dist == "exponential":
+            return rng.expovariate(1.0 / mean) if mean > 0 else 0.0
+        if self.step_dist == "lognormal" and mean > 0:
+            s2 = math.log(1.0 + self.step_cv**2)
+            return rng.lognormvariate(math.log(mean) - s2 / 2, math.sqrt(s2))
+        return mean
+
+    def message(self, nbytes: int) -> float:
+        return self.latency + nbytes / self.bandwidth
+
+    def allreduce(self, nbytes: int, p: int) -> float:
+        """Ring all-reduce: 2(p-1) messages of nbytes/p each."""
+        if p == 1:
+            return 0.0
+        return 2 * (p - 1) * self.message(math.ceil(nbytes / p))
+
+
+@dataclass
+class SimResult:
+    """What a simulation reports: the center over (virtual) time and the traffic."""
+
+    center: Tensor
+    times: list[float] = field(default_factory=list)
+    metrics: list[dict[str, float]] = field(default_factory=list)
+    center_trajectory: list[Tensor] = field(default_factory=list)
+    workers: list[Tensor] = field(default_factory=list)
+    exchanges: int = 0
+    bytes_moved: int = 0
+    virtual_seconds: float = 0.0
+    real_seconds: float = 0.0
+    local_steps: int = 0
+
+
+def resolve_mode(hp: Hyperparams, schedule: str) -> str:
+    """The worker mode a method runs in under a schedule, or a ValueError saying why not."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule={schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    modes = hp.spec.modes
+    if modes == ("sequential",):
+        return "sequential"
+    if schedule == "sync":
+        return "sync" if "sync" in modes else "async"
+    if "async" not in modes:
+        raise ValueError(
+            f"method={hp.method!r} is synchronous only; it cannot run on the {schedule!r} "
+            "schedule: use schedule='sync'"
+        )
+    return "async"
+
+
+class _Sim:
+    def __init__(
+        self, problem: Problem, hp: Hyperparams, schedule: str, seed: int, cost: CostModel
+    ) -> None:
+        self.problem, self.hp, self.schedule, self.cost = problem, hp, schedule, cost
+        self.mode = resolve_mode(hp, schedule)
+        x0 = problem.initial_point()
+        self.p = hp.workers
+        self.numel = cost.numel if cost.numel is not None else x0.numel()
+        self.msg_bytes = self.numel * cost.bytes_per_param
+        self.center = Center(hp, x0.clone())
+        self.workers: list[Worker] = []
+        self.grads: list[GradFn] = []
+        for r in range(self.p):
+            vec = getattr(problem, "worker_vector", None)
+            x = vec(r) if vec is not None else torch.empty_like(x0)
+            x.copy_(x0)
+            self.workers.append(Worker(hp, x, self.mode, grad=problem.grad_buffer(r)))
+            self.grads.append(problem.grad_fn(r, seed))
+        self.rng = random.Random(seed)
+        self.exchanges = 0
+        self.bytes = 0
+
+    def center_vector(self) -> Tensor:
+        w0 = self.workers[0]
+        if self.mode == "sequential":
+            return w0.evaluation_vector()
+        exchange = self.hp.spec.exchange
+        if exchange == "elastic" and self.mode == "sync":
+            assert w0.center is not None
+            return w0.center
+        if exchange == "grad-mean":
+            return w0.x
+        if exchange == "param-mean":
+            return torch.stack([w.x for w in self.workers]).mean(0)
+        return self.center.evaluation_vector()
+
+    def serve(self, req: Request) -> None:
+        """An exchange with the center, served at once."""
+        assert req.reply is not None
+        self.center.handle(req.op, req.payload, req.reply)
+        self.exchanges += 1
+        self.bytes += 2 * self.msg_bytes
+
+    # -- schedules with a global clock ----------------------------------------------------
+
+    def sync_step(self) -> float:
+        """One global step of every worker in lockstep; returns its virtual duration."""
+        gens = [w.step() for w in self.workers]
+        replies: list[Any] = [None] * self.p
+        live = list(range(self.p))
+        comm_time = 0.0
+        while live:
+            reqs: dict[int, Request] = {}
+            for r in live:
+                with contextlib.suppress(StopIteration):
+                    reqs[r] = gens[r].send(replies[r])
+            live = sorted(reqs)
+            if not live:
+                break
+            ops = {reqs[r].op for r in live}
+            if len(ops) != 1 or len(live) != self.p:
+                raise RuntimeError(f"workers out of lockstep: {sorted(o.value for o in ops)}")
+            op = ops.pop()
+            if op is Op.GRAD:
+                for r in live:
+                    replies[r] = self.grads[r](self.workers[r].x, reqs[r].payload)
+            elif op in (Op.SUM, Op.MEAN):
+                total = torch.stack([reqs[r].payload for r in live]).sum(0)
+                if op is Op.MEAN:
+                    total /= self.p
+                for r in live:
+                    reqs[r].payload.copy_(total)
+                    replies[r] = None
+                self.exchanges += 1
+                self.bytes += self.p * 2 * (self.p - 1) * math.ceil(self.msg_bytes / self.p)
+                comm_time += self.cost.allreduce(self.msg_bytes, self.p)
+            else:
+                for r in live:
+                    self.serve(reqs[r])
+                    replies[r] = None
+                comm_time += self.p * self.cost.server_time + 2 * self.cost.message(self.msg_bytes)
+        step = max(self.cost.draw_step(r, self.rng) for r in range(self.p))
+        return step + comm_time
+
+    def round_robin_step(self, t: int) -> float:
+        r = t % self.p
+        w = self.workers[r]
+        gen = w.step()
+        reply: Any = None
+        duration = self.cost.draw_step(r, self.rng)
+        try:
+            while True:
+                req = gen.send(reply)
+                if req.op is Op.GRAD:
+                    reply = self.grads[r](w.x, req.payload)
+                else:
+                    self.serve(req)
+                    duration += self.cost.server_time + 2 * self.cost.message(self.msg_bytes)
+                    reply = None
+        except StopIteration:
+            pass
+        return duration
+
+    # -- the asynchronous schedule: a discrete-event simulation ---------------------------
+
+    def run_async(
+        self, steps: int, record: Callable[[float], None], on_update: Callable[[float], None]
+    ) -> float:
+        """Every worker runs ``steps`` local steps on its own clock; returns the end time."""
+        events: list[tuple[float, int, int, str]] = []  # (time, seq, worker, kind)
+        seq = 0
+        gens: list[Generator[Request, Any, None]] = [w.step() for w in self.workers]
+        pending: list[Request | None] = [None] * self.p
+        done_steps = [0] * self.p
+        server_free = 0.0
+        now = 0.0
+
+        def push(at: float, rank: int, kind: str) -> None:
+            nonlocal seq
+            heapq.heappush(events, (at, seq, rank, kind))
+            seq += 1
+
+        def advance(rank: int, reply: Any, at: float) -> None:
+            """Resume worker ``rank`` until it needs time to pass; schedule that event."""
+            while True:
+                try:
+                    req = gens[rank].send(reply)
+                except StopIteration:
+                    done_steps[rank] += 1
+                    if done_steps[rank] >= steps:
+                        return
+                    gens[rank] = self.workers[rank].step()
+                    reply = None
+                    continue
+                pending[rank] = req
+                if req.op is Op.GRAD:
+                    push(at + self.cost.draw_step(rank, self.rng), rank, "computed")
+                else:
+                    push(at + self.cost.message(self.msg_bytes), rank, "arrive")
+                return
+
+        for r in range(self.p):
+            advance(r, None, 0.0)
+        while events:
+            now, _, r, kind = heapq.heappop(events)
+            req = pending[r]
+            assert req is not None
+            if kind == "computed":
+                loss = self.grads[r](self.workers[r].x, req.payload)
+                advance(r, loss, now)
+            elif kind == "arrive":
+                # The center serves one request at a time, in arrival order.
+                start = max(now, server_free)
+                server_free = start + self.cost.server_time
+                push(server_free, r, "served")
+            elif kind == "served":
+                self.serve(req)
+                on_update(now)
+                push(now + self.cost.message(self.msg_bytes), r, "reply")
+            else:  # reply reached the worker
+                advance(r, None, now)
+            record(now)
+        return now
+
+
+def simulate(
+    problem: Problem,
+    hp: Hyperparams,
+    *,
+    schedule: str = "sync",
+    steps: int = 100,
+    seed: int = 0,
+    cost: CostModel | None = None,
+    eval_interval: float | None = None,
+    trajectory: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> SimResult:
+    """Run ``hp.workers`` replicas of ``problem`` for ``steps`` steps on ``schedule``.
+
+    ``steps`` counts global steps for ``sync`` and ``round-robin`` (in round-robin each
+    global step is one worker's local step) and local steps per worker for ``async``.
+    ``eval_interval`` (virtual seconds) evaluates the center periodically; it is always
+    evaluated at the start and at the end. ``trajectory=True`` records a copy of the center
+    after every global step (sync, round-robin) or every center update (async).
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps={steps!r} must be an integer >= 0")
+    if eval_interval is not None and not eval_interval > 0:
+        raise ValueError(f"eval_interval={eval_interval!r} must be > 0 virtual seconds")
+    sim = _Sim(problem, hp, schedule, seed, cost or CostModel())
+    result = SimResult(center=sim.center_vector())
+    started = time.perf_counter()
+    next_eval = [0.0]
+
+    def record(now: float, force: bool = False) -> None:
+        if force or (eval_interval is not None and now >= next_eval[0]):
+            result.times.append(now)
+            result.metrics.append(problem.evaluate(sim.center_vector()))
+            if eval_interval is not None:
+                while next_eval[0] <= now:
+                    next_eval[0] += eval_interval
+
+    record(0.0, force=True)
+    now = 0.0
+    if schedule in ("sync", "round-robin"):
+        for t in range(steps):
+            if schedule == "round-robin":
+                now += sim.round_robin_step(t)
+            else:
+                now += sim.sync_step()
+            if trajectory:
+                result.center_trajectory.append(sim.center_vector().clone())
+            record(now)
+            if progress is not None:
+                progress(t + 1, steps)
+    else:
+
+        def on_update(at: float) -> None:
+            if trajectory:
+                result.center_trajectory.append(sim.center_vector().clone())
+
+        now = sim.run_async(steps, record, on_update)
+    if not result.times or result.times[-1] != now or eval_interval is None:
+        record(now, force=True)
+    result.center = sim.center_vector().clone()
+    result.workers = [w.x.clone() for w in sim.workers]
+    result.exchanges = sim.exchanges
+    result.bytes_moved = sim.bytes
+    result.virtual_seconds = now
+    result.real_seconds = time.perf_counter() - started
+    result.local_steps = sum(w.t for w in sim.workers)
+    return result
