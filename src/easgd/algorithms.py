@@ -483,6 +483,7 @@ class Op(enum.Enum):
     """What a worker asks of its driver."""
 
     GRAD = "grad"  # compute the gradient at x into payload; the driver sends back the loss
+    LOCAL = "local"  # an external optimizer takes the local step on x; the driver sends the loss
     ELASTIC = "elastic"  # async: payload x -> reply d = alpha*(x - center), center += d
     SUM = "sum"  # sync: all-reduce (sum) payload in place across workers
     MEAN = "mean"  # sync: all-reduce (mean) payload in place across workers
@@ -511,10 +512,26 @@ class Worker:
         x: the flat parameter vector (starts equal to the center).
         mode: ``"sync"``, ``"async"`` or ``"sequential"``; must be one the method supports.
         grad: where ``GRAD`` requests are to write the gradient (default: a new buffer).
+        external_local: yield ``LOCAL`` (take your own optimizer's step on ``x``) instead of
+            computing the method's own local step; the exchanges stay the method's.
     """
 
-    def __init__(self, hp: Hyperparams, x: Tensor, mode: str, grad: Tensor | None = None) -> None:
+    def __init__(
+        self,
+        hp: Hyperparams,
+        x: Tensor,
+        mode: str,
+        grad: Tensor | None = None,
+        *,
+        external_local: bool = False,
+    ) -> None:
         spec = hp.spec
+        if external_local and spec.exchange not in ("elastic", "param-mean", "none"):
+            raise ValueError(
+                f"method={hp.method!r} cannot wrap an external optimizer: its exchange "
+                f"({spec.exchange}) needs the raw gradient; use easgd, eamsgd or localsgd"
+            )
+        self.external_local = external_local
         if mode not in spec.modes:
             raise ValueError(
                 f"mode={mode!r} is not available for method={hp.method!r}; it runs in "
@@ -576,9 +593,13 @@ class Worker:
         if self.z is not None:
             # Sequential averages use x_t, before this step's update.
             self.z.lerp_(x, average_rate(spec.average or "", self.t, hp.moving_rate))
-        if self.v is not None:
-            nesterov_lookahead_(x, self.v, hp.momentum)
-        self.last_loss = yield Request(Op.GRAD, self.grad)
+        if self.external_local:
+            # A user's own optimizer (easgd.optim) takes the local step, whatever it is.
+            self.last_loss = yield Request(Op.LOCAL, x)
+        else:
+            if self.v is not None:
+                nesterov_lookahead_(x, self.v, hp.momentum)
+            self.last_loss = yield Request(Op.GRAD, self.grad)
         g = self.grad
         if spec.exchange == "downpour":
             assert self.acc is not None
@@ -597,7 +618,8 @@ class Worker:
         else:
             if spec.exchange == "grad-mean":
                 yield Request(Op.MEAN, g)
-            local_step_(x, g, lr, self.v, hp.weight_decay)
+            if not self.external_local:
+                local_step_(x, g, lr, self.v, hp.weight_decay)
             if spec.exchange == "elastic" and comm:
                 assert self.diff is not None
                 x.sub_(self.diff)

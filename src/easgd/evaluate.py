@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
-__all__ = ["evaluate_model"]
+__all__ = ["evaluate_center", "evaluate_model", "has_batchnorm", "recalibrate_batchnorm"]
 
 
 @torch.no_grad()
@@ -25,3 +27,47 @@ def evaluate_model(
         wrong += int((logits.argmax(1) != yb).sum())
     model.train(was_training)
     return {"loss": total_loss / len(x), "error": wrong / len(x)}
+
+
+def has_batchnorm(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(
+    model: torch.nn.Module, x: Tensor, batch_size: int = 256, batches: int = 8
+) -> None:
+    """Recompute batch-norm running statistics for the current parameters.
+
+    The center is an average of parameters and has no statistics of its own (as in SWA,
+    whose ``update_bn`` does the same); they are re-estimated on the first training images.
+    """
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the calibration batches
+    was_training = model.training
+    model.train()
+    for start in range(0, min(len(x), batch_size * batches), batch_size):
+        model(x[start : start + batch_size])
+    for m, momentum in zip(norms, momenta, strict=True):
+        m.momentum = momentum
+    model.train(was_training)
+
+
+def evaluate_center(
+    model: torch.nn.Module,
+    flat: Any,
+    center: Tensor,
+    test: tuple[Tensor, Tensor],
+    train_x: Tensor | None = None,
+    batch_size: int = 1024,
+) -> dict[str, float]:
+    """Load ``center`` into ``model`` (through its flat views) and evaluate it on ``test``."""
+    flat.params.copy_(center)
+    if train_x is not None:
+        recalibrate_batchnorm(model, train_x)
+    return evaluate_model(model, test[0], test[1], batch_size)

@@ -164,6 +164,7 @@ class TorchProblem:
 
     def grad_fn(self, rank: int, seed: int) -> GradFn:
         from easgd.data.loader import BatchStream
+        from easgd.problem import model_grad_fn
 
         model, flat = self._replica(rank)
         stream = BatchStream(
@@ -173,37 +174,18 @@ class TorchProblem:
             seed=seed + rank,
             transform=self.transform,
         )
-        loss_fn = torch.nn.functional.cross_entropy
-
-        def fn(x: Tensor, out: Tensor) -> float:
-            if x.data_ptr() != flat.params.data_ptr():
-                flat.params.copy_(x)
-            xb, yb = next(stream)
-            flat.ensure_grad_views_()
-            out.zero_()
-            model.train()
-            loss = loss_fn(model(xb), yb)
-            loss.backward()
-            if out.data_ptr() != flat.grads.data_ptr():
-                out.copy_(flat.grads)
-            return float(loss.detach())
-
-        return fn
+        return model_grad_fn(model, flat, stream)
 
     def worker_vector(self, rank: int) -> Tensor:
         """The flat parameter vector of worker ``rank``'s replica (used as its x)."""
         return self._replica(rank)[1].params
 
     def evaluate(self, x: Tensor) -> dict[str, float]:
-        from easgd.evaluate import evaluate_model
+        from easgd.evaluate import evaluate_center
 
-        self.eval_flat.params.copy_(x)
-        if self.replicas:
-            # Buffers (batch-norm statistics) are not part of the center: take worker 0's.
-            src = self._replica(min(self.replicas))[0]
-            for b_dst, b_src in zip(self.eval_model.buffers(), src.buffers(), strict=True):
-                b_dst.copy_(b_src)
-        return evaluate_model(self.eval_model, self.test[0], self.test[1], self.eval_batch_size)
+        return evaluate_center(
+            self.eval_model, self.eval_flat, x, self.test, self.train[0], self.eval_batch_size
+        )
 
 
 @dataclass(frozen=True)

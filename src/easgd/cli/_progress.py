@@ -35,16 +35,21 @@ class Progress:
         self._width = 0
 
     def update(self, done: int, extra: str = "", *, force: bool = False) -> None:
+        """Show ``done`` (of ``total``) with its rate, and ``extra``."""
+        elapsed = time.perf_counter() - self.started
+        rate = done / elapsed if elapsed > 0 else 0.0
+        of = f"/{self.total}" if self.total is not None else ""
+        self.show(f"{done}{of}  {rate:.1f}/s  {extra}", force=force)
+
+    def show(self, status: str, *, force: bool = False) -> None:
+        """Show a free-form status after the label and the elapsed time."""
         if not self.enabled:
             return
         now = time.perf_counter()
         if not force and now - self._last < self.interval:
             return
         self._last = now
-        elapsed = now - self.started
-        rate = done / elapsed if elapsed > 0 else 0.0
-        of = f"/{self.total}" if self.total is not None else ""
-        text = f"{self.label} {done}{of}  {rate:.1f}/s  {elapsed:.0f}s  {extra}".rstrip()
+        text = f"{self.label} {now - self.started:5.0f}s  {status}".rstrip()
         if self.tty:
             pad = max(0, self._width - len(text))
             self.stream.write("\r" + text + " " * pad)

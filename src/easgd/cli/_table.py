@@ -24,6 +24,7 @@ def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | Non
     cols = list(columns) if columns is not None else list(rows[0].keys())
     cells = [[format_value(row.get(c, "")) for c in cols] for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(cols)]
+
     # Numbers right-aligned, text left-aligned.
     def is_number(v: Any) -> bool:
         return isinstance(v, int | float) and not isinstance(v, bool)

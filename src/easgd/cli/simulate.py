@@ -23,8 +23,7 @@ def add_hyperparam_args(parser: argparse.ArgumentParser, *, workers_flag: str = 
         "--method",
         default="eamsgd",
         choices=list(METHODS),
-        help="update rule (default: eamsgd). "
-        + "; ".join(f"{m.name}: {m.description}" for m in METHODS.values()),
+        help="update rule. " + "; ".join(f"{m.name}: {m.description}" for m in METHODS.values()),
     )
     g.add_argument(
         workers_flag,
@@ -32,54 +31,50 @@ def add_hyperparam_args(parser: argparse.ArgumentParser, *, workers_flag: str = 
         type=int,
         default=4,
         metavar="P",
-        help="number of workers p (default: 4)",
+        help="number of workers p",
     )
-    g.add_argument(
-        "--tau", type=int, default=1, help="communication period in local steps (default: 1)"
-    )
-    g.add_argument(
-        "--lr", type=float, default=0.01, metavar="ETA", help="learning rate eta (default: 0.01)"
-    )
+    g.add_argument("--tau", type=int, default=1, help="communication period in local steps")
+    g.add_argument("--lr", type=float, default=0.01, metavar="ETA", help="learning rate eta")
     g.add_argument(
         "--beta",
         type=float,
         default=None,
         metavar="B",
-        help="center's moving rate beta; alpha = beta/p unless --alpha is given "
-        "(default: 0.9, the paper's)",
+        help="center's moving rate beta (the paper's 0.9 when neither --beta nor --alpha "
+        "is given); alpha = beta/p unless --alpha is given",
     )
     g.add_argument(
         "--alpha",
         type=float,
         default=None,
         metavar="A",
-        help="worker's moving rate alpha (default: beta/p)",
+        help="worker's moving rate alpha (beta/p when not given)",
     )
     g.add_argument(
         "--momentum",
         type=float,
         default=None,
         metavar="D",
-        help="Nesterov momentum delta (default: 0.99 for eamsgd, msgd, mdownpour; 0 otherwise)",
+        help="Nesterov momentum delta (None: 0.99 for eamsgd, msgd and mdownpour, else 0)",
     )
     g.add_argument(
         "--weight-decay",
         type=float,
         default=0.0,
-        help="L2 coefficient added to the gradient (default: 0)",
+        help="L2 coefficient added to the gradient",
     )
     g.add_argument(
         "--lr-decay",
         type=float,
         default=0.0,
-        help="lr_t = lr / (1 + t*lr_decay)^lr_power on the local clock (default: 0)",
+        help="lr_t = lr / (1 + t*lr_decay)^lr_power on the local clock",
     )
-    g.add_argument("--lr-power", type=float, default=0.0, help="see --lr-decay (default: 0)")
+    g.add_argument("--lr-power", type=float, default=0.0, help="see --lr-decay")
     g.add_argument(
         "--moving-rate",
         type=float,
         default=0.001,
-        help="constant averaging rate of mvadownpour and mvasgd (default: 0.001)",
+        help="constant averaging rate of mvadownpour and mvasgd",
     )
 
 
@@ -149,9 +144,7 @@ def register(subparsers: Any) -> None:
         default=1,
         help="independent coordinates of the quadratic (Monte-Carlo in one run)",
     )
-    prob.add_argument(
-        "--model", default=None, help="network for a dataset problem (default: the dataset's own)"
-    )
+    prob.add_argument("--model", default=None, help="network for a dataset problem")
     prob.add_argument("--batch-size", type=int, default=32, help="mini-batch size per worker")
     prob.add_argument("--data-dir", default=None, help="folder holding the dataset's files")
     add_hyperparam_args(parser)
@@ -202,7 +195,7 @@ def register(subparsers: Any) -> None:
         "--numel",
         type=int,
         default=None,
-        help="parameters counted in message sizes (default: the problem's)",
+        help="parameters counted in message sizes",
     )
     parser.set_defaults(func=run)
 
@@ -210,13 +203,11 @@ def register(subparsers: Any) -> None:
 def _problem(args: argparse.Namespace) -> Problem:
     if args.problem == "quadratic":
         return Quadratic(h=args.h, sigma=args.noise, x0=args.x0, dim=args.dim)
+    from easgd.problem import build_problem_parts
     from easgd.sim import TorchProblem
-    from easgd.train import build_problem_parts
 
-    build, train, test, transform = build_problem_parts(
-        args.problem, args.model, seed=args.seed, data_dir=args.data_dir
-    )
-    return TorchProblem(build, train, test, args.batch_size, transform=transform)
+    parts = build_problem_parts(args.problem, args.model, seed=args.seed, data_dir=args.data_dir)
+    return TorchProblem(parts.build, parts.train, parts.test, args.batch_size, parts.transform)
 
 
 def _scalarize(v: Any) -> Any:

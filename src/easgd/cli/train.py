@@ -1,0 +1,186 @@
+"""``easgd train``: real distributed training on this machine, or one rank under torchrun."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from easgd.cli._progress import Progress
+from easgd.cli._table import format_table
+from easgd.cli.simulate import add_hyperparam_args
+from easgd.train import MODES, TrainConfig
+
+__all__ = ["config_from_args", "register", "run"]
+
+_DEFAULTS = TrainConfig(epochs=1)  # where the flags take their defaults from
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="train with real worker processes (the main job)",
+        description=(
+            "Train a model with P worker processes. Asynchronous methods (the default: EAMSGD) "
+            "go through S parameter-server processes; synchronous ones (--mode sync, "
+            "allreduce, localsgd) use one flat all_reduce per exchange. An evaluator process "
+            "measures the center's test error against wall time. Under torchrun, each rank "
+            "takes its role from RANK (servers first). With no arguments: digits, 4 workers, "
+            "1 server, EAMSGD."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_hyperparam_args(parser, workers_flag="--workers")
+    g = parser.add_argument_group("run")
+    g.add_argument("--mode", default="auto", choices=MODES,
+                   help="auto: asynchronous for the elastic and DOWNPOUR methods (the paper's), "
+                        "synchronous for allreduce and localsgd")  # fmt: skip
+    g.add_argument(
+        "--servers",
+        type=int,
+        default=_DEFAULTS.servers,
+        help="parameter-server processes; the center is split in contiguous shards",
+    )
+    g.add_argument(
+        "--batch-size", type=int, default=_DEFAULTS.batch_size, help="mini-batch size per worker"
+    )
+    budget = g.add_mutually_exclusive_group()
+    budget.add_argument(
+        "--epochs",
+        type=float,
+        default=None,
+        help="passes over the training set per worker (default: 6)",
+    )
+    budget.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="stop after this many wall-clock seconds",
+    )
+    budget.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="local steps per worker (exact, for reproducible comparisons)",
+    )
+    g.add_argument(
+        "--dataset",
+        default=_DEFAULTS.dataset,
+        help="digits (embedded), mnist, fashion-mnist or cifar10",
+    )
+    g.add_argument("--data-dir", default=None, help="folder holding the dataset's files")
+    g.add_argument(
+        "--model", default=None, help="network (see `easgd models`); default: the dataset's own"
+    )
+    g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    g.add_argument("--seed", type=int, default=0, help="seed of the init (worker i: seed + i)")
+    g.add_argument(
+        "--out", default=None, help="run directory (default: runs/<method>-<date>-<time>)"
+    )
+    g.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    g.add_argument(
+        "--eval-interval",
+        type=float,
+        default=_DEFAULTS.eval_interval,
+        help="seconds between evaluations of the center",
+    )
+    g.add_argument(
+        "--checkpoint-interval",
+        type=float,
+        default=_DEFAULTS.checkpoint_interval,
+        help="seconds between checkpoints of the center",
+    )
+    g.add_argument(
+        "--timeout",
+        type=float,
+        default=_DEFAULTS.timeout,
+        help="seconds before a silent peer counts as dead",
+    )
+    g.add_argument(
+        "--host",
+        default=_DEFAULTS.host,
+        help="address the servers bind (not loopback: set EASGD_SECRET)",
+    )
+    g.add_argument(
+        "--max-restarts",
+        type=int,
+        default=_DEFAULTS.max_restarts,
+        help="restarts of a dead asynchronous worker before the run goes on without it",
+    )
+    g.add_argument("--json", action="store_true", help="print the summary as JSON")
+    g.add_argument("--quiet", action="store_true", help="no progress display")
+    parser.set_defaults(func=run, tau=_DEFAULTS.tau, lr=_DEFAULTS.lr, workers=_DEFAULTS.workers)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    epochs = args.epochs
+    if epochs is None and args.time_budget is None and args.steps is None:
+        epochs = 6.0
+    out = args.out or os.path.join("runs", f"{args.method}-{time.strftime('%Y%m%d-%H%M%S')}")
+    fields: dict[str, Any] = {
+        "method": args.method, "mode": args.mode, "workers": args.workers,
+        "servers": args.servers, "tau": args.tau, "lr": args.lr, "momentum": args.momentum,
+        "beta": args.beta, "alpha": args.alpha, "weight_decay": args.weight_decay,
+        "lr_decay": args.lr_decay, "lr_power": args.lr_power, "moving_rate": args.moving_rate,
+        "batch_size": args.batch_size, "epochs": epochs, "time_budget": args.time_budget,
+        "steps": args.steps, "dataset": args.dataset, "model": args.model,
+        "data_dir": args.data_dir, "device": args.device, "seed": args.seed, "out": out,
+        "eval_interval": args.eval_interval, "checkpoint_interval": args.checkpoint_interval,
+        "timeout": args.timeout, "host": args.host, "max_restarts": args.max_restarts,
+    }  # fmt: skip
+    return TrainConfig(**fields)
+
+
+def _prepare_out(cfg: TrainConfig, overwrite: bool) -> None:
+    root = Path(cfg.out)
+    if (root / "config.json").exists():
+        if not overwrite:
+            raise ValueError(
+                f"--out {root} already holds a run (config.json); choose another --out or "
+                "pass --overwrite to replace it"
+            )
+        for name in ("metrics.jsonl", "eval.jsonl", "summary.json", "config.json"):
+            (root / name).unlink(missing_ok=True)
+        for name in ("snapshots", "checkpoints", "logs"):
+            shutil.rmtree(root / name, ignore_errors=True)
+
+
+def _under_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ and "RANK" in os.environ
+
+
+def run(args: argparse.Namespace) -> int:
+    from easgd.launch import RunFailed, launch_local, run_torchrun
+
+    cfg = config_from_args(args)
+    if _under_torchrun():
+        if int(os.environ["RANK"]) == 0:
+            _prepare_out(cfg, args.overwrite)
+        summary = run_torchrun(cfg)
+        if summary is None:
+            return 0
+    else:
+        _prepare_out(cfg, args.overwrite)
+        progress = Progress("train", enabled=not (args.quiet or args.json))
+        try:
+            summary = launch_local(cfg, progress.show)
+        except RunFailed as exc:
+            progress.close()
+            print(f"easgd train: error: {exc}", file=sys.stderr)
+            return 1
+        progress.close()
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    keys = ("method", "mode", "workers", "servers", "tau", "lr", "dataset",
+            "center_test_error", "center_test_loss", "best_center_test_error", "wall_seconds",
+            "local_steps", "exchanges", "bytes_sent", "bytes_received", "evaluations")  # fmt: skip
+    print(format_table([{"quantity": k, "value": summary[k]} for k in keys if k in summary]))
+    print(f"run directory: {cfg.out}")
+    return 0

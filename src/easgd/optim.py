@@ -1,0 +1,227 @@
+"""``torch.optim``-style wrappers that add elastic averaging to a user's own training loop.
+
+Wrap any local optimizer; every ``tau`` calls of ``step()`` the wrapper exchanges with the
+center, exactly as :class:`easgd.algorithms.Worker` does (the same generator drives both):
+the elastic difference ``d = alpha * (x - center)`` is taken before the local step and
+subtracted after it, and the center moves by ``+d`` (asynchronously, through a parameter
+server) or by ``beta/p`` times the mean difference (synchronously, one flat all-reduce).
+
+Example (under ``torchrun``; see ``examples/own_loop.py``)::
+
+    torch.distributed.init_process_group("gloo")
+    model = Net()
+    local = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+    opt = easgd.optim.EASGD(local, tau=10)              # synchronous, beta = 0.9
+    for x, y in loader:
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        opt.step()
+    opt.center_model_(model)                            # load the center to evaluate it
+
+Notes:
+
+* The parameters become views of one flat buffer (one collective per exchange, no
+  flattening on the hot path); the optimizer keeps working on the same ``Parameter`` objects.
+* ``state_dict()`` holds the local optimizer's state plus the center and the step counter;
+  ``load_state_dict()`` restores both and warns (does not fail) on a checkpoint without them.
+* With a plain ``torch.optim.SGD`` local optimizer the result equals the simulator's EASGD;
+  with ``SGD(momentum=delta, nesterov=True)`` it is EAMSGD in PyTorch's parametrization of
+  Nesterov momentum (the authors' form is ``easgd train --method eamsgd``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from easgd.algorithms import Hyperparams, Op, Request, Worker
+
+__all__ = ["EAMSGD", "EASGD", "ElasticAveraging", "LocalSGD"]
+
+
+class ElasticAveraging(torch.optim.Optimizer):
+    """Elastic averaging (or periodic averaging) around a local optimizer.
+
+    Args:
+        optimizer: the local optimizer (any ``torch.optim.Optimizer``).
+        tau: communication period in calls of ``step()`` (default 1).
+        alpha, beta: moving rates; ``alpha = beta/p`` unless given (default beta = 0.9).
+        method: ``"easgd"`` (default) or ``"localsgd"`` (periodic parameter averaging).
+        client: an :class:`easgd.comm.ps.PSClient` for the asynchronous mode; ``None`` means
+            synchronous over ``process_group``.
+        process_group: group of the synchronous mode (default: the default group).
+        enabled: ``False`` turns every exchange off (the local optimizer alone): for
+            measuring the wrapper's overhead.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        tau: int = 1,
+        alpha: float | None = None,
+        beta: float | None = None,
+        method: str = "easgd",
+        client: Any = None,
+        process_group: Any = None,
+        enabled: bool = True,
+    ) -> None:
+        import torch.distributed as dist
+
+        from easgd.models import parameters_to_flat_views
+
+        if method not in ("easgd", "localsgd"):
+            raise ValueError(f"method={method!r}; the wrapper supports easgd and localsgd")
+        self.optimizer = optimizer
+        self.client = client
+        self.process_group = process_group
+        self.enabled = enabled
+        mode = "async" if client is not None else "sync"
+        if mode == "sync" and method == "easgd" and enabled and not dist.is_initialized():
+            raise RuntimeError(
+                "the synchronous EASGD wrapper needs torch.distributed: call "
+                "init_process_group first (torchrun sets the variables), or pass client= for "
+                "the asynchronous parameter server"
+            )
+        p = 1
+        if mode == "sync" and dist.is_initialized():
+            p = dist.get_world_size(process_group)
+        if mode == "async":
+            p = int(getattr(client, "workers", p) or p)
+        hp_fields: dict[str, Any] = {"method": method, "tau": tau, "workers": p, "lr": 1.0}
+        if alpha is not None:
+            hp_fields["alpha"] = alpha
+        if beta is not None:
+            hp_fields["beta"] = beta
+        self.hp = Hyperparams(**hp_fields)
+        params = [q for group in optimizer.param_groups for q in group["params"]]
+        self.flat = parameters_to_flat_views(torch.nn.ParameterList(params))
+        x = self.flat.params
+        if enabled and mode == "sync" and dist.is_initialized():
+            dist.broadcast(x, src=dist.get_global_rank(process_group, 0) if process_group
+                           else 0, group=process_group)  # fmt: skip
+        if enabled and mode == "async":
+            client.join(x)  # start from the center, like every worker
+        self.worker = Worker(self.hp, x, mode, grad=self.flat.grads, external_local=True)
+        self._transport: Any = None
+
+    # torch.optim.Optimizer surface: delegate to the local optimizer.
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        return self.optimizer.param_groups
+
+    @property
+    def state(self) -> Any:  # type: ignore[override]
+        return self.optimizer.state
+
+    @property
+    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
+        return self.optimizer.defaults
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    @property
+    def center(self) -> Tensor:
+        """The center variable as this worker knows it (synchronous: exact; async: pulled)."""
+        if self.worker.center is not None:
+            return self.worker.center
+        if self.client is not None:
+            out = torch.empty_like(self.flat.params)
+            self.client.pull(out)
+            return out
+        return self.flat.params
+
+    def center_model_(self, model: torch.nn.Module) -> None:
+        """Copy the center into ``model`` (a replica of the wrapped one) to evaluate it."""
+        from easgd.models import parameters_to_flat_views
+
+        parameters_to_flat_views(model).params.copy_(self.center)
+
+    def _serve(self, req: Request) -> None:
+        if self.client is not None:
+            self.client.serve(req)
+            return
+        if self._transport is None:
+            from easgd.comm.allreduce import AllReduceTransport
+
+            self._transport = AllReduceTransport(self.process_group)
+        self._transport.serve(req)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """The local optimizer's step, with an exchange every ``tau`` calls."""
+        if not self.enabled:
+            return self.optimizer.step(closure)
+        loss: Any = None
+        gen = self.worker.step()
+        reply: Any = None
+        try:
+            while True:
+                req = gen.send(reply)
+                reply = None
+                if req.op is Op.LOCAL:
+                    if closure is not None:
+                        with torch.enable_grad():
+                            loss = self.optimizer.step(closure)
+                    else:
+                        loss = self.optimizer.step()
+                    reply = float("nan") if loss is None else float(loss)
+                else:
+                    self._serve(req)
+        except StopIteration:
+            pass
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        w = self.worker
+        return {
+            "local": self.optimizer.state_dict(),
+            "easgd": {
+                "t": w.t, "center": None if w.center is None else w.center.clone(),
+                "tau": self.hp.tau, "alpha": self.hp.alpha, "beta": self.hp.beta,
+                "method": self.hp.method,
+            },
+        }  # fmt: skip
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "local" not in state_dict:
+            # A plain optimizer checkpoint: restore it, keep counters at their current values.
+            warnings.warn(
+                "loaded a checkpoint without easgd state (step counter, center); the step "
+                "counter stays at its current value and the center at the parameters",
+                UserWarning,
+                stacklevel=2,
+            )
+            self.optimizer.load_state_dict(state_dict)
+            return
+        self.optimizer.load_state_dict(state_dict["local"])
+        extra = state_dict.get("easgd", {})
+        self.worker.t = int(extra.get("t", 0))
+        center = extra.get("center")
+        if center is not None and self.worker.center is not None:
+            self.worker.center.copy_(center)
+
+
+def EASGD(optimizer: torch.optim.Optimizer, **kwargs: Any) -> ElasticAveraging:
+    """Elastic averaging SGD around ``optimizer`` (plain SGD: the paper's EASGD)."""
+    return ElasticAveraging(optimizer, method="easgd", **kwargs)
+
+
+def EAMSGD(
+    params: Any, *, lr: float, momentum: float = 0.99, weight_decay: float = 0.0, **kwargs: Any
+) -> ElasticAveraging:
+    """Elastic averaging around Nesterov-momentum SGD (the paper's EAMSGD; delta = 0.99)."""
+    local = torch.optim.SGD(
+        params, lr=lr, momentum=momentum, nesterov=momentum > 0, weight_decay=weight_decay
+    )
+    return ElasticAveraging(local, method="easgd", **kwargs)
+
+
+def LocalSGD(optimizer: torch.optim.Optimizer, **kwargs: Any) -> ElasticAveraging:
+    """Periodic model averaging every ``tau`` steps (local SGD)."""
+    return ElasticAveraging(optimizer, method="localsgd", **kwargs)

@@ -1,0 +1,395 @@
+"""The training configuration and the roles of a run: worker and server.
+
+A worker reads top to bottom: build the model (same seed everywhere), make its parameters
+views of one flat buffer, pick the transport (all-reduce or the parameter server), then run
+:func:`easgd.algorithms.run_step` until its budget is spent, logging every exchange. The
+update rules themselves live in :mod:`easgd.algorithms`; nothing here computes one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from easgd.algorithms import METHODS, Hyperparams, Op, Request, Worker, run_step
+from easgd.runlog import JsonlWriter, RunPaths, atomic_torch_save
+
+__all__ = ["RoleContext", "TrainConfig", "run_server", "run_worker", "server_addresses"]
+
+log = logging.getLogger(__name__)
+
+MODES = ("auto", "sync", "async")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a run needs, validated; written as ``config.json`` in the run directory.
+
+    The hyperparameters map one for one onto :class:`easgd.algorithms.Hyperparams`; the
+    rest says where, on what and for how long. ``mode="auto"`` runs the elastic methods
+    asynchronously through the parameter server (the paper's setting), the DOWNPOUR family
+    asynchronously, all-reduce and local SGD synchronously, and the sequential methods alone.
+    """
+
+    method: str = "eamsgd"
+    mode: str = "auto"
+    workers: int = 4
+    servers: int = 1
+    tau: int = 4
+    lr: float = 0.02
+    momentum: float | None = None
+    beta: float | None = None
+    alpha: float | None = None
+    weight_decay: float = 0.0
+    lr_decay: float = 0.0
+    lr_power: float = 0.0
+    moving_rate: float = 0.001
+    batch_size: int = 32
+    epochs: float | None = None
+    time_budget: float | None = None
+    steps: int | None = None
+    dataset: str = "digits"
+    model: str | None = None
+    data_dir: str | None = None
+    device: str = "cpu"
+    seed: int = 0
+    out: str = "runs/latest"
+    eval_interval: float = 1.0
+    checkpoint_interval: float = 5.0
+    timeout: float = 60.0
+    host: str = "127.0.0.1"
+    max_restarts: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode={self.mode!r}; choose one of {', '.join(MODES)}")
+        hp = self.hyperparams()  # validates the hyperparameters
+        mode = self.resolved_mode()
+        if mode not in hp.spec.modes:
+            raise ValueError(
+                f"mode={self.mode!r} is not available for method={self.method!r}; it runs in "
+                f"{' or '.join(hp.spec.modes)} mode"
+            )
+        if self.servers < 1:
+            raise ValueError(f"servers={self.servers!r} must be >= 1")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size={self.batch_size!r} must be >= 1")
+        budgets = [b for b in (self.epochs, self.time_budget, self.steps) if b is not None]
+        if not budgets:
+            raise ValueError("no budget: give epochs, time_budget (seconds) or steps")
+        if any(not (isinstance(b, int | float) and b > 0 and math.isfinite(b)) for b in budgets):
+            raise ValueError(
+                f"epochs={self.epochs!r}, time_budget={self.time_budget!r}, steps={self.steps!r}:"
+                " every budget given must be a positive number"
+            )
+        for name in ("eval_interval", "checkpoint_interval", "timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be > 0 seconds")
+        if self.max_restarts < 0:
+            raise ValueError(f"max_restarts={self.max_restarts!r} must be >= 0")
+        if self.device not in ("cpu", "cuda", "auto") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device={self.device!r}; choose cpu, cuda, cuda:N or auto")
+
+    def hyperparams(self) -> Hyperparams:
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(Hyperparams)}
+        return Hyperparams(**{k: v for k, v in fields.items() if v is not None})
+
+    def resolved_mode(self) -> str:
+        modes = METHODS[self.method].modes
+        if modes == ("sequential",):
+            return "sequential"
+        if self.mode == "auto":
+            return "async" if "async" in modes else "sync"
+        return self.mode
+
+    def world_size(self) -> int:
+        """Ranks of the run: servers first (asynchronous mode), then workers."""
+        return self.workers + (self.servers if self.resolved_mode() == "async" else 0)
+
+    def role_of(self, rank: int) -> tuple[str, int]:
+        """``("server", shard)`` or ``("worker", index)`` for a global rank."""
+        servers = self.servers if self.resolved_mode() == "async" else 0
+        if rank < servers:
+            return "server", rank
+        return "worker", rank - servers
+
+    def steps_per_worker(self, train_size: int) -> int | None:
+        """The local-step budget of each worker (None: only the time budget limits it)."""
+        if self.steps is not None:
+            return int(self.steps)
+        if self.epochs is not None:
+            return max(1, math.ceil(self.epochs * train_size / self.batch_size))
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class RoleContext:
+    """Where a process stands in the run: its rank, the shared store, the run directory."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    store: Any  # torch.distributed.Store
+    paths: RunPaths
+    start: float  # time.time() at the start of the run, shared by every process
+
+    def wall(self) -> float:
+        return time.time() - self.start
+
+
+def resolve_device(device: str, local_rank: int) -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        return torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
+    return torch.device(device)
+
+
+def server_addresses(store: Any, servers: int, timeout: float) -> list[tuple[str, int]]:
+    """Wait (up to ``timeout`` seconds) for every server to publish its address."""
+    import datetime
+
+    keys = [f"easgd/server/{s}" for s in range(servers)]
+    try:
+        store.wait(keys, datetime.timedelta(seconds=timeout))
+    except RuntimeError as exc:
+        raise ConnectionError(
+            f"no parameter server published its address within {timeout:g} s ({exc}); "
+            "is the server process running?"
+        ) from None
+    out = []
+    for key in keys:
+        host, port = store.get(key).decode().rsplit(":", 1)
+        out.append((host, int(port)))
+    return out
+
+
+def _staged(serve: Callable[[Request], None], device: torch.device) -> Callable[[Request], None]:
+    """Route requests of CUDA workers through pinned CPU buffers (the server lives on CPU)."""
+    if device.type != "cuda":
+        return serve
+    staging: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def staged(req: Request) -> None:
+        key = id(req.payload)
+        if key not in staging:
+            pay = torch.empty(req.payload.shape, dtype=req.payload.dtype, pin_memory=True)
+            staging[key] = (pay, torch.empty_like(pay))
+        pay, rep = staging[key]
+        pay.copy_(req.payload)
+        serve(Request(req.op, pay, rep if req.reply is not None else None))
+        if req.reply is not None:
+            req.reply.copy_(rep, non_blocking=True)
+        else:
+            req.payload.copy_(pay, non_blocking=True)
+
+    return staged
+
+
+def run_worker(cfg: TrainConfig, ctx: RoleContext, index: int) -> None:
+    """Train as worker ``index`` until the budget is spent."""
+    from easgd.data.loader import BatchStream
+    from easgd.models import parameters_to_flat_views
+    from easgd.problem import build_problem_parts, model_grad_fn
+
+    torch.set_num_threads(1)
+    device = resolve_device(cfg.device, ctx.local_rank)
+    hp = cfg.hyperparams()
+    mode = cfg.resolved_mode()
+    parts = build_problem_parts(cfg.dataset, cfg.model, seed=cfg.seed, data_dir=cfg.data_dir)
+    model = parts.build().to(device)
+    flat = parameters_to_flat_views(model)
+    stream = BatchStream(
+        parts.train[0], parts.train[1], cfg.batch_size, seed=cfg.seed + index,
+        transform=parts.transform,
+    )  # fmt: skip
+    grad_fn = model_grad_fn(model, flat, stream, device)
+    budget = cfg.steps_per_worker(len(parts.train[0]))
+
+    client: Any = None
+    transport: Any = None
+    if mode == "async":
+        from easgd.comm.ps import PSClient
+
+        addresses = server_addresses(ctx.store, cfg.servers, cfg.timeout)
+        client = PSClient(
+            addresses, flat.numel, worker_id=index, secret=_secret(), timeout=cfg.timeout
+        )
+        serve = _staged(client.serve, device)
+        if device.type == "cuda":
+            host = torch.empty(flat.numel)
+            client.join(host)
+            flat.params.copy_(host)
+        else:
+            client.join(flat.params)
+    elif mode == "sync":
+        from easgd.comm.allreduce import AllReduceTransport, default_backend, init_group
+
+        init_group(default_backend(device), timeout=cfg.timeout)
+        transport = AllReduceTransport()
+        serve = transport.serve
+    else:
+
+        def serve(req: Request) -> None:
+            raise RuntimeError(f"a sequential method made a {req.op.value!r} request")
+
+    worker = Worker(hp, flat.params, mode, grad=flat.grads)
+    snapshots = index == 0 and mode in ("sync", "sequential")
+    stats = client if client is not None else transport
+    next_snapshot = ctx.wall()
+    next_checkpoint = ctx.wall() + cfg.checkpoint_interval
+    losses: list[float] = []
+    stop_flag = torch.zeros(1, device=device)
+    metrics = JsonlWriter(ctx.paths.metrics)
+    log_every = max(1, min(hp.tau, 50))
+    try:
+        while budget is None or worker.t < budget:
+            if cfg.time_budget is not None and _out_of_time(cfg, ctx, worker, mode, stop_flag):
+                break
+            comm = worker.communicates()
+            losses.append(run_step(worker, grad_fn, serve))
+            if comm or worker.t % log_every == 0:
+                event: dict[str, Any] = {
+                    "event": "exchange" if comm else "step",
+                    "wall": ctx.wall(),
+                    "worker": index,
+                    "step": worker.t,
+                    "loss": sum(losses) / len(losses),
+                }
+                losses.clear()
+                if stats is not None:
+                    event.update(
+                        exchanges=stats.exchanges,
+                        bytes_sent=stats.bytes_sent,
+                        bytes_received=stats.bytes_received,
+                        exchange_seconds=stats.last_exchange_seconds if comm else 0.0,
+                    )
+                metrics.write(event)
+            if snapshots and ctx.wall() >= next_snapshot and _center_is_current(worker):
+                atomic_torch_save(ctx.paths.snapshot(ctx.wall()), _center(worker).cpu())
+                next_snapshot = ctx.wall() + cfg.eval_interval
+            if snapshots and ctx.wall() >= next_checkpoint:
+                _save_sync_checkpoint(cfg, ctx, worker)
+                next_checkpoint = ctx.wall() + cfg.checkpoint_interval
+    finally:
+        metrics.write({"event": "worker_done", "wall": ctx.wall(), "worker": index,
+                       "step": worker.t})  # fmt: skip
+        metrics.close()
+    if snapshots:
+        if mode == "sync" and hp.spec.exchange == "param-mean" and not _center_is_current(worker):
+            serve(Request(Op.MEAN, worker.x))  # end on an average, as local SGD does
+        _save_sync_checkpoint(cfg, ctx, worker)
+    if mode == "sync":
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+    if client is not None:
+        client.bye()
+        client.close()
+    ctx.store.add("easgd/workers_done", 1)
+
+
+def _center(worker: Worker) -> torch.Tensor:
+    return worker.evaluation_vector()
+
+
+def _center_is_current(worker: Worker) -> bool:
+    """Local SGD's rank-0 model is the center only right after an average."""
+    if worker.hp.spec.exchange == "param-mean" and worker.mode == "sync":
+        return worker.t % worker.hp.tau == 0
+    return True
+
+
+def _save_sync_checkpoint(cfg: TrainConfig, ctx: RoleContext, worker: Worker) -> None:
+    atomic_torch_save(
+        ctx.paths.sync_checkpoint,
+        {"center": _center(worker).detach().cpu(), "t": worker.t, "wall": ctx.wall(),
+         "config": cfg.to_dict()},
+    )  # fmt: skip
+
+
+def _out_of_time(
+    cfg: TrainConfig, ctx: RoleContext, worker: Worker, mode: str, flag: torch.Tensor
+) -> bool:
+    """Whether the time budget is spent; synchronous ranks agree on it (one tiny all-reduce)."""
+    assert cfg.time_budget is not None
+    over = ctx.wall() >= cfg.time_budget
+    if mode != "sync":
+        return over
+    if worker.t % max(worker.hp.tau, 10) != 0:
+        return False
+    import torch.distributed as dist
+
+    flag.fill_(1.0 if over else 0.0)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item() > 0)
+
+
+def _secret() -> bytes | None:
+    value = os.environ.get("EASGD_SECRET")
+    return value.encode() if value else None
+
+
+def run_server(cfg: TrainConfig, ctx: RoleContext, shard: int) -> None:
+    """Serve shard ``shard`` of the center until every worker is done or SIGTERM arrives."""
+    from easgd.comm.ps import ParameterServer, shard_ranges
+    from easgd.models import parameters_to_flat_views
+    from easgd.problem import build_problem_parts
+
+    torch.set_num_threads(1)
+    parts = build_problem_parts(cfg.dataset, cfg.model, seed=cfg.seed, data_dir=cfg.data_dir)
+    center = parameters_to_flat_views(parts.build()).params.detach().clone()
+    lo, hi = shard_ranges(center.numel(), cfg.servers)[shard]
+    metrics = JsonlWriter(ctx.paths.metrics)
+
+    def on_event(event: dict[str, Any]) -> None:
+        metrics.write({"wall": ctx.wall(), "server": shard, **event})
+
+    server = ParameterServer(
+        cfg.hyperparams(), center[lo:hi].clone(), offset=lo, host=cfg.host, port=0,
+        secret=_secret(), checkpoint_path=ctx.paths.server_checkpoint(shard),
+        checkpoint_every=cfg.checkpoint_interval, on_event=on_event,
+    )  # fmt: skip
+    server.start()
+    host, port = server.address
+    ctx.store.set(f"easgd/server/{shard}", f"{host}:{port}")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        while not stop.wait(0.2):
+            if int(ctx.store.add("easgd/workers_done", 0)) >= cfg.workers:
+                break
+    finally:
+        server.stop()
+        metrics.write({"event": "server_done", "wall": ctx.wall(), "server": shard,
+                       **_jsonable(server.stats())})  # fmt: skip
+        metrics.close()
+        ctx.store.set(f"easgd/server_saved/{shard}", "1")
+
+
+def _jsonable(stats: Any) -> dict[str, Any]:
+    if isinstance(stats, dict):
+        return {k: v for k, v in stats.items() if isinstance(v, int | float | str | bool)}
+    return {}
