@@ -71,7 +71,7 @@ def run_evaluator(cfg: TrainConfig, ctx: RoleContext, stop: threading.Event) -> 
             began = time.monotonic()
             if client is not None:
                 try:
-                    client.pull(buffer)
+                    client.pull(buffer, evaluation=True)
                 except ConnectionError:
                     break  # the servers are gone: the run is over
                 wall = ctx.wall()
@@ -102,7 +102,7 @@ def final_center(cfg: TrainConfig, paths: RunPaths) -> torch.Tensor:
 
         shards = [read_checkpoint(paths.server_checkpoint(s)) for s in range(cfg.servers)]
         shards.sort(key=lambda s: int(s["offset"]))
-        return torch.cat([s["center"] for s in shards])
+        return torch.cat([s["evaluation"] for s in shards])
     path = paths.sync_checkpoint
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: the run ended before its first checkpoint")
@@ -115,14 +115,16 @@ def finalize(
     """Evaluate the final center, add up the traffic, and write ``summary.json``."""
     center = final_center(cfg, paths)
     result = _Evaluation(cfg)(center)
-    workers: dict[int, dict[str, Any]] = {}
+    # A worker's events carry its running totals; a restarted worker (new pid) starts again.
+    totals: dict[tuple[int, int], dict[str, Any]] = {}
+    steps: dict[tuple[int, int], int] = {}
     for event in iter_jsonl(paths.metrics):
-        if "worker" in event and "exchanges" in event:
-            workers[event["worker"]] = event  # the last event of each worker holds its totals
-    steps: dict[int, int] = {}
-    for event in iter_jsonl(paths.metrics):
-        if "worker" in event and "step" in event:
-            steps[event["worker"]] = max(steps.get(event["worker"], 0), int(event["step"]))
+        if event.get("event") in ("exchange", "step", "worker_done"):
+            key = (int(event["worker"]), int(event.get("pid", 0)))
+            steps[key] = max(steps.get(key, 0), int(event["step"]))
+            if event["event"] != "worker_done":
+                totals[key] = event
+    workers = [e for e in totals.values() if "exchanges" in e]
     curve = list(iter_jsonl(paths.eval))
     best = min((e["test_error"] for e in curve), default=result["error"])
     summary = {
@@ -137,9 +139,9 @@ def finalize(
         "center_test_loss": result["loss"],
         "best_center_test_error": min(best, result["error"]),
         "wall_seconds": wall_seconds,
-        "exchanges": sum(int(e["exchanges"]) for e in workers.values()),
-        "bytes_sent": sum(int(e["bytes_sent"]) for e in workers.values()),
-        "bytes_received": sum(int(e["bytes_received"]) for e in workers.values()),
+        "exchanges": sum(int(e["exchanges"]) for e in workers),
+        "bytes_sent": sum(int(e["bytes_sent"]) for e in workers),
+        "bytes_received": sum(int(e["bytes_received"]) for e in workers),
         "local_steps": sum(steps.values()),
         "evaluations": len(curve),
         **extra,

@@ -150,12 +150,12 @@ class _Display:
     def poll(self) -> None:
         events, self.offsets[0] = read_jsonl(self.paths.metrics, self.offsets[0])
         for e in events:
-            if "worker" in e and "step" in e:
-                self.steps[e["worker"]] = max(self.steps.get(e["worker"], 0), e["step"])
-            if "exchanges" in e and "worker" in e:
+            if e.get("event") not in ("exchange", "step"):
+                continue
+            self.steps[e["worker"]] = max(self.steps.get(e["worker"], 0), e["step"])
+            if "exchanges" in e:
                 self.exchanges[(e["worker"], e.get("pid", 0))] = e["exchanges"]
-            if "loss" in e:
-                self.loss = e["loss"]
+            self.loss = e["loss"]
         evals, self.offsets[1] = read_jsonl(self.paths.eval, self.offsets[1])
         if evals:
             self.error = evals[-1]["test_error"]
@@ -247,13 +247,11 @@ class _Launcher:
                             "the evaluator exited with status %s; see %s", rc, proc.log_path
                         )
                     continue
-                if rc == 0 and proc.role == "worker":
-                    continue
+                if rc == 0:
+                    continue  # a worker that finished, or a server whose workers all did
                 if proc.role == "worker" and mode == "async":
                     self._worker_died(proc, rc)
                     continue
-                if proc.role == "server" and rc == 0 and self._workers_running():
-                    rc = -1  # a server that leaves early is a failure too
                 raise self.fail(proc, rc)
             if not self._workers_running():
                 return

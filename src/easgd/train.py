@@ -274,6 +274,7 @@ def run_worker(cfg: TrainConfig, ctx: RoleContext, index: int) -> None:
                     "event": "exchange" if comm else "step",
                     "wall": ctx.wall(),
                     "worker": index,
+                    "pid": os.getpid(),
                     "step": worker.t,
                     "loss": sum(losses) / len(losses),
                 }
@@ -294,7 +295,7 @@ def run_worker(cfg: TrainConfig, ctx: RoleContext, index: int) -> None:
                 next_checkpoint = ctx.wall() + cfg.checkpoint_interval
     finally:
         metrics.write({"event": "worker_done", "wall": ctx.wall(), "worker": index,
-                       "step": worker.t})  # fmt: skip
+                       "pid": os.getpid(), "step": worker.t})  # fmt: skip
         metrics.close()
     if snapshots:
         if mode == "sync" and hp.spec.exchange == "param-mean" and not _center_is_current(worker):
@@ -365,7 +366,7 @@ def run_server(cfg: TrainConfig, ctx: RoleContext, shard: int) -> None:
     metrics = JsonlWriter(ctx.paths.metrics)
 
     def on_event(event: dict[str, Any]) -> None:
-        metrics.write({"wall": ctx.wall(), "server": shard, **event})
+        metrics.write({"wall": ctx.wall(), "shard": shard, "pid": os.getpid(), **event})
 
     server = ParameterServer(
         cfg.hyperparams(), center[lo:hi].clone(), offset=lo, host=cfg.host, port=0,
@@ -383,7 +384,7 @@ def run_server(cfg: TrainConfig, ctx: RoleContext, shard: int) -> None:
                 break
     finally:
         server.stop()
-        metrics.write({"event": "server_done", "wall": ctx.wall(), "server": shard,
+        metrics.write({"event": "server_done", "wall": ctx.wall(), "shard": shard,
                        **_jsonable(server.stats())})  # fmt: skip
         metrics.close()
         ctx.store.set(f"easgd/server_saved/{shard}", "1")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -64,6 +65,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Bad input: one clear line, no traceback.
         print(f"easgd {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader went away (`easgd ... | head`): no traceback, and none at exit either.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
     except KeyboardInterrupt:
         print(f"easgd {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -1,0 +1,7 @@
+"""``python -m easgd.cli``: the command line."""
+
+import sys
+
+from easgd.cli import main
+
+sys.exit(main())

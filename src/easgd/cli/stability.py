@@ -1,0 +1,117 @@
+"""``easgd stability``: spectral radius of the paper's linear maps, and the stability figures.
+
+Examples::
+
+    easgd stability --map admm-roundrobin --p 3 --eta 0.001 --rho 2.5 --json
+    easgd stability --map easgd-sync --p 4 --eta 0.1 --alpha 0.225
+    easgd stability --figure figures/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from easgd.analysis import stability
+from easgd.cli._table import format_table
+
+__all__ = ["register", "run"]
+
+_SHOWN_EIGENVALUES = 10
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``stability`` subcommand to ``subparsers``."""
+    parser = subparsers.add_parser(
+        "stability",
+        help="stability analysis of EASGD vs ADMM on a 1-D quadratic (paper section 6)",
+        description=(
+            "Spectral radius of one cycle of round-robin EASGD, synchronous EASGD or "
+            "round-robin ADMM on F(x) = h x^2 / 2, and the paper's stability figures. "
+            "A map is reported stable when its spectral radius is <= 1 + "
+            f"{stability.STABILITY_TOL:g}."
+        ),
+    )
+    parser.add_argument(
+        "--map",
+        dest="map_name",
+        choices=stability.MAPS,
+        help="which linear map to analyse (required unless --figure is given)",
+    )
+    parser.add_argument("--p", type=int, help="number of workers (integer >= 1)")
+    parser.add_argument(
+        "--eta", type=float, help="learning rate times curvature, eta*h (h = 1), > 0"
+    )
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "--alpha", type=float, help="moving rate alpha = eta*rho, > 0 (easgd-* maps only)"
+    )
+    group.add_argument("--rho", type=float, help="ADMM penalty rho, > 0 (admm-roundrobin only)")
+    parser.add_argument(
+        "--beta",
+        type=float,
+        help="center moving rate, > 0 (easgd-sync only; default p*alpha)",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print one JSON object instead of a table"
+    )
+    parser.add_argument(
+        "--figure",
+        metavar="DIR",
+        help="write the stability figures (PNG and SVG) into DIR and print their paths",
+    )
+    parser.add_argument(
+        "--resolution",
+        type=int,
+        default=80,
+        help="grid points per axis of the figures (default: 80)",
+    )
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Analyse ``--map`` and/or write ``--figure``; return the exit status."""
+    if args.map_name is None and args.figure is None:
+        raise ValueError("give --map (with --p, --eta and --alpha or --rho) or --figure DIR")
+    result: dict[str, Any] | None = None
+    if args.map_name is not None:
+        missing = [flag for flag in ("p", "eta") if getattr(args, flag) is None]
+        if missing:
+            raise ValueError(f"--map {args.map_name} needs --{' and --'.join(missing)}")
+        result = stability.analyze(
+            args.map_name, args.p, args.eta, alpha=args.alpha, rho=args.rho, beta=args.beta
+        )
+    paths = (
+        [str(p) for p in stability.write_figures(args.figure, resolution=args.resolution)]
+        if args.figure is not None
+        else []
+    )
+    if args.json:
+        out: dict[str, Any] = dict(result or {})
+        if args.figure is not None:
+            out["figures"] = paths
+        print(json.dumps(out))
+        return 0
+    if result is not None:
+        _print_result(result)
+    for path in paths:
+        print(path)
+    return 0
+
+
+def _print_result(result: dict[str, Any]) -> None:
+    summary = [
+        {"quantity": key, "value": "n/a" if value is None else value}
+        for key, value in result.items()
+        if key != "eigenvalues"
+    ]
+    print(format_table(summary))
+    eig = result["eigenvalues"]
+    rows = [
+        {"re": re, "im": im, "|lambda|": abs(complex(re, im))}
+        for re, im in eig[:_SHOWN_EIGENVALUES]
+    ]
+    shown = f"largest {len(rows)} of {len(eig)}" if len(eig) > len(rows) else f"all {len(eig)}"
+    print(f"\neigenvalues ({shown}, by modulus):")
+    print(format_table(rows))

@@ -1,0 +1,537 @@
+"""Networks for the experiments, built by name, and a flat view of a model's parameters.
+
+EASGD moves whole parameter vectors around (the elastic difference ``x^i - x~``, one
+collective per averaging), so besides the networks this module provides
+:func:`parameters_to_flat_views`, which puts every parameter of a model into one contiguous
+buffer that the optimizer and the communication layer share without copies.
+
+Registered networks (``MODELS``; ``easgd models`` lists them with their sizes):
+
+- ``digits-cnn``: a small CNN for scikit-learn's 8x8 digits; trains in seconds on one core.
+- ``mlp``: a two-layer perceptron for any input shape (the cheapest baseline).
+- ``cifar-paper``: the paper's 7-layer CIFAR network (Zhang et al. 2015, Sec. 5.1).
+- ``imagenet-paper``: the paper's 11-layer ImageNet network (defined and shape-checked only).
+- ``lenet5-report``: the LeNet-5 variant of the KTH student report (MNIST, C++ libtorch).
+
+Every network is an ``nn.Sequential`` with named layers and returns logits (the softmax of
+the paper's ``S`` layer lives in the cross-entropy loss), so :func:`feature_shapes` can walk
+it and report the map size after every layer. Example::
+
+    >>> model = build_model("cifar-paper", seed=0)
+    >>> [s for n, s in feature_shapes(model, (3, 28, 28)) if n.startswith("pool")]
+    [(64, 12, 12), (128, 4, 4)]
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "MODELS",
+    "FlatParams",
+    "ModelSpec",
+    "build_model",
+    "count_parameters",
+    "describe_models",
+    "feature_shapes",
+    "parameters_to_flat_views",
+]
+
+Shape3 = tuple[int, int, int]
+Builder = Callable[[Shape3, int], nn.Sequential]
+
+# The largest square image size tried when an error message lists the sizes a network takes.
+_SCAN_FACTOR = 4
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A registered network.
+
+    Args:
+        builder: ``builder((C, H, W), num_classes)`` returns the network for that input.
+        input_shape: the default input ``(C, H, W)`` (the paper's or the dataset's).
+        description: one line for ``easgd models``.
+        num_classes: the default width of the last layer.
+    """
+
+    builder: Builder
+    input_shape: Shape3
+    description: str
+    num_classes: int = 10
+
+
+def _seq(*layers: tuple[str, nn.Module]) -> nn.Sequential:
+    return nn.Sequential(OrderedDict(layers))
+
+
+def _fill_biases_(model: nn.Module, value: float) -> None:
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d | nn.Linear) and m.bias is not None:
+                m.bias.fill_(value)
+
+
+def _digits_cnn(shape: Shape3, num_classes: int) -> nn.Sequential:
+    """conv3x3(8, pad 1) - ReLU - conv3x3(16, pad 1) - ReLU - maxpool 2 - FC 64 - ReLU - FC.
+
+    He (Kaiming-normal) weights and zero biases: with PyTorch's default init this small net
+    needs several times more SGD steps to leave the initial plateau (300 steps of lr 0.05
+    reach about 0.85 test accuracy on digits instead of 0.95).
+    """
+    c, h, w = shape
+    if h < 2 or w < 2:
+        raise ValueError(f"needs an image of at least 2x2 (it max-pools by 2), got {h}x{w}")
+    model = _seq(
+        ("conv1", nn.Conv2d(c, 8, 3, padding=1)),
+        ("relu1", nn.ReLU()),
+        ("conv2", nn.Conv2d(8, 16, 3, padding=1)),
+        ("relu2", nn.ReLU()),
+        ("pool2", nn.MaxPool2d(2)),
+        ("flatten", nn.Flatten()),
+        ("fc3", nn.Linear(16 * (h // 2) * (w // 2), 64)),
+        ("relu3", nn.ReLU()),
+        ("fc4", nn.Linear(64, num_classes)),
+    )
+    for m in model.modules():
+        # Initializing meta tensors would import torch._dynamo (a second at every start).
+        if isinstance(m, nn.Conv2d | nn.Linear) and not m.weight.is_meta:
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+    _fill_biases_(model, 0.0)
+    return model
+
+
+_MLP_HIDDEN = 128
+
+
+def _mlp(shape: Shape3, num_classes: int) -> nn.Sequential:
+    """flatten - FC 128 - ReLU - FC num_classes."""
+    return _seq(
+        ("flatten", nn.Flatten()),
+        ("fc1", nn.Linear(math.prod(shape), _MLP_HIDDEN)),
+        ("relu1", nn.ReLU()),
+        ("fc2", nn.Linear(_MLP_HIDDEN, num_classes)),
+    )
+
+
+def _cifar_paper(shape: Shape3, num_classes: int) -> nn.Sequential:
+    """The paper's CIFAR network ``(3,28) C(64,24) P(64,12) C(128,8) P(128,4) C(64,2)
+    D(256,1) S(10,1)``.
+
+    The paper gives only map sizes; the kernels are inferred from them: conv 5x5 s1, max-pool
+    2x2 s2, conv 5x5 s1, max-pool 2x2 s2, conv 3x3 s1, FC 256 (ReLU, dropout 0.5), FC 10.
+    Biases start at 0 as in the paper; weights keep PyTorch's default init (Kaiming-uniform
+    with ``a=sqrt(5)``), since the paper's weight init is in its unretrieved supplement.
+    """
+    model = _seq(
+        ("conv1", nn.Conv2d(shape[0], 64, 5)),
+        ("relu1", nn.ReLU()),
+        ("pool1", nn.MaxPool2d(2, 2)),
+        ("conv2", nn.Conv2d(64, 128, 5)),
+        ("relu2", nn.ReLU()),
+        ("pool2", nn.MaxPool2d(2, 2)),
+        ("conv3", nn.Conv2d(128, 64, 3)),
+        ("relu3", nn.ReLU()),
+        ("flatten", nn.Flatten()),
+        ("fc4", nn.Linear(64 * 2 * 2, 256)),
+        ("relu4", nn.ReLU()),
+        ("drop4", nn.Dropout(0.5)),
+        ("fc5", nn.Linear(256, num_classes)),
+    )
+    _fill_biases_(model, 0.0)
+    return model
+
+
+def _imagenet_paper(shape: Shape3, num_classes: int) -> nn.Sequential:
+    """The paper's ImageNet network ``(3,221) C(96,108) P(96,36) C(256,32) P(256,16)
+    C(384,14) C(384,13) C(256,12) P(256,6) D(4096,1) D(4096,1) S(1000,1)``.
+
+    Kernels inferred from the map sizes: conv 7x7 s2 (221->108), max-pool 3x3 s3 (->36),
+    conv 5x5 (->32), max-pool 2x2 s2 (->16), conv 3x3 (->14), conv 2x2 (->13), conv 2x2
+    (->12), max-pool 2x2 s2 (->6), FC 9216->4096 -> FC 4096 -> FC 1000 (ReLU and dropout 0.5
+    after each hidden FC). The two 14->13->12 convolutions are ambiguous in the paper: 2x2
+    valid kernels are chosen here, 4x4 with padding 1 fits the sizes equally well. Biases
+    start at 0.1 as in the paper; weights keep PyTorch's default init. About 61M parameters:
+    defined and shape-checked here, never trained on a CPU.
+    """
+    model = _seq(
+        ("conv1", nn.Conv2d(shape[0], 96, 7, stride=2)),
+        ("relu1", nn.ReLU()),
+        ("pool1", nn.MaxPool2d(3, 3)),
+        ("conv2", nn.Conv2d(96, 256, 5)),
+        ("relu2", nn.ReLU()),
+        ("pool2", nn.MaxPool2d(2, 2)),
+        ("conv3", nn.Conv2d(256, 384, 3)),
+        ("relu3", nn.ReLU()),
+        ("conv4", nn.Conv2d(384, 384, 2)),
+        ("relu4", nn.ReLU()),
+        ("conv5", nn.Conv2d(384, 256, 2)),
+        ("relu5", nn.ReLU()),
+        ("pool5", nn.MaxPool2d(2, 2)),
+        ("flatten", nn.Flatten()),
+        ("fc6", nn.Linear(256 * 6 * 6, 4096)),
+        ("relu6", nn.ReLU()),
+        ("drop6", nn.Dropout(0.5)),
+        ("fc7", nn.Linear(4096, 4096)),
+        ("relu7", nn.ReLU()),
+        ("drop7", nn.Dropout(0.5)),
+        ("fc8", nn.Linear(4096, num_classes)),
+    )
+    _fill_biases_(model, 0.1)
+    return model
+
+
+def _lenet5_report(shape: Shape3, num_classes: int) -> nn.Sequential:
+    """The LeNet-5 variant of the KTH report (Vicente & Lindé 2024), for 1x28x28 MNIST.
+
+    conv 5x5 (30) - ReLU - max-pool 2 - conv 5x5 (40) - ReLU - BatchNorm(40) - max-pool 2 -
+    FC 640->700 - ReLU - FC 10, exactly as the report's libtorch code. The report states
+    4,866,100 parameters; this architecture has 486,610 (780 + 30,040 + 80 + 448,700 +
+    7,010), exactly a tenth of that, so the report's figure looks like a stray digit. The
+    BatchNorm running statistics are buffers, not parameters, and are not counted.
+    """
+    return _seq(
+        ("conv1", nn.Conv2d(shape[0], 30, 5)),
+        ("relu1", nn.ReLU()),
+        ("pool1", nn.MaxPool2d(2, 2)),
+        ("conv2", nn.Conv2d(30, 40, 5)),
+        ("relu2", nn.ReLU()),
+        ("bn2", nn.BatchNorm2d(40)),
+        ("pool2", nn.MaxPool2d(2, 2)),
+        ("flatten", nn.Flatten()),
+        ("fc3", nn.Linear(4 * 4 * 40, 700)),
+        ("relu3", nn.ReLU()),
+        ("fc4", nn.Linear(700, num_classes)),
+    )
+
+
+MODELS: dict[str, ModelSpec] = {
+    "digits-cnn": ModelSpec(
+        _digits_cnn, (1, 8, 8), "small CNN for scikit-learn digits: 2 conv 3x3, pool, 2 FC"
+    ),
+    "mlp": ModelSpec(_mlp, (1, 8, 8), f"2-layer perceptron ({_MLP_HIDDEN} hidden), any input"),
+    "cifar-paper": ModelSpec(
+        _cifar_paper, (3, 28, 28), "paper's 7-layer CIFAR-10 net (3 conv, 2 FC), biases 0"
+    ),
+    "imagenet-paper": ModelSpec(
+        _imagenet_paper,
+        (3, 221, 221),
+        "paper's 11-layer ImageNet net (5 conv, 3 FC), biases 0.1",
+        num_classes=1000,
+    ),
+    "lenet5-report": ModelSpec(
+        _lenet5_report, (1, 28, 28), "LeNet-5 variant of the KTH report (MNIST, BatchNorm)"
+    ),
+}
+
+
+def _pair(value: int | tuple[int, ...]) -> tuple[int, int]:
+    if isinstance(value, int):
+        return value, value
+    return int(value[0]), int(value[1])
+
+
+def _window_out(size: int, kernel: int, stride: int, pad: int, dilation: int, ceil: bool) -> int:
+    span = size + 2 * pad - dilation * (kernel - 1) - 1
+    out = (-(-span // stride) if ceil else span // stride) + 1
+    # PyTorch drops a last ceil-mode window that would start inside the right padding.
+    if ceil and (out - 1) * stride >= size + pad:
+        out -= 1
+    return out
+
+
+def _layer_output(layer: nn.Module, shape: tuple[int, ...]) -> tuple[int, ...]:
+    if isinstance(layer, nn.Conv2d | nn.MaxPool2d):
+        if len(shape) != 3:
+            raise ValueError(f"expects a (C, H, W) input, got {shape}")
+        if isinstance(layer, nn.Conv2d):
+            if shape[0] != layer.in_channels:
+                raise ValueError(f"expects {layer.in_channels} channels, got {shape[0]}")
+            channels, ceil = layer.out_channels, False
+        else:
+            channels, ceil = shape[0], layer.ceil_mode
+        padding = layer.padding
+        if isinstance(padding, str):
+            raise TypeError(f"feature_shapes cannot follow padding={padding!r}")
+        args = zip(
+            shape[1:],
+            _pair(layer.kernel_size),
+            _pair(layer.stride),
+            _pair(padding),
+            _pair(layer.dilation),
+            strict=True,
+        )
+        h, w = (_window_out(s, k, st, p, d, ceil) for s, k, st, p, d in args)
+        if h < 1 or w < 1:
+            raise ValueError(f"gets a {shape[1]}x{shape[2]} map, too small for its window")
+        return (channels, h, w)
+    if isinstance(layer, nn.Linear):
+        if shape[-1] != layer.in_features:
+            raise ValueError(f"expects {layer.in_features} features, got {shape[-1]}")
+        return (*shape[:-1], layer.out_features)
+    if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+        if shape[0] != layer.num_features:
+            raise ValueError(f"expects {layer.num_features} channels, got {shape[0]}")
+        return shape
+    if isinstance(layer, nn.Flatten) and layer.start_dim == 1 and layer.end_dim == -1:
+        return (math.prod(shape),)
+    if isinstance(layer, nn.ReLU | nn.Dropout | nn.Identity):
+        return shape
+    raise TypeError(f"feature_shapes cannot follow a {type(layer).__name__} layer")
+
+
+def feature_shapes(
+    model: nn.Module, input_shape: Sequence[int]
+) -> list[tuple[str, tuple[int, ...]]]:
+    """The output shape (without the batch dimension) of every layer of a sequential model.
+
+    Computed by arithmetic from the layers' hyper-parameters, without running the model, so it
+    is instant even for ``imagenet-paper``. Follows ``Conv2d``, ``MaxPool2d``, ``Linear``,
+    ``BatchNorm``, ``Flatten``, ``ReLU``, ``Dropout`` and ``Identity`` (else ``TypeError``).
+
+    Raises:
+        ValueError: a layer cannot take what the previous one produces; the message names it.
+    """
+    shape = tuple(int(s) for s in input_shape)
+    out: list[tuple[str, tuple[int, ...]]] = []
+    for name, layer in model.named_children():
+        try:
+            shape = _layer_output(layer, shape)
+        except ValueError as exc:
+            raise ValueError(f"layer {name!r} ({type(layer).__name__}) {exc}") from None
+        out.append((name, shape))
+    return out
+
+
+def _size_ranges(sizes: Sequence[int]) -> str:
+    """``[28, 29, 30, 31, 40]`` -> ``"28-31, 40"``."""
+    parts: list[str] = []
+    start = prev = sizes[0]
+    for s in [*sizes[1:], None]:
+        if s is not None and s == prev + 1:
+            prev = s
+            continue
+        parts.append(str(start) if start == prev else f"{start}-{prev}")
+        if s is not None:
+            start = prev = s
+    return ", ".join(parts)
+
+
+def _accepted_sizes(model: nn.Module, channels: int, largest: int) -> list[int]:
+    accepted = []
+    for size in range(1, largest + 1):
+        try:
+            feature_shapes(model, (channels, size, size))
+        except ValueError:
+            continue
+        accepted.append(size)
+    return accepted
+
+
+def _lookup(name: str) -> ModelSpec:
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown model {name!r}; valid names: {', '.join(MODELS)} (see `easgd models`)"
+        ) from None
+
+
+def _check_positive(value: int | None, what: str) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{what}={value!r} must be a positive integer")
+
+
+def build_model(
+    name: str,
+    *,
+    num_classes: int | None = None,
+    in_channels: int | None = None,
+    image_size: int | None = None,
+    seed: int | None = None,
+    device: torch.device | str | None = None,
+) -> nn.Module:
+    """Build a registered network (see ``MODELS``) that returns logits.
+
+    Args:
+        name: a key of ``MODELS``, e.g. ``"cifar-paper"``.
+        num_classes: width of the last layer (default: the network's, 1000 for
+            ``imagenet-paper`` and 10 for the others).
+        in_channels: input channels (default: the network's, e.g. 3 for ``cifar-paper``).
+        image_size: side of the square input (default: the network's, e.g. 28).
+        seed: if given, the initial parameters depend on it alone: the same seed gives
+            bit-identical parameters (all EASGD workers and the center start from one init).
+            The global RNG is left untouched. If ``None``, the global RNG draws the init.
+        device: where the parameters live (default CPU). The init is drawn on the CPU and
+            moved, so a seed gives the same values on every device; ``"meta"`` builds the
+            shapes only, without allocating or initializing anything.
+
+    Raises:
+        ValueError: an unknown name, a non-positive size, or an input shape the network
+            cannot take (the message lists the image sizes it accepts).
+    """
+    spec = _lookup(name)
+    _check_positive(num_classes, "num_classes")
+    _check_positive(in_channels, "in_channels")
+    _check_positive(image_size, "image_size")
+    c, h, w = spec.input_shape
+    shape = (in_channels or c, image_size or h, image_size or w)
+    num_classes = num_classes or spec.num_classes
+    with torch.device("meta"):
+        try:
+            skeleton = spec.builder(shape, num_classes)
+        except ValueError as exc:
+            raise ValueError(f"model {name!r} cannot take input {shape}: {exc}") from None
+    try:
+        feature_shapes(skeleton, shape)
+    except ValueError as exc:
+        sizes = _accepted_sizes(skeleton, shape[0], _SCAN_FACTOR * h)
+        accepts = f"image sizes {_size_ranges(sizes)}" if sizes else f"input {spec.input_shape}"
+        raise ValueError(
+            f"model {name!r} cannot take input {shape}: {exc}; it accepts {accepts} "
+            f"(default {spec.input_shape})"
+        ) from None
+    if torch.device(device or "cpu").type == "meta":
+        return skeleton
+    if seed is None:
+        model = spec.builder(shape, num_classes)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = spec.builder(shape, num_classes)
+    return model.to(device) if device is not None else model
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of scalar parameters (buffers such as BatchNorm running statistics excluded)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def describe_models() -> list[dict[str, Any]]:
+    """One dict per registered network at its default shape: ``name``, ``input_shape``,
+    ``num_classes``, ``parameters`` (counted on the meta device: nothing is allocated) and
+    ``description``."""
+    return [
+        {
+            "name": name,
+            "input_shape": spec.input_shape,
+            "num_classes": spec.num_classes,
+            "parameters": count_parameters(build_model(name, device="meta")),
+            "description": spec.description,
+        }
+        for name, spec in MODELS.items()
+    ]
+
+
+def _is_view_of(t: torch.Tensor, buffer: torch.Tensor, offset: int, shape: torch.Size) -> bool:
+    return (
+        t.device == buffer.device
+        and t.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
+        and t.storage_offset() == buffer.storage_offset() + offset
+        and t.shape == shape
+        and t.is_contiguous()
+    )
+
+
+@dataclass
+class FlatParams:
+    """A model's parameters and gradients as views into two flat buffers.
+
+    ``params[offsets[i] : offsets[i] + shapes[i].numel()]`` is the storage of the i-th
+    parameter (in ``model.parameters()`` order) and likewise for ``grads``, so an optimizer
+    stepping the parameters updates ``params`` in place, ``loss.backward()`` accumulates into
+    ``grads``, and a collective on ``params`` updates the model, all without copies.
+
+    Keeping the views:
+
+    - ``optimizer.zero_grad(set_to_none=False)`` zeroes ``grads`` in place and keeps them.
+    - ``set_to_none=True`` (the default of ``zero_grad``) drops them: the next backward
+      allocates fresh gradients. Call :meth:`ensure_grad_views_` (or :meth:`zero_grad_`)
+      after it; it re-attaches every gradient that is ``None`` or not a view.
+    - Replacing ``p.data`` (``model.to(other dtype)``, ``load_state_dict(assign=True)``)
+      detaches the parameters; ``load_state_dict`` without ``assign`` copies in place and is
+      safe. Buffers (BatchNorm running statistics) are not parameters and are not included.
+    """
+
+    params: torch.Tensor
+    grads: torch.Tensor
+    shapes: tuple[torch.Size, ...]
+    offsets: tuple[int, ...]
+    parameters: tuple[nn.Parameter, ...] = field(repr=False, compare=False)
+
+    @property
+    def numel(self) -> int:
+        """Total number of scalar parameters."""
+        return self.params.numel()
+
+    def copy_from_(self, flat: torch.Tensor) -> FlatParams:
+        """Copy a flat vector (any dtype/device, ``numel`` values) into the parameters."""
+        if flat.numel() != self.numel:
+            raise ValueError(f"flat has {flat.numel()} values, the model has {self.numel}")
+        self.params.copy_(flat.reshape(-1))
+        return self
+
+    def ensure_grad_views_(self) -> int:
+        """Re-attach gradients that are ``None`` or not views of ``grads``; returns how many.
+
+        A detached gradient keeps its value (copied into ``grads``); a missing one becomes 0.
+        """
+        reattached = 0
+        for p, shape, offset in zip(self.parameters, self.shapes, self.offsets, strict=True):
+            if p.grad is not None and _is_view_of(p.grad, self.grads, offset, shape):
+                continue
+            view = self.grads[offset : offset + shape.numel()].view(shape)
+            if p.grad is None:
+                view.zero_()
+            else:
+                view.copy_(p.grad.detach())
+            p.grad = view
+            reattached += 1
+        return reattached
+
+    def zero_grad_(self) -> None:
+        """Zero all gradients in place, re-attaching any view that was lost."""
+        self.ensure_grad_views_()
+        self.grads.zero_()
+
+
+def parameters_to_flat_views(model: nn.Module) -> FlatParams:
+    """Move ``model``'s parameters (and gradients) into flat buffers; see :class:`FlatParams`.
+
+    Current values and any existing gradients are preserved. All parameters must share one
+    dtype and device. Example::
+
+        >>> model = build_model("mlp", seed=0)
+        >>> flat = parameters_to_flat_views(model)
+        >>> _ = flat.params.mul_(0.5)  # halves the model's weights in place
+    """
+    params = tuple(model.parameters())
+    kinds = {(p.dtype, p.device) for p in params}
+    if len(kinds) > 1:
+        raise ValueError(
+            f"parameters must share one dtype and device, got {sorted(map(str, kinds))}"
+        )
+    dtype, device = kinds.pop() if kinds else (torch.get_default_dtype(), torch.device("cpu"))
+    shapes = tuple(p.shape for p in params)
+    sizes = [s.numel() for s in shapes]
+    offsets = tuple(itertools.accumulate(sizes[:-1], initial=0)) if sizes else ()
+    total = sum(sizes)
+    flat = torch.empty(total, dtype=dtype, device=device)
+    flat_grad = torch.zeros(total, dtype=dtype, device=device)
+    with torch.no_grad():
+        for p, shape, offset in zip(params, shapes, offsets, strict=True):
+            n = shape.numel()
+            flat[offset : offset + n].copy_(p.reshape(-1))
+            p.data = flat[offset : offset + n].view(shape)
+            if p.grad is not None:
+                flat_grad[offset : offset + n].copy_(p.grad.reshape(-1))
+            p.grad = flat_grad[offset : offset + n].view(shape)
+    return FlatParams(flat, flat_grad, shapes, offsets, params)

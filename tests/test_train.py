@@ -1,0 +1,218 @@
+"""Real processes against the simulator, and the run directory a user gets."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from easgd.algorithms import Hyperparams
+from easgd.evaluator import final_center
+from easgd.problem import build_problem_parts
+from easgd.runlog import RunPaths, iter_jsonl
+from easgd.sim import TorchProblem, simulate
+from easgd.train import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.timeout(240)
+
+
+def train(out: Path, *args: str, timeout: float = 180, check: bool = True) -> Any:
+    cmd = [sys.executable, "-m", "easgd", "train", "--out", str(out), "--quiet", "--json",
+           "--eval-interval", "0.5", *args]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    return proc
+
+
+def simulated_center(cfg: TrainConfig, schedule: str) -> torch.Tensor:
+    torch.set_num_threads(1)
+    parts = build_problem_parts(cfg.dataset, cfg.model, seed=cfg.seed)
+    problem = TorchProblem(parts.build, parts.train, parts.test, cfg.batch_size, parts.transform)
+    assert cfg.steps is not None
+    res = simulate(problem, cfg.hyperparams(), schedule=schedule, steps=cfg.steps, seed=cfg.seed)
+    return res.center
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--method", "easgd", "--mode", "sync", "--workers", "2", "--tau", "3"],
+        ["--method", "eamsgd", "--mode", "sync", "--workers", "2", "--tau", "2"],
+        ["--method", "allreduce", "--workers", "2"],
+        ["--method", "localsgd", "--workers", "2", "--tau", "4"],
+    ],
+    ids=["easgd", "eamsgd", "allreduce", "localsgd"],
+)
+def test_synchronous_run_equals_the_simulator(tmp_path: Path, args: list[str]) -> None:
+    summary = train(tmp_path / "run", *args, "--steps", "12", "--lr", "0.05")
+    cfg = TrainConfig.from_dict(json.loads((tmp_path / "run/config.json").read_text()))
+    assert summary["mode"] == "sync"
+    assert_close(final_center(cfg, RunPaths(cfg.out)), simulated_center(cfg, "sync"))
+
+
+@pytest.mark.parametrize("method", ["easgd", "eamsgd", "downpour", "adownpour"])
+def test_asynchronous_run_with_one_worker_equals_the_simulator(tmp_path: Path, method: str) -> None:
+    train(tmp_path / "run", "--method", method, "--workers", "1", "--tau", "2", "--steps", "10",
+          "--lr", "0.05")  # fmt: skip
+    cfg = TrainConfig.from_dict(json.loads((tmp_path / "run/config.json").read_text()))
+    assert_close(final_center(cfg, RunPaths(cfg.out)), simulated_center(cfg, "async"))
+
+
+def test_run_directory_and_summary(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    summary = train(out, "--method", "eamsgd", "--workers", "3", "--servers", "2", "--tau", "2",
+                    "--epochs", "4")  # fmt: skip
+    for key in ("center_test_error", "center_test_loss", "wall_seconds", "exchanges",
+                "bytes_sent"):  # fmt: skip
+        assert key in summary
+    assert summary["center_test_error"] < 0.2
+    assert summary["exchanges"] > 0 and summary["bytes_sent"] > 0
+    paths = RunPaths(out)
+    assert json.loads(paths.config.read_text())["servers"] == 2
+    events = list(iter_jsonl(paths.metrics))
+    steps = [e for e in events if e.get("event") == "exchange"]
+    assert {e["worker"] for e in steps} == {0, 1, 2}
+    for key in ("wall", "worker", "step", "loss", "bytes_sent", "bytes_received",
+                "exchange_seconds"):  # fmt: skip
+        assert key in steps[0]
+    assert list(iter_jsonl(paths.eval)), "the evaluator wrote no result"
+    assert sorted(p.name for p in paths.checkpoints.iterdir()) == ["server-0.pt", "server-1.pt"]
+    assert list(paths.snapshots.glob("center-*.pt"))
+
+
+def _wait_for(predicate: Any, timeout: float) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError("timed out waiting")
+
+
+def _worker_pid(paths: RunPaths, worker: int) -> int | None:
+    for e in iter_jsonl(paths.metrics):
+        if e.get("event") == "exchange" and e["worker"] == worker:
+            return int(e["pid"])
+    return None
+
+
+def test_killed_worker_is_replaced_and_the_run_completes(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    paths = RunPaths(out)
+    cmd = [sys.executable, "-m", "easgd", "train", "--out", str(out), "--quiet", "--json",
+           "--workers", "3", "--tau", "2", "--time-budget", "25",
+           "--max-restarts", "1"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=ROOT)  # fmt: skip
+    try:
+        pid = _wait_for(lambda: _worker_pid(paths, 1), 120)
+        time.sleep(1.0)
+        os.kill(pid, signal.SIGKILL)
+        killed_at = max(e["wall"] for e in iter_jsonl(paths.metrics))
+        stdout, stderr = proc.communicate(timeout=150)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, stderr[-3000:]
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    assert summary["restarts"] == 1
+    events = list(iter_jsonl(paths.metrics))
+    deaths = [e for e in events if e.get("event") == "death" and e.get("worker") == 1]
+    assert deaths, "the server did not notice the dead worker"
+    joins = [e for e in events if e.get("event") == "join" and e.get("worker") == 1]
+    assert len(joins) == 2, "the replacement did not join with a new session"
+    new = [e for e in events if e.get("event") == "exchange" and e["worker"] == 1
+           and e["pid"] != pid]  # fmt: skip
+    assert new, "the replacement's exchanges were not counted"
+    survivors = [e for e in events if e.get("event") == "exchange" and e["worker"] in (0, 2)
+                 and e["wall"] > killed_at]  # fmt: skip
+    assert survivors, "the survivors stopped exchanging"
+
+
+def test_dead_server_fails_the_run_with_its_error(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    paths = RunPaths(out)
+    cmd = [sys.executable, "-m", "easgd", "train", "--out", str(out), "--quiet",
+           "--workers", "2", "--time-budget", "60"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=ROOT)  # fmt: skip
+    try:
+        _wait_for(lambda: _worker_pid(paths, 0), 120)
+        server = next(e for e in iter_jsonl(paths.metrics) if e.get("event") == "start")
+        os.kill(int(server["pid"]), signal.SIGKILL)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1
+    assert "exited with status" in stderr
+
+
+@pytest.mark.timeout(240)
+def test_torchrun_takes_roles_from_ranks(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=3",
+           "-m", "easgd", "train", "--workers", "2", "--servers", "1", "--steps", "30",
+           "--out", str(out), "--json", "--eval-interval", "0.5"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=200, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["local_steps"] == 60 and summary["servers"] == 1
+
+
+def test_wrong_world_size_under_torchrun_is_explained(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           "-m", "easgd", "train", "--workers", "2", "--servers", "1", "--steps", "5",
+           "--out", str(tmp_path / "run")]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode != 0
+    assert "WORLD_SIZE=2" in proc.stderr and "--nproc-per-node" in proc.stderr
+
+
+BAD: list[tuple[dict[str, Any], str]] = [
+    ({"mode": "both"}, "mode='both'"),
+    ({"method": "downpour", "mode": "sync"}, "not available for method='downpour'"),
+    ({"servers": 0}, "servers=0"),
+    ({"batch_size": 0}, "batch_size=0"),
+    ({"epochs": None}, "no budget"),
+    ({"epochs": -1.0}, "every budget given must be a positive number"),
+    ({"device": "tpu"}, "device='tpu'"),
+    ({"lr": -0.1}, "lr=-0.1"),
+]
+
+
+@pytest.mark.parametrize(("changes", "message"), BAD)
+def test_bad_configuration(changes: dict[str, Any], message: str) -> None:
+    fields = {"epochs": 1.0, **changes}
+    with pytest.raises(ValueError, match=None) as info:
+        TrainConfig(**fields)
+    assert message in str(info.value)
+
+
+def test_existing_run_directory_is_not_overwritten(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    proc = train(out, "--steps", "1", check=False)
+    assert proc.returncode == 2
+    assert "already holds a run" in proc.stderr and "--overwrite" in proc.stderr
+
+
+def test_hyperparams_map_one_for_one() -> None:
+    cfg = TrainConfig(method="eamsgd", workers=4, tau=8, lr=0.1, epochs=1)
+    assert cfg.hyperparams() == Hyperparams(method="eamsgd", workers=4, tau=8, lr=0.1)
