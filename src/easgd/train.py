@@ -45,12 +45,12 @@ class TrainConfig:
     mode: str = "auto"
     workers: int = 4
     servers: int = 1
-    tau: int = 4
-    lr: float = 0.02
+    tau: int = 10
+    lr: float = 0.005
     momentum: float | None = None
     beta: float | None = None
     alpha: float | None = None
-    weight_decay: float = 0.0
+    weight_decay: float = 1e-4
     lr_decay: float = 0.0
     lr_power: float = 0.0
     moving_rate: float = 0.001
@@ -375,7 +375,7 @@ def run_server(cfg: TrainConfig, ctx: RoleContext, shard: int) -> None:
     )  # fmt: skip
     server.start()
     host, port = server.address
-    ctx.store.set(f"easgd/server/{shard}", f"{host}:{port}")
+    ctx.store.set(f"easgd/server/{shard}", f"{_advertised(host)}:{port}")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
@@ -388,6 +388,15 @@ def run_server(cfg: TrainConfig, ctx: RoleContext, shard: int) -> None:
                        **_jsonable(server.stats())})  # fmt: skip
         metrics.close()
         ctx.store.set(f"easgd/server_saved/{shard}", "1")
+
+
+def _advertised(host: str) -> str:
+    """The address workers should dial: a wildcard bind is reached through this host's name."""
+    if host not in ("0.0.0.0", "::", ""):
+        return host
+    import socket
+
+    return os.environ.get("EASGD_ADVERTISE_HOST") or socket.gethostbyname(socket.gethostname())
 
 
 def _jsonable(stats: Any) -> dict[str, Any]:

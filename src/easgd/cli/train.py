@@ -115,13 +115,16 @@ def register(subparsers: Any) -> None:
     )
     g.add_argument("--json", action="store_true", help="print the summary as JSON")
     g.add_argument("--quiet", action="store_true", help="no progress display")
-    parser.set_defaults(func=run, tau=_DEFAULTS.tau, lr=_DEFAULTS.lr, workers=_DEFAULTS.workers)
+    parser.set_defaults(
+        func=run, tau=_DEFAULTS.tau, lr=_DEFAULTS.lr, workers=_DEFAULTS.workers,
+        weight_decay=_DEFAULTS.weight_decay,
+    )  # fmt: skip
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     epochs = args.epochs
     if epochs is None and args.time_budget is None and args.steps is None:
-        epochs = 6.0
+        epochs = 60.0
     out = args.out or os.path.join("runs", f"{args.method}-{time.strftime('%Y%m%d-%H%M%S')}")
     fields: dict[str, Any] = {
         "method": args.method, "mode": args.mode, "workers": args.workers,
