@@ -214,5 +214,5 @@ def test_existing_run_directory_is_not_overwritten(tmp_path: Path) -> None:
 
 
 def test_hyperparams_map_one_for_one() -> None:
-    cfg = TrainConfig(method="eamsgd", workers=4, tau=8, lr=0.1, epochs=1)
+    cfg = TrainConfig(method="eamsgd", workers=4, tau=8, lr=0.1, weight_decay=0.0, epochs=1)
     assert cfg.hyperparams() == Hyperparams(method="eamsgd", workers=4, tau=8, lr=0.1)

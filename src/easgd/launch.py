@@ -368,5 +368,13 @@ def run_torchrun(cfg: TrainConfig) -> dict[str, Any] | None:
                 evaluator.kill()
 
 
+def exit_now(code: int) -> None:
+    """Exit without C++ static destructors: gloo's threads can abort the process at
+    interpreter teardown ("terminate called without an active exception") after a clean run."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(role_main())
+    exit_now(role_main())

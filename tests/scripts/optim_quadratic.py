@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -47,6 +49,10 @@ def main() -> None:
         print(json.dumps({"center": opt.center.tolist(), "workers": [w.tolist() for w in workers]}))
     dist.barrier()
     dist.destroy_process_group()
+    sys.stdout.flush()
+    # Leave without running C++ static destructors: gloo's threads can abort the process
+    # ("terminate called without an active exception") when torn down at interpreter exit.
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -159,7 +159,7 @@ def _under_torchrun() -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    from easgd.launch import RunFailed, launch_local, run_torchrun
+    from easgd.launch import RunFailed, exit_now, launch_local, run_torchrun
 
     cfg = config_from_args(args)
     if _under_torchrun():
@@ -167,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
             _prepare_out(cfg, args.overwrite)
         summary = run_torchrun(cfg)
         if summary is None:
-            return 0
+            exit_now(0)
     else:
         _prepare_out(cfg, args.overwrite)
         progress = Progress("train", enabled=not (args.quiet or args.json))
@@ -180,10 +180,14 @@ def run(args: argparse.Namespace) -> int:
         progress.close()
     if args.json:
         print(json.dumps(summary))
+        if _under_torchrun():
+            exit_now(0)
         return 0
     keys = ("method", "mode", "workers", "servers", "tau", "lr", "dataset",
             "center_test_error", "center_test_loss", "best_center_test_error", "wall_seconds",
             "local_steps", "exchanges", "bytes_sent", "bytes_received", "evaluations")  # fmt: skip
     print(format_table([{"quantity": k, "value": summary[k]} for k in keys if k in summary]))
     print(f"run directory: {cfg.out}")
+    if _under_torchrun():
+        exit_now(0)
     return 0

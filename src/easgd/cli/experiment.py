@@ -1,0 +1,173 @@
+"""``easgd experiment NAME``: run a named, versioned sweep (the paper's figures and twins)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+from easgd.cli._table import format_table
+from easgd.experiments import EXPERIMENTS, RUNTIMES, SweepEvent, get_experiment, run_sweep
+
+__all__ = ["register", "run"]
+
+
+def _on_off(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("on", "yes", "true", "1"):
+        return True
+    if value in ("off", "no", "false", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r}: expected on or off")
+
+
+def register(subparsers: Any) -> None:
+    listing = "; ".join(f"{e.name} (v{e.version}): {e.description}" for e in EXPERIMENTS.values())
+    parser = subparsers.add_parser(
+        "experiment",
+        help="run a named sweep (paper-fig2, paper-fig3, report-mnist, digits-fig2, ...)",
+        description=(
+            "Run a named, versioned experiment: every (method, tau, p, lr, seed) of it, each "
+            "into its own folder under --out. Resumable: a run whose summary.json exists is "
+            "skipped; a failed run is recorded and the sweep goes on (the exit status is the "
+            "number of failed runs). Then `easgd report DIR` draws the figures. "
+            f"Experiments: {listing}."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("name", nargs="?", choices=list(EXPERIMENTS), metavar="NAME",
+                        help=f"one of {', '.join(EXPERIMENTS)}")  # fmt: skip
+    parser.add_argument("--list", action="store_true", help="list the experiments and exit")
+    parser.add_argument(
+        "--runtime",
+        default="real",
+        choices=RUNTIMES,
+        help="real: worker processes (easgd train); sim: the simulator on a virtual clock",
+    )
+    parser.add_argument(
+        "--scale",
+        type=float,
+        default=1.0,
+        metavar="F",
+        help="multiply every time budget (and evaluation interval) by F, e.g. 0.2 to smoke-test",
+    )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=None,
+        metavar="N",
+        help="independent runs per setting (default: the experiment's)",
+    )
+    parser.add_argument(
+        "--out", default=None, help="output folder (default: runs/experiments/<NAME>)"
+    )
+    parser.add_argument(
+        "--lr-grid",
+        type=_on_off,
+        default=True,
+        metavar="on|off",
+        help="on: each method's learning-rate grid; off: its single default learning rate",
+    )
+    parser.add_argument(
+        "--only", default=None, metavar="METHOD[,..]", help="run only these methods"
+    )
+    parser.add_argument("--dry-run", action="store_true", help="list the runs, run nothing")
+    parser.add_argument("--data-dir", default=None, help="folder holding the dataset's files")
+    parser.add_argument(
+        "--step-time",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="sim: virtual seconds of one local step (default: measured on this machine)",
+    )
+    parser.add_argument(
+        "--startup-allowance",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="real: seconds added to each run's budget for process start-up, which the "
+        "launcher counts (default: 3 + 1 per process)",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    parser.set_defaults(func=run)
+
+
+def _print_runs(args: argparse.Namespace, out: str) -> int:
+    exp = get_experiment(args.name)
+    only = args.only.split(",") if args.only else None
+    runs = exp.runs(lr_grid=args.lr_grid, seeds=args.seeds, only=only)
+    budget = exp.time_budget * args.scale
+    rows = [
+        {"#": i, "run": r.name, "method": r.method, "tau": r.tau, "p": r.workers, "lr": r.lr,
+         "seed": r.seed,
+         "status": "done" if os.path.exists(os.path.join(out, r.name, "summary.json")) else "todo"}
+        for i, r in enumerate(runs, 1)
+    ]  # fmt: skip
+    print(format_table(rows))
+    unit = "virtual s" if args.runtime == "sim" else "s of training"
+    print(
+        f"{exp.name} v{exp.version}: {len(runs)} runs, {budget:g} {unit} each "
+        f"({args.runtime} runtime), into {out}"
+    )
+    return 0
+
+
+def _progress(event: SweepEvent) -> None:
+    head = f"[{event.index}/{event.total}] {event.run.name}"
+    if event.status == "start":
+        print(f"{head} ...", file=sys.stderr, flush=True)
+    elif event.status == "skipped":
+        print(f"{head} skipped (summary.json exists)", file=sys.stderr, flush=True)
+    elif event.status == "failed":
+        print(f"{head} FAILED after {event.seconds:.1f} s: {event.error}", file=sys.stderr)
+    else:
+        s = event.summary or {}
+        print(
+            f"{head} done in {event.seconds:.1f} s: best center test error "
+            f"{s.get('best_center_test_error', float('nan')):.4f}, final "
+            f"{s.get('center_test_error', float('nan')):.4f}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.list or not args.name:
+        rows = [
+            {"name": e.name, "version": e.version, "runs": len(e.runs()),
+             "budget_s": e.time_budget, "description": e.description}
+            for e in EXPERIMENTS.values()
+        ]  # fmt: skip
+        print(format_table(rows))
+        return 0 if args.list else 2
+    out = args.out or os.path.join("runs", "experiments", args.name)
+    if args.dry_run:
+        return _print_runs(args, out)
+    result = run_sweep(
+        get_experiment(args.name),
+        out,
+        runtime=args.runtime,
+        scale=args.scale,
+        seeds=args.seeds,
+        lr_grid=args.lr_grid,
+        only=args.only.split(",") if args.only else None,
+        data_dir=args.data_dir,
+        step_time=args.step_time,
+        startup_allowance=args.startup_allowance,
+        progress=None if args.quiet else _progress,
+    )
+    rows = [
+        {"method": m, "tau": t, "p": p, "best lr": s["lr"],
+         "best error": s.get("best_center_test_error"), "final error": s.get("center_test_error")}
+        for (m, t, p), s in sorted(result.best.items())
+    ]  # fmt: skip
+    if rows:
+        print(format_table(rows))
+    print(
+        f"{len(result.done)} run, {len(result.skipped)} skipped, {len(result.failed)} failed "
+        f"of {len(result.runs)}; run directories in {out}; next: easgd report {out}"
+    )
+    for name, error in result.failed.items():
+        print(f"failed: {name}: {error}", file=sys.stderr)
+    return min(len(result.failed), 100)

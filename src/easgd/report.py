@@ -1,0 +1,434 @@
+"""Figures and tables like the paper's, from run directories alone (it never trains).
+
+:func:`load_runs` walks folders for run directories (``summary.json`` beside
+``config.json``, ``eval.jsonl``, ``metrics.jsonl``), :func:`build_report` keeps the best run
+(learning rate, seed) of every method per panel, the way the paper reports its best run, and
+:func:`write_report` draws ``figure.png``/``figure.svg`` (training loss, center test loss and
+center test error against time, one panel per tau or per p, the sequential reference in every
+panel) and writes ``table.md`` and ``report.json``.
+
+Time axis. A real run's clock starts when the launcher starts, process start-up included; the
+report puts time zero at the first training event in ``metrics.jsonl`` (a worker joining the
+server or finishing its first step) and cuts the curves at the run's training budget
+(``run.json``, written by ``easgd experiment``). Simulated runs are on their virtual clock.
+The training loss is the workers' mini-batch loss, averaged in time bins (all workers
+together); test loss and error are the center's.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from easgd.algorithms import METHODS
+from easgd.experiments import select_best
+from easgd.runlog import atomic_write_bytes, atomic_write_json, iter_jsonl
+
+__all__ = ["Line", "Report", "Run", "build_report", "detect_panel", "load_runs", "write_report"]
+
+_TRAIN_EVENTS = ("join", "step", "exchange")
+_COLORS = {
+    "eamsgd": "#d62728", "easgd": "#1f77b4", "downpour": "#2ca02c", "adownpour": "#9467bd",
+    "mvadownpour": "#8c564b", "mdownpour": "#17becf", "msgd": "#000000", "sgd": "#7f7f7f",
+    "asgd": "#bcbd22", "mvasgd": "#e377c2", "allreduce": "#ff7f0e", "localsgd": "#aec7e8",
+}  # fmt: skip
+_PANEL_SYMBOL = {"tau": "τ", "workers": "p"}
+
+
+@dataclass
+class Run:
+    """One run directory, on the report's clock (seconds from the start of training)."""
+
+    path: Path
+    config: dict[str, Any]
+    summary: dict[str, Any]
+    runtime: str
+    horizon: float | None
+    times: list[float]
+    errors: list[float]
+    test_losses: list[float]
+    loss_times: list[float]
+    losses: list[float]
+
+    method: str = field(init=False)
+    tau: int = field(init=False)
+    workers: int = field(init=False)
+    lr: float = field(init=False)
+    seed: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        c = self.config
+        self.method, self.tau, self.workers = str(c["method"]), int(c["tau"]), int(c["workers"])
+        self.lr, self.seed = float(c["lr"]), int(c.get("seed", 0))
+
+    @property
+    def sequential(self) -> bool:
+        return METHODS[self.method].modes == ("sequential",)
+
+    @property
+    def best_error(self) -> float:
+        return min(self.errors, default=math.nan)
+
+    @property
+    def final_error(self) -> float:
+        return self.errors[-1] if self.errors else math.nan
+
+    @property
+    def exchanges(self) -> int:
+        return int(self.summary.get("exchanges", 0))
+
+    @property
+    def megabytes(self) -> float:
+        s = self.summary
+        return (int(s.get("bytes_sent", 0)) + int(s.get("bytes_received", 0))) / 1e6
+
+    def time_to(self, target: float) -> float | None:
+        """Seconds until the first evaluation with center test error <= ``target``."""
+        return next((t for t, e in zip(self.times, self.errors, strict=True) if e <= target), None)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(path.read_text())
+    return data
+
+
+def _load_run(root: Path) -> Run:
+    summary = _read_json(root / "summary.json")
+    config = _read_json(root / "config.json") if (root / "config.json").exists() else summary
+    info = _read_json(root / "run.json") if (root / "run.json").exists() else {}
+    runtime = str(summary.get("runtime", info.get("runtime", "real")))
+    events = list(iter_jsonl(root / "metrics.jsonl"))
+    evals = list(iter_jsonl(root / "eval.jsonl"))
+    starts = [float(e["wall"]) for e in events if e.get("event") in _TRAIN_EVENTS]
+    t0 = 0.0 if runtime == "sim" else min(starts, default=0.0)
+    horizon = info.get("train_budget") if runtime == "real" else None
+    ends = [float(e["wall"]) - t0 for e in events if e.get("event") == "worker_done"]
+    end = max(ends) if ends else float(summary.get("wall_seconds", 0.0)) - t0
+
+    def keep(t: float) -> bool:
+        return horizon is None or t <= horizon + 1e-9
+
+    times: list[float] = []
+    errors: list[float] = []
+    test_losses: list[float] = []
+    for e in sorted(evals, key=lambda e: float(e["wall"])):
+        t = max(0.0, float(e["wall"]) - t0)  # evaluations before training: the initial center
+        if not keep(t):
+            break
+        if times and times[-1] == t:
+            times.pop(), errors.pop(), test_losses.pop()
+        times.append(t)
+        errors.append(float(e["test_error"]))
+        test_losses.append(float(e["test_loss"]))
+    if "center_test_error" in summary and keep(end) and (not times or end >= times[-1]):
+        # The final center, evaluated when training stopped.
+        times.append(max(end, times[-1] if times else 0.0))
+        errors.append(float(summary["center_test_error"]))
+        test_losses.append(float(summary.get("center_test_loss", math.nan)))
+    loss_times: list[float] = []
+    losses: list[float] = []
+    for e in events:
+        if e.get("event") in ("step", "exchange") and "loss" in e:
+            t = float(e["wall"]) - t0
+            if t >= 0 and keep(t):
+                loss_times.append(t)
+                losses.append(float(e["loss"]))
+    return Run(root, config, summary, runtime, horizon, times, errors, test_losses,
+               loss_times, losses)  # fmt: skip
+
+
+def load_runs(dirs: Iterable[str | Path]) -> list[Run]:
+    """Every run directory (a folder with ``summary.json``) under ``dirs``, recursively."""
+    roots = [Path(d) for d in dirs]
+    for d in roots:
+        if not d.is_dir():
+            raise FileNotFoundError(f"{d} is not a folder of run directories")
+    found = sorted({p.parent for d in roots for p in d.rglob("summary.json")})
+    if not found:
+        where = ", ".join(str(d) for d in roots)
+        raise ValueError(
+            f"no run directories (summary.json) under {where}; run `easgd experiment NAME "
+            f"--out {roots[0]}` or `easgd train --out {roots[0]}/run1` first"
+        )
+    return [_load_run(p) for p in found]
+
+
+def detect_panel(runs: Sequence[Run]) -> str | None:
+    """The field that varies within a method besides lr: ``"tau"``, ``"workers"`` or None."""
+    varies = {}
+    for name in ("tau", "workers"):
+        values: dict[str, set[int]] = {}
+        for r in runs:
+            if not r.sequential:
+                values.setdefault(r.method, set()).add(getattr(r, name))
+        varies[name] = any(len(v) > 1 for v in values.values())
+    if varies["tau"] and varies["workers"]:
+        raise ValueError(
+            "both tau and p vary within a method; choose the panels with --panel tau or "
+            "--panel workers"
+        )
+    return "workers" if varies["workers"] else "tau" if varies["tau"] else None
+
+
+@dataclass
+class Line:
+    """The best run of one method in one panel, with its numbers against the target."""
+
+    panel: int | None
+    label: str
+    run: Run
+    tried: int
+    time_to_target: float | None = None
+    speedup: float | None = None
+
+
+@dataclass
+class Report:
+    panel: str | None
+    panels: list[int | None]
+    lines: list[Line]
+    reference: str | None
+    target: float
+    target_rule: str
+    time_label: str
+
+
+def _label(run: Run, panel: str | None, other_varies: bool) -> str:
+    name = run.method.upper()
+    if run.sequential:
+        return name
+    other = "workers" if panel == "tau" else "tau"
+    if panel is None or other_varies:
+        return f"{name} τ={run.tau} p={run.workers}" if panel is None else (
+            f"{name} {_PANEL_SYMBOL[other]}={getattr(run, other)}"
+        )  # fmt: skip
+    return name
+
+
+def build_report(
+    runs: Sequence[Run],
+    *,
+    panel: str | None = None,
+    target: float | None = None,
+    reference: str | None = None,
+) -> Report:
+    """Pick the best run per (method, tau, p), place it in panels, and time it to a target."""
+    if panel is None:
+        panel = detect_panel(runs)
+    elif panel not in _PANEL_SYMBOL:
+        raise ValueError(f"panel={panel!r}; choose tau or workers")
+    records = [
+        {"method": r.method, "tau": r.tau, "workers": r.workers, "lr": r.lr,
+         "best_center_test_error": r.best_error, "center_test_error": r.final_error, "run": r}
+        for r in runs
+    ]  # fmt: skip
+    best = select_best(records)
+    tried: dict[tuple[str, int, int], int] = {}
+    for r in runs:
+        key = (r.method, r.tau, r.workers)
+        tried[key] = tried.get(key, 0) + 1
+    dist = [r for r in runs if not r.sequential]
+    panels: list[int | None] = sorted({getattr(r, panel) for r in dist}) if panel else [None]
+    if not panels:
+        panels = [None]
+    sequential = sorted({r.method for r in runs if r.sequential})
+    if reference is None:
+        reference = "msgd" if "msgd" in sequential else (sequential[0] if sequential else None)
+    elif reference not in {r.method for r in runs}:
+        raise ValueError(f"--reference {reference}: no run of that method was found")
+    lines: list[Line] = []
+    for pv in panels:
+        chosen: list[Run] = [
+            s["run"]
+            for s in best.values()
+            if s["run"].sequential or panel is None or getattr(s["run"], panel) == pv
+        ]
+        chosen.sort(key=lambda r: (r.sequential, list(METHODS).index(r.method), r.tau, r.workers))
+        for r in chosen:
+            other_varies = sum(1 for c in chosen if c.method == r.method) > 1
+            key = (r.method, r.tau, r.workers)
+            lines.append(Line(pv, _label(r, panel, other_varies), r, tried[key]))
+    target, rule = _target(lines, target)
+    for line in lines:
+        line.time_to_target = line.run.time_to(target)
+    for pv in panels:
+        ref = next((ln for ln in lines if ln.panel == pv and ln.run.method == reference), None)
+        for line in (ln for ln in lines if ln.panel == pv):
+            t, t_ref = line.time_to_target, ref.time_to_target if ref else None
+            if t is not None and t_ref is not None and t > 0:
+                line.speedup = t_ref / t
+    virtual = all(r.runtime == "sim" for r in runs)
+    label = "virtual time (s)" if virtual else "wall-clock time since training start (s)"
+    return Report(panel, panels, lines, reference, target, rule, label)
+
+
+def _target(lines: Sequence[Line], target: float | None) -> tuple[float, str]:
+    if target is not None:
+        if not 0 < target <= 1:
+            raise ValueError(f"--target {target!r} must be a test error in (0, 1], e.g. 0.05")
+        return target, "given with --target"
+    errors = sorted({id(ln.run): ln.run.best_error for ln in lines}.values())
+    errors = [e for e in errors if math.isfinite(e)]
+    if not errors:
+        return 1.0, "no finite test error: target 1"
+    lowest, median = errors[0], statistics.median(errors)
+    value = max(1.5 * lowest, median)
+    rule = (
+        f"max(1.5 × the lowest best error {lowest:.4f}, the median best error {median:.4f}) "
+        "over the lines shown, so that at least half of them reach it"
+    )
+    return value, rule
+
+
+# ------------------------------------------------------------------------------------------
+# Output
+# ------------------------------------------------------------------------------------------
+
+
+def _fmt(value: float | None, spec: str, missing: str = "—") -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return missing
+    return format(value, spec)
+
+
+def _panel_name(report: Report, pv: int | None) -> str:
+    return "all" if report.panel is None else f"{_PANEL_SYMBOL[report.panel]}={pv}"
+
+
+def table_markdown(report: Report, title: str | None = None) -> str:
+    """The Markdown table: one row per method and panel."""
+    ref = (report.reference or "none").upper()
+    out = [f"# {title}", ""] if title else []
+    out += [
+        f"Target center test error: **{report.target:.4f}** ({report.target_rule}). "
+        f"Speedup = time of {ref} to the target / time of the method, same panel. "
+        "Best lr: the run (learning rate, seed) with the lowest center test error; exchanges "
+        "and MB moved are the whole run's (both directions). Time: "
+        f"{report.time_label}.",
+        "",
+        "| panel | method | best lr | runs | best error | final error | time to target (s) "
+        "| speedup | exchanges | MB moved |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for ln in report.lines:
+        r = ln.run
+        out.append(
+            f"| {_panel_name(report, ln.panel)} | {ln.label} | {r.lr:g} | {ln.tried} "
+            f"| {_fmt(r.best_error, '.4f')} | {_fmt(r.final_error, '.4f')} "
+            f"| {_fmt(ln.time_to_target, '.2f', 'not reached')} | {_fmt(ln.speedup, '.2f')} "
+            f"| {r.exchanges} | {r.megabytes:.1f} |"
+        )
+    return "\n".join(out) + "\n"
+
+
+def _binned(times: Sequence[float], values: Sequence[float], bins: int) -> tuple[list, list]:
+    pairs = [(t, v) for t, v in zip(times, values, strict=True) if math.isfinite(v)]
+    if not pairs:
+        return [], []
+    end = max(t for t, _ in pairs) or 1.0
+    width = end / bins
+    sums: dict[int, list[float]] = {}
+    for t, v in pairs:
+        sums.setdefault(min(int(t / width), bins - 1), []).append(v)
+    keys = sorted(sums)
+    return [(k + 0.5) * width for k in keys], [sum(sums[k]) / len(sums[k]) for k in keys]
+
+
+def draw_figure(report: Report, title: str | None = None) -> Any:
+    """A matplotlib Figure (Agg, no pyplot): rows training loss, test loss, test error."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    n = len(report.panels)
+    fig = Figure(figsize=(3.4 * n + 0.6, 8.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(3, n, sharex="col", sharey="row", squeeze=False)
+    handles: dict[str, tuple[tuple[bool, int, str], Any]] = {}
+    for col, pv in enumerate(report.panels):
+        for ln in (ln for ln in report.lines if ln.panel == pv):
+            r = ln.run
+            style = {"color": _COLORS.get(r.method), "linewidth": 1.6,
+                     "linestyle": "--" if r.sequential else "-"}  # fmt: skip
+            lt, lv = _binned(r.loss_times, r.losses, 60)
+            axes[0][col].plot(lt, lv, **style)
+            axes[1][col].plot(r.times, r.test_losses, **style)
+            (h,) = axes[2][col].plot(r.times, [100 * e for e in r.errors], **style)
+            order = (r.sequential, list(METHODS).index(r.method), ln.label)
+            handles.setdefault(ln.label, (order, h))
+        axes[0][col].set_title(_panel_name(report, pv), fontsize=11)
+        target = axes[2][col].axhline(
+            100 * report.target, color="0.5", linewidth=0.9, linestyle=":"
+        )
+        axes[2][col].set_xlabel(report.time_label, fontsize=9)
+        for row in axes:
+            row[col].grid(True, alpha=0.3)
+            row[col].set_xlim(left=0)
+    axes[0][0].set_ylabel("training loss\n(workers' mini-batches)")
+    axes[1][0].set_ylabel("center test loss")
+    axes[2][0].set_ylabel("center test error (%)")
+    for row in (0, 1):
+        ax = axes[row][0]
+        ax.set_yscale("log")
+        lo, hi = ax.get_ylim()
+        # Label 1-2-5 steps over a narrow range, decades over a wide one.
+        subs = (1.0, 2.0, 5.0) if hi / max(lo, 1e-300) < 300 else (1.0,)
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=subs))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+    # Test error: linear, up to 4x the target (a run stuck above it shows in the loss rows).
+    axes[2][0].set_ylim(0, 100 * min(1.0, max(4 * report.target, 0.1)))
+    ordered = sorted(handles.items(), key=lambda kv: kv[1][0])
+    labels = [k for k, _ in ordered] + [f"target {100 * report.target:.3g}%"]
+    lines = [v[1] for _, v in ordered] + [target]
+    fig.legend(lines, labels, loc="outside lower center", ncol=min(len(labels), 8),
+               fontsize=9, frameon=False)  # fmt: skip
+    if title:
+        fig.suptitle(title, fontsize=12)
+    return fig
+
+
+def report_json(report: Report) -> dict[str, Any]:
+    def r3(values: Sequence[float]) -> list[float | None]:
+        return [round(v, 5) if math.isfinite(v) else None for v in values]
+
+    lines = []
+    for ln in report.lines:
+        r = ln.run
+        lt, lv = _binned(r.loss_times, r.losses, 60)
+        lines.append({
+            "panel": ln.panel, "label": ln.label, "method": r.method, "tau": r.tau,
+            "workers": r.workers, "lr": r.lr, "seed": r.seed, "runtime": r.runtime,
+            "run": r.path.name, "runs_tried": ln.tried, "best_error": r.best_error,
+            "final_error": r.final_error, "time_to_target": ln.time_to_target,
+            "speedup": ln.speedup, "exchanges": r.exchanges, "megabytes": r.megabytes,
+            "local_steps": r.summary.get("local_steps"),
+            "curve": {"time": r3(r.times), "test_error": r3(r.errors),
+                      "test_loss": r3(r.test_losses)},
+            "training_loss": {"time": r3(lt), "loss": r3(lv)},
+        })  # fmt: skip
+    return {"panel": report.panel, "panels": report.panels, "reference": report.reference,
+            "target": report.target, "target_rule": report.target_rule,
+            "time_axis": report.time_label, "lines": lines}  # fmt: skip
+
+
+def write_report(report: Report, out: str | Path, title: str | None = None) -> list[Path]:
+    """Write figure.png, figure.svg, table.md and report.json into ``out`` (atomically)."""
+    out = Path(out)
+    fig = draw_figure(report, title)
+    written = []
+    for fmt in ("png", "svg"):
+        buf = io.BytesIO()
+        fig.savefig(buf, format=fmt, dpi=110, metadata={"Date": None} if fmt == "svg" else None)
+        atomic_write_bytes(out / f"figure.{fmt}", buf.getvalue())
+        written.append(out / f"figure.{fmt}")
+    atomic_write_bytes(out / "table.md", table_markdown(report, title).encode())
+    atomic_write_json(out / "report.json", report_json(report))
+    written += [out / "table.md", out / "report.json"]
+    return written

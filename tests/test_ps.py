@@ -1,0 +1,561 @@
+"""The asynchronous parameter server: parity with an in-process Center, sharding, atomicity,
+real SIGKILLs of workers and servers, checkpoints, authentication, bad input, benchmark."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor
+from torch.testing import assert_close
+
+from easgd.algorithms import Center, Hyperparams, Op, Request, Worker, run_step
+from easgd.comm.ps import (
+    AuthenticationError,
+    ParameterServer,
+    PSClient,
+    PSConnectionError,
+    read_checkpoint,
+    shard_ranges,
+)
+from easgd.comm.wire import Cmd
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "tests" / "scripts" / "ps_worker.py"
+METHODS = ["easgd", "eamsgd", "downpour", "mdownpour", "adownpour", "mvadownpour"]
+STEPS = 25
+DOWNPOUR = Hyperparams(method="downpour", lr=0.1, tau=1, workers=3)
+
+torch.set_num_threads(1)
+
+
+def make_hp(method: str) -> Hyperparams:
+    kw: dict[str, Any] = {"method": method, "lr": 0.05, "workers": 4}
+    kw.update(tau=1 if method == "mdownpour" else 3, lr_decay=0.01, lr_power=0.5)
+    if method in ("eamsgd", "mdownpour"):
+        kw["momentum"] = 0.9
+    if method == "mvadownpour":
+        kw["moving_rate"] = 0.1
+    return Hyperparams(**kw)
+
+
+class QuadraticGrad:
+    """``g = h * x + noise_t`` with a fixed noise sequence: a deterministic stochastic gradient."""
+
+    def __init__(self, n: int, seed: int = 0) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        self.h = torch.linspace(0.5, 2.0, n)
+        self.noise = 0.1 * torch.randn(STEPS, n, generator=gen)
+        self.calls = 0
+
+    def __call__(self, x: Tensor, out: Tensor) -> float:
+        torch.mul(self.h, x, out=out)
+        out.add_(self.noise[self.calls])
+        self.calls += 1
+        return float(0.5 * (self.h * x * x).sum())
+
+
+def wait_until(pred: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(interval)
+    return pred()
+
+
+@pytest.fixture
+def servers() -> Iterator[Callable[..., ParameterServer]]:
+    made: list[ParameterServer] = []
+
+    def make(*args: Any, **kwargs: Any) -> ParameterServer:
+        made.append(ParameterServer(*args, **kwargs))
+        return made[-1]
+
+    yield make
+    for server in made:
+        server.stop()
+
+
+@pytest.fixture
+def clients() -> Iterator[Callable[..., PSClient]]:
+    made: list[PSClient] = []
+
+    def make(*args: Any, **kwargs: Any) -> PSClient:
+        made.append(PSClient(*args, **kwargs))
+        return made[-1]
+
+    yield make
+    for client in made:
+        client.close()
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
+    started: list[subprocess.Popen[bytes]] = []
+
+    def spawn(*args: object) -> subprocess.Popen[bytes]:
+        log = (tmp_path / f"proc{len(started)}.log").open("wb")
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        cmd = [sys.executable, str(SCRIPT), *map(str, args)]
+        started.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=log, cwd=ROOT))
+        return started[-1]
+
+    yield spawn
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=10)
+
+
+def sessions_of(server: ParameterServer, worker_id: int) -> list[dict[str, Any]]:
+    return [s for s in server.stats()["sessions"] if s["worker_id"] == worker_id]
+
+
+# ---------------------------------------------------------------------------------------
+# Parity with the in-process Center, and sharding
+# ---------------------------------------------------------------------------------------
+
+
+def reference(hp: Hyperparams, c0: Tensor) -> tuple[Tensor, Center]:
+    center = Center(hp, c0.clone())
+    worker = Worker(hp, c0.clone(), "async")
+    grad = QuadraticGrad(c0.numel())
+    for _ in range(STEPS):
+        run_step(worker, grad, lambda r: center.handle(r.op, r.payload, r.reply))
+    return worker.x, center
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("method", "shards"),
+    [(m, 1) for m in METHODS] + [(m, s) for m in METHODS[1:3] + METHODS[4:] for s in (2, 3)],
+)
+def test_parity_with_in_process_center(method: str, shards: int, servers: Any, clients: Any):
+    hp, n = make_hp(method), 65
+    c0 = torch.randn(n, generator=torch.Generator().manual_seed(1))
+    ref_x, ref_center = reference(hp, c0)
+
+    parts = [servers(hp, c0[a:b].clone(), offset=a).start() for a, b in shard_ranges(n, shards)]
+    client = clients([s.address for s in parts], n, worker_id=0)
+    x = torch.empty(n)
+    client.join(x)
+    assert_close(x, c0, rtol=0, atol=0)
+    worker = Worker(hp, x, "async")
+    grad = QuadraticGrad(n)
+    for _ in range(STEPS):
+        run_step(worker, grad, client.serve)
+
+    assert_close(x, ref_x)
+    assert_close(torch.cat([s.snapshot() for s in parts]), ref_center.center)
+    assert_close(
+        torch.cat([s.snapshot(evaluation=True) for s in parts]), ref_center.evaluation_vector()
+    )
+    pulled = torch.empty(n)
+    client.pull(pulled, evaluation=True)
+    assert_close(pulled, ref_center.evaluation_vector())
+    assert all(s.t == ref_center.t for s in parts)
+    assert client.exchanges == len(range(0, STEPS, hp.tau))  # one per t % tau == 0
+    client.bye()
+    assert all(s.stats()["left"] == 1 and s.stats()["died"] == 0 for s in parts)
+
+
+def test_shard_ranges_are_contiguous_and_balanced():
+    assert shard_ranges(10, 3) == [(0, 4), (4, 7), (7, 10)]
+    assert shard_ranges(5, 1) == [(0, 5)]
+    with pytest.raises(ValueError, match="shards=0"):
+        shard_ranges(5, 0)
+    with pytest.raises(ValueError, match="numel=2"):
+        shard_ranges(2, 3)
+
+
+# ---------------------------------------------------------------------------------------
+# Atomicity: a known answer under concurrency
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_concurrent_exchanges_from_threads_lose_nothing(servers: Any):
+    n, k, m = 20_000, 4, 100
+    server = servers(DOWNPOUR, torch.full((n,), 0.5)).start()
+    errors: list[str] = []
+
+    def work(i: int) -> None:
+        try:
+            with PSClient([server.address], n, worker_id=i) as client:
+                x, ones = torch.empty(n), torch.ones(n)
+                client.join(x)
+                for _ in range(m):
+                    client.serve(Request(Op.PUSH_PULL, ones, x))
+                    # The reply is the center right after this update: no torn read.
+                    if not bool((x == 0.5 + client.server_t[0]).all()):
+                        errors.append(f"worker {i}: torn or stale reply at t={client.server_t}")
+        except Exception as exc:
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(k)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=50)
+    assert not errors
+    assert_close(server.snapshot(), torch.full((n,), 0.5 + k * m), rtol=0, atol=0)
+    stats = server.stats()
+    assert (stats["t"], stats["exchanges"], stats["left"], stats["died"]) == (k * m, k * m, k, 0)
+    assert all(s["exchanges"] == m for s in stats["sessions"])
+
+
+@pytest.mark.timeout(60)
+def test_concurrent_exchanges_from_processes_lose_nothing(servers: Any, procs: Any):
+    n, k, m = 20_000, 3, 100
+    server = servers(DOWNPOUR, torch.zeros(n)).start()
+    port = server.address[1]
+    workers = [
+        procs(
+            "worker", "--port", port, "--numel", n, "--worker-id", i, "--exchanges", m, "--sleep", 0
+        )
+        for i in range(k)
+    ]
+    assert [p.wait(timeout=50) for p in workers] == [0] * k
+    assert_close(server.snapshot(), torch.full((n,), float(k * m)), rtol=0, atol=0)
+    stats = server.stats()
+    assert (stats["exchanges"], stats["left"], stats["died"]) == (k * m, k, 0)
+
+
+# ---------------------------------------------------------------------------------------
+# Faults, with real SIGKILLs
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(90)
+def test_killed_worker_blocks_no_one_and_a_replacement_rejoins(
+    servers: Any, procs: Any, tmp_path: Path
+):
+    n = 1000
+    events: list[dict[str, Any]] = []
+    server = servers(DOWNPOUR, torch.zeros(n), on_event=events.append).start()
+    port = server.address[1]
+
+    def exchanges(wid: int) -> int:
+        return sum(s["exchanges"] for s in sessions_of(server, wid) if s["state"] == "active")
+
+    workers = [
+        procs("worker", "--port", port, "--numel", n, "--worker-id", i, "--sleep", 0.01)
+        for i in range(3)
+    ]
+    assert wait_until(lambda: all(exchanges(i) >= 5 for i in range(3)), 40)
+
+    workers[1].send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    assert wait_until(lambda: sessions_of(server, 1)[0]["state"] == "died", 5)
+    detected = time.monotonic() - killed
+    assert detected < 3, f"death noticed after {detected:.1f} s"
+    (dead,) = sessions_of(server, 1)
+    assert any(e["event"] == "death" and e["session"] == dead["session_id"] for e in events)
+
+    # The survivors go on.
+    before = {i: exchanges(i) for i in (0, 2)}
+    assert wait_until(lambda: all(exchanges(i) >= before[i] + 5 for i in (0, 2)), 10)
+
+    # A replacement joins with a new session, starts from the center and contributes.
+    out = tmp_path / "join.pt"
+    replacement = procs("worker", "--port", port, "--numel", n, "--worker-id", 1, "--out", out)
+    assert wait_until(out.exists, 40)
+    joined = torch.load(out, weights_only=True)
+    # Every exchange adds 1 everywhere, so the center at the join is t * ones.
+    assert_close(joined["x"], torch.full((n,), float(joined["t"])), rtol=0, atol=0)
+    assert wait_until(lambda: exchanges(1) >= 5, 10)
+    rejoin = [e for e in events if e["event"] == "join" and e["worker"] == 1][-1]
+    assert rejoin["rejoin"] == [dead["session_id"]]
+
+    # Clean exits are goodbyes, not deaths.
+    for proc in (workers[0], workers[2], replacement):
+        proc.send_signal(signal.SIGTERM)
+    assert [p.wait(timeout=20) for p in (workers[0], workers[2], replacement)] == [0, 0, 0]
+    assert wait_until(lambda: server.stats()["left"] == 3, 5)
+    stats = server.stats()
+    assert (stats["died"], stats["left"], stats["active"]) == (1, 3, 0)
+    # The killed worker's cut-off request was never half applied.
+    assert_close(server.snapshot(), torch.full((n,), float(stats["t"])), rtol=0, atol=0)
+    assert stats["t"] == stats["exchanges"] == sum(s["exchanges"] for s in stats["sessions"])
+
+
+@pytest.mark.timeout(60)
+def test_killed_server_is_a_clear_error_and_restarts_from_its_checkpoint(
+    procs: Any, servers: Any, clients: Any, tmp_path: Path
+):
+    n = 1000
+    address, ckpt = tmp_path / "server.json", tmp_path / "ps.pt"
+    server_proc = procs("server", "--numel", n, "--address-file", address, "--checkpoint", ckpt)
+    assert wait_until(address.exists, 40)
+    port = json.loads(address.read_text())["port"]
+    client = clients([("127.0.0.1", port)], n, worker_id=0)
+    x, ones = torch.empty(n), torch.ones(n)
+    client.join(x)
+    for _ in range(5):
+        client.serve(Request(Op.PUSH_PULL, ones, x))
+    assert wait_until(lambda: ckpt.exists() and read_checkpoint(ckpt)["t"] == 5, 10)
+
+    server_proc.kill()
+    server_proc.wait(timeout=10)
+    start = time.monotonic()
+    with pytest.raises(ConnectionError, match=f"127.0.0.1:{port}") as info:
+        client.serve(Request(Op.PUSH_PULL, ones, x))
+    assert time.monotonic() - start < 5
+    assert isinstance(info.value, PSConnectionError) and info.value.address[1] == port
+
+    # A restarted server loses nothing that was saved.
+    server = ParameterServer.from_checkpoint(ckpt)
+    try:
+        server.start()
+        assert (server.t, server.stats()["exchanges"]) == (5, 5)
+        again = clients([server.address], n, worker_id=0)
+        again.join(x)
+        assert_close(x, torch.full((n,), 5.0), rtol=0, atol=0)
+    finally:
+        server.stop()
+
+
+@pytest.mark.timeout(30)
+def test_silent_worker_is_declared_dead_and_heartbeats_keep_the_others(servers: Any, clients: Any):
+    n = 100
+    server = servers(DOWNPOUR, torch.zeros(n), timeout=1.5).start()
+    quiet = clients([server.address], n, worker_id=0, heartbeat=0)
+    alive = clients([server.address], n, worker_id=1, heartbeat=0.1)
+    x = torch.empty(n)
+    quiet.join(x)
+    alive.join(x)
+    assert wait_until(lambda: sessions_of(server, 0)[0]["state"] == "died", 5)
+    assert "silent" in sessions_of(server, 0)[0]["reason"]
+    time.sleep(1.5)
+    assert sessions_of(server, 1)[0]["state"] == "active"
+    alive.serve(Request(Op.PUSH_PULL, torch.ones(n), x))
+    with pytest.raises(ConnectionError, match="closed the connection"):
+        quiet.serve(Request(Op.PUSH_PULL, torch.ones(n), x))
+    assert server._silence(0) == 1.5  # an explicit timeout wins over the heartbeat
+
+
+def test_default_silence_follows_the_clients_heartbeat(servers: Any):
+    # 5 missed heartbeats, and at least 5 s; no heartbeat: only EOF and keepalive.
+    server = servers(DOWNPOUR, torch.zeros(4))
+    assert (server._silence(200), server._silence(3000), server._silence(0)) == (5.0, 15.0, None)
+
+
+@pytest.mark.timeout(30)
+def test_crash_and_bye_are_told_apart(servers: Any):
+    n = 10
+    server = servers(DOWNPOUR, torch.zeros(n)).start()
+    with pytest.raises(RuntimeError, match="boom"), PSClient([server.address], n, worker_id=0) as c:
+        c.join(torch.empty(n))
+        raise RuntimeError("boom")
+    with PSClient([server.address], n, worker_id=1) as c:
+        c.join(torch.empty(n))
+    assert wait_until(lambda: server.stats()["active"] == 0, 5)
+    states = {s["worker_id"]: (s["state"], s["reason"]) for s in server.stats()["sessions"]}
+    assert states == {0: ("died", "connection closed without BYE"), 1: ("left", "bye")}
+
+
+# ---------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("method", ["mdownpour", "adownpour"])
+def test_checkpoint_restores_center_clock_and_state(
+    method: str, servers: Any, clients: Any, tmp_path: Path
+):
+    # Two shards; the second one (offset 20) saves and is restarted.
+    hp, n, path = make_hp(method), 40, tmp_path / "ckpt" / "ps.pt"
+    c0 = torch.randn(n)
+    events: list[dict[str, Any]] = []
+    first = servers(hp, c0[:20].clone()).start()
+    server = servers(
+        hp, c0[20:].clone(), offset=20, checkpoint_path=path, checkpoint_every=0.1,
+        on_event=events.append,
+    ).start()  # fmt: skip
+    client = clients([first.address, ("127.0.0.1", server.address[1])], n, worker_id=0)
+    x = torch.empty(n)
+    client.join(x)
+    worker, grad = Worker(hp, x, "async"), QuadraticGrad(n)
+    for _ in range(STEPS):
+        run_step(worker, grad, client.serve)
+    t = server.t
+    # The periodic save catches up by itself.
+    assert wait_until(lambda: any(e["event"] == "checkpoint" and e["t"] == t for e in events), 5)
+    client.bye()
+    server.stop()
+
+    state = read_checkpoint(path)
+    assert (state["t"], state["offset"], state["numel"]) == (t, 20, 20)
+    restored = ParameterServer.from_checkpoint(path)
+    try:
+        assert restored.t == t and restored.offset == 20
+        assert restored.stats()["exchanges"] == server.stats()["exchanges"]
+        assert_close(restored.snapshot(), server.snapshot(), rtol=0, atol=0)
+        assert_close(restored.snapshot(evaluation=True), state["evaluation"], rtol=0, atol=0)
+        for name in ("v", "z"):
+            mine, theirs = getattr(restored.center, name), getattr(server.center, name)
+            assert (mine is None) == (theirs is None)
+            if mine is not None:
+                assert_close(mine, theirs, rtol=0, atol=0)
+    finally:
+        restored.stop()
+
+
+@pytest.mark.parametrize("crash_at", ["write", "replace"])
+def test_checkpoint_is_atomic(crash_at: str, servers: Any, tmp_path: Path, monkeypatch: Any):
+    path = tmp_path / "ps.pt"
+    server = servers(DOWNPOUR, torch.zeros(8), checkpoint_path=path)
+    server.save_checkpoint()
+    server.center.center.fill_(7.0)
+    server.center.t = 9
+
+    def crash_writing(obj: object, f: Any) -> None:
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    def crash_replacing(src: object, dst: object) -> None:
+        raise OSError("power cut")
+
+    if crash_at == "write":
+        monkeypatch.setattr(torch, "save", crash_writing)
+    else:
+        monkeypatch.setattr(os, "replace", crash_replacing)
+    with pytest.raises(OSError):
+        server.save_checkpoint()
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["ps.pt"]  # no partial file, no temp left
+    state = read_checkpoint(path)
+    assert state["t"] == 0
+    assert_close(state["center"], torch.zeros(8), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------
+# Authentication and bad input
+# ---------------------------------------------------------------------------------------
+
+
+def test_non_loopback_requires_a_secret(servers: Any, monkeypatch: Any):
+    monkeypatch.delenv("EASGD_SECRET", raising=False)
+    with pytest.raises(ValueError, match="requires a shared secret"):
+        ParameterServer(DOWNPOUR, torch.zeros(4), host="0.0.0.0")
+    servers(DOWNPOUR, torch.zeros(4), host="0.0.0.0", secret="s3cret")
+    monkeypatch.setenv("EASGD_SECRET", "from-the-environment")
+    servers(DOWNPOUR, torch.zeros(4), host="0.0.0.0")
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    ("server_secret", "client_secret", "match"),
+    [
+        (b"right", b"wrong", "wrong shared secret"),
+        (b"right", None, "requires a shared secret"),
+        (None, b"right", "does not ask for a secret"),
+    ],
+)
+def test_wrong_secret_is_refused(
+    server_secret: bytes | None,
+    client_secret: bytes | None,
+    match: str,
+    servers: Any,
+    monkeypatch: Any,
+):
+    monkeypatch.delenv("EASGD_SECRET", raising=False)
+    events: list[dict[str, Any]] = []
+    server = servers(DOWNPOUR, torch.zeros(4), secret=server_secret, on_event=events.append)
+    server.start()
+    with pytest.raises(AuthenticationError, match=match):
+        PSClient([server.address], 4, worker_id=0, secret=client_secret)
+    assert server.stats()["sessions"] == []
+    if server_secret is not None:
+        assert wait_until(lambda: any(e["event"] == "auth_failure" for e in events), 5)
+
+
+@pytest.mark.timeout(30)
+def test_right_secret_exchanges(servers: Any, clients: Any, monkeypatch: Any):
+    monkeypatch.setenv("EASGD_SECRET", "shared")
+    server = servers(DOWNPOUR, torch.zeros(4)).start()
+    client = clients([server.address], 4, worker_id=0)
+    x = torch.empty(4)
+    client.join(x)
+    client.serve(Request(Op.PUSH_PULL, torch.ones(4), x))
+    assert_close(x, torch.ones(4))
+
+
+@pytest.mark.timeout(30)
+def test_bad_input_is_a_clear_error(servers: Any, clients: Any):
+    server = servers(DOWNPOUR, torch.zeros(100)).start()
+    with pytest.raises(ValueError, match="do all workers build the same model"):
+        clients([server.address], 90, worker_id=0).join(torch.empty(90))
+    with pytest.raises(ValueError, match="float64"):
+        clients([server.address], 100, worker_id=1).join(torch.empty(100, dtype=torch.float64))
+
+    client = clients([server.address], 100, worker_id=2)
+    x = torch.empty(100)
+    client.join(x)
+    with pytest.raises(ValueError, match="flat vector of 100"):
+        client.serve(Request(Op.PUSH_PULL, torch.ones(99), x))
+    with pytest.raises(ValueError, match="'push_pull' exchanges, not 'elastic'"):
+        client.serve(Request(Op.ELASTIC, x, torch.empty(100)))
+
+    # The server checks every payload too (a client of another version, say).
+    rogue = clients([server.address], 100, worker_id=3)
+    rogue.join(x)
+    conn = rogue._conns[0]
+    rogue._send(conn, Cmd.PUSH_PULL, torch.ones(50))
+    with pytest.raises(ValueError, match="payload of 50 floats, the center shard has 100"):
+        rogue._recv(conn, None)
+    assert server.t == 0
+    assert wait_until(lambda: server.stats()["rejected"] == 1, 5)
+
+
+@pytest.mark.timeout(30)
+def test_evaluator_pulls_without_joining(servers: Any, clients: Any):
+    hp, n = make_hp("adownpour"), 16
+    server = servers(hp, torch.randn(n)).start()
+    worker_client = clients([server.address], n, worker_id=0)
+    x = torch.empty(n)
+    worker_client.join(x)
+    worker, grad = Worker(hp, x, "async"), QuadraticGrad(n)
+    for _ in range(6):
+        run_step(worker, grad, worker_client.serve)
+    evaluator = clients([server.address], n, worker_id=-1)
+    out = torch.empty(n)
+    evaluator.pull(out)
+    assert_close(out, server.snapshot(), rtol=0, atol=0)
+    evaluator.pull(out, evaluation=True)
+    assert_close(out, server.snapshot(evaluation=True), rtol=0, atol=0)
+    assert [s["worker_id"] for s in server.stats()["sessions"]] == [0]
+
+
+# ---------------------------------------------------------------------------------------
+# Benchmark
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_benchmark_quick_runs(tmp_path: Path):
+    out = tmp_path / "exchange.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "exchange.py"), "--quick", "--json", str(out)],
+        capture_output=True, text=True, timeout=110, env=env, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    names = [row["name"] for row in result["rows"]]
+    expected = ["gloo_echo", "gloo_echo_elastic", "gloo_10_tensors", "gloo_100_tensors"]
+    assert names[:4] == expected and "ps_elastic" in names
+    assert all(row["median_ms"] > 0 for row in result["rows"])
+    assert "ps_elastic" in proc.stdout
