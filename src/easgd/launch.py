@@ -31,7 +31,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NoReturn
 
 from easgd.runlog import JsonlWriter, RunPaths, atomic_write_json, read_jsonl
 from easgd.train import RoleContext, TrainConfig
@@ -368,7 +368,7 @@ def run_torchrun(cfg: TrainConfig) -> dict[str, Any] | None:
                 evaluator.kill()
 
 
-def exit_now(code: int) -> None:
+def exit_now(code: int) -> NoReturn:
     """Exit without C++ static destructors: gloo's threads can abort the process at
     interpreter teardown ("terminate called without an active exception") after a clean run."""
     sys.stdout.flush()
