@@ -27,8 +27,10 @@ Time budgets. ``time_budget`` is the training time of one run in seconds. The re
 counts its budget from the start of the launch, process start-up included, so a real run is
 given ``startup allowance + time_budget`` and the report measures time from the first
 training step and cuts every curve at ``time_budget``. The allowance is 3 s + 1 s per process
-until a run of the same size has been seen, then 1.25 x its start-up + 1 s. In the simulator
-the budget is in virtual seconds: each worker runs ``time_budget / step_time`` local steps.
+until a run of the same size has been seen, then 1.25 x the longest start-up seen + 1 s; a run
+whose start-up still ate into its training is run once more with 1.5 x its start-up + 2 s.
+In the simulator the budget is in virtual seconds: each worker runs ``time_budget /
+step_time`` local steps.
 """
 
 from __future__ import annotations
@@ -486,19 +488,15 @@ class _Context:
         return info
 
     def startup_allowance(self, run: RunSpec) -> float:
-        """The given allowance, else 1.25 x the last start-up seen at this size, plus 1 s."""
+        """The given allowance, else 1.25 x the longest start-up seen at this size, plus 1 s."""
         if self.startup is not None:
             return self.startup
         seen = self.startups.get(_processes(run))
         return default_startup_allowance(run) if seen is None else 1.25 * seen + 1.0
 
-    def observe_startup(self, run: RunSpec, folder: Path) -> None:
-        from easgd.runlog import iter_jsonl
-
-        walls = [float(e["wall"]) for e in iter_jsonl(folder / "metrics.jsonl")
-                 if e.get("event") in ("join", "step", "exchange")]  # fmt: skip
-        if walls:
-            self.startups[_processes(run)] = min(walls)
+    def observe_startup(self, run: RunSpec, seconds: float) -> None:
+        key = _processes(run)
+        self.startups[key] = max(seconds, self.startups.get(key, 0.0))
 
     def sim_step_time(self) -> float:
         if self.step_time is None:
@@ -510,17 +508,47 @@ class _Context:
         return self.step_time
 
 
+def _training_span(folder: Path) -> tuple[float | None, float | None]:
+    """Launcher seconds of a real run's first training event and of its last worker's end."""
+    from easgd.runlog import iter_jsonl
+
+    starts, ends = [], []
+    for e in iter_jsonl(folder / "metrics.jsonl"):
+        if e.get("event") in ("join", "step", "exchange"):
+            starts.append(float(e["wall"]))
+        elif e.get("event") == "worker_done":
+            ends.append(float(e["wall"]))
+    return min(starts, default=None), max(ends, default=None)
+
+
 def _run_real(ctx: _Context, run: RunSpec, folder: Path) -> dict[str, Any]:
+    """Launch the run; once more, with a longer allowance, if start-up ate into training."""
     from easgd.launch import launch_local
 
-    cfg = ctx.experiment.train_config(
-        run, folder, data_dir=ctx.data_dir,
-        time_budget=ctx.startup_allowance(run) + ctx.budget,
-        eval_interval=max(0.1, ctx.eval_interval),
-    )  # fmt: skip
-    summary = launch_local(cfg)
-    ctx.observe_startup(run, folder)
-    summary.update(runtime="real", experiment=ctx.experiment.name)
+    allowance = ctx.startup_allowance(run)
+    for attempt in (1, 2):
+        cfg = ctx.experiment.train_config(
+            run, folder, data_dir=ctx.data_dir, time_budget=allowance + ctx.budget,
+            eval_interval=max(0.1, ctx.eval_interval),
+        )  # fmt: skip
+        summary = launch_local(cfg)
+        start, end = _training_span(folder)
+        trained = None if start is None or end is None else end - start
+        if start is not None:
+            ctx.observe_startup(run, start)
+        short = trained is not None and start is not None and trained < 0.97 * ctx.budget
+        if not short or attempt == 2 or ctx.startup is not None:
+            break
+        assert start is not None
+        log.warning("%s: start-up took %.1f s, training only %.1f s of %.1f; running it again",
+                    run.name, start, trained, ctx.budget)  # fmt: skip
+        allowance = 1.5 * start + 2.0
+        shutil.rmtree(folder)
+        folder.mkdir()
+        atomic_write_json(folder / "run.json",
+                          {**ctx.run_info(run), "startup_allowance": allowance})  # fmt: skip
+    summary.update(runtime="real", experiment=ctx.experiment.name, attempts=attempt,
+                   startup_seconds=start, train_seconds=trained)  # fmt: skip
     atomic_write_json(folder / "summary.json", summary)
     return summary
 
