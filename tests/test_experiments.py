@@ -232,3 +232,38 @@ def test_sim_runtime_writes_a_run_directory(tmp_path: Path) -> None:
     config = json.loads((run / "config.json").read_text())
     assert (config["tau"], config["workers"], config["steps"]) == (4, 4, 12)
     assert json.loads((run / "run.json").read_text())["train_budget"] == pytest.approx(0.12)
+
+
+def test_real_run_is_repeated_when_start_up_eats_into_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The launcher counts start-up in its budget: a run that trained too little runs again."""
+    import easgd.launch
+
+    budgets: list[float] = []
+
+    def fake_launch(cfg: Any, progress: Any = None) -> dict[str, Any]:
+        budgets.append(cfg.time_budget)
+        start = 20.0 if len(budgets) == 1 else 2.0  # a slow first start-up, then a fast one
+        end = max(start, cfg.time_budget)
+        events = [{"event": "join", "wall": start, "worker": 0},
+                  {"event": "worker_done", "wall": end, "worker": 0}]  # fmt: skip
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        with open(Path(cfg.out) / "metrics.jsonl", "w") as f:
+            f.writelines(json.dumps(e) + "\n" for e in events)
+        return {"method": cfg.method, "tau": cfg.tau, "workers": cfg.workers, "lr": cfg.lr,
+                "best_center_test_error": 0.1, "center_test_error": 0.1}  # fmt: skip
+
+    monkeypatch.setattr(easgd.launch, "launch_local", fake_launch)
+    exp = get_experiment("digits-fig2")
+    res = run_sweep(exp, tmp_path, only=["easgd"], lr_grid=False, seeds=1)
+    assert not res.failed and len(res.done) == 4
+    # First run: default allowance 3 + 6 processes = 9 s, too short for a 20 s start-up; the
+    # second attempt gets 1.5 * 20 + 2 = 32 s. Later runs start from 1.25 * 20 + 1 = 26 s.
+    assert budgets[:2] == [9.0 + 6.0, 32.0 + 6.0]
+    assert budgets[2:] == [26.0 + 6.0] * 3
+    summary = json.loads((tmp_path / "easgd_tau1_p4_lr0.03_s0" / "summary.json").read_text())
+    assert summary["attempts"] == 2 and summary["runtime"] == "real"
+    assert summary["train_seconds"] == pytest.approx(36.0)
+    info = json.loads((tmp_path / "easgd_tau1_p4_lr0.03_s0" / "run.json").read_text())
+    assert info["startup_allowance"] == 32.0 and info["train_budget"] == 6.0

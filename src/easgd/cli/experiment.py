@@ -34,23 +34,24 @@ def register(subparsers: Any) -> None:
             "number of failed runs). Then `easgd report DIR` draws the figures. "
             f"Experiments: {listing}."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("name", nargs="?", choices=list(EXPERIMENTS), metavar="NAME",
-                        help=f"one of {', '.join(EXPERIMENTS)}")  # fmt: skip
+                        help=f"one of {', '.join(EXPERIMENTS)} (see --list)")  # fmt: skip
     parser.add_argument("--list", action="store_true", help="list the experiments and exit")
     parser.add_argument(
         "--runtime",
         default="real",
         choices=RUNTIMES,
-        help="real: worker processes (easgd train); sim: the simulator on a virtual clock",
+        help="real (default): worker processes, as easgd train; sim: the simulator on a "
+        "virtual clock",
     )
     parser.add_argument(
         "--scale",
         type=float,
         default=1.0,
         metavar="F",
-        help="multiply every time budget (and evaluation interval) by F, e.g. 0.2 to smoke-test",
+        help="multiply every time budget (and evaluation interval) by F (default 1), e.g. 0.2 "
+        "for a smoke run",
     )
     parser.add_argument(
         "--seeds",
@@ -67,7 +68,8 @@ def register(subparsers: Any) -> None:
         type=_on_off,
         default=True,
         metavar="on|off",
-        help="on: each method's learning-rate grid; off: its single default learning rate",
+        help="on (default): each method's learning-rate grid; off: its single default "
+        "learning rate",
     )
     parser.add_argument(
         "--only", default=None, metavar="METHOD[,..]", help="run only these methods"
@@ -87,7 +89,8 @@ def register(subparsers: Any) -> None:
         default=None,
         metavar="SECONDS",
         help="real: seconds added to each run's budget for process start-up, which the "
-        "launcher counts (default: 3 + 1 per process)",
+        "launcher counts (default: 3 + 1 per process, then 1.25 x the longest start-up seen "
+        "+ 1; a run that still trained less than its budget runs once more)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     parser.set_defaults(func=run)

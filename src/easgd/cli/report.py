@@ -21,7 +21,6 @@ def register(subparsers: Any) -> None:
             "table: best and final error, time to a target error, speedup over the "
             "reference, exchanges and MB moved."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("dirs", nargs="+", metavar="DIR", help="folders holding run directories")
     parser.add_argument(
@@ -39,7 +38,7 @@ def register(subparsers: Any) -> None:
         "--panel",
         default="auto",
         choices=["auto", "tau", "workers"],
-        help="one panel per tau or per p (auto: the field that varies within a method)",
+        help="one panel per tau or per p (default auto: the field that varies within a method)",
     )
     parser.add_argument(
         "--reference", default=None, help="sequential reference method (default: msgd if present)"
