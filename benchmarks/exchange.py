@@ -4,28 +4,47 @@ Runs side by side, interleaved (each repeat runs every row once, in a rotating o
 reports medians:
 
 * ``gloo_echo``: raw gloo send/recv of the flat vector to a second process and back (the
-  floor every other row is divided by);
+  floor every asynchronous row is divided by);
 * ``gloo_echo_elastic``: the same echo with the asynchronous elastic arithmetic
   (``elastic_exchange_``) done on the echo side, i.e. a parameter server without a server;
 * ``gloo_10_tensors`` / ``gloo_100_tensors``: the same bytes as 10 or 100 per-layer
   tensors, one message each (the seed report's anti-pattern);
 * ``ps_elastic``: one asynchronous elastic exchange through :class:`easgd.comm.ps`
-  (``client.serve(Request(Op.ELASTIC, x, d))``), the server in its own process.
+  (``client.serve(Request(Op.ELASTIC, x, d))``), the server in its own process;
+* ``allreduce_raw``: one raw gloo ``all_reduce`` of the flat vector between 2 ranks (the
+  floor of the synchronous rows);
+* ``sync_easgd_blocking`` / ``sync_easgd``: one synchronous EASGD exchange, driven through
+  the library itself (``Worker.step()`` up to its gradient request, served by
+  ``AllReduceTransport``): difference, copy, all-reduce, center update. Back to back there
+  is nothing to overlap, so both pay the all-reduce in full.
+
+In a training loop (``--loop``, on by default): both ranks train a 4.6M-parameter MLP
+(batch 8, one thread) for tau = 10 local steps per period, and a period ends with
+
+* ``loop_local``: no exchange (the compute alone);
+* ``loop_allreduce_raw``: one blocking raw ``all_reduce`` of a buffer of the model's size;
+* ``loop_sync_easgd_blocking``: synchronous EASGD through ``Worker`` and
+  ``AllReduceTransport(overlap=False)``;
+* ``loop_sync_easgd``: the same with ``overlap=True`` (the default): the all-reduce runs
+  while the next 10 local steps do.
+
+An exchange's cost in the loop is its period minus ``loop_local``'s; the ratio divides it by
+the raw all-reduce's cost in the same loop.
 
 Usage::
 
-    python benchmarks/exchange.py [--quick] [--numel 5000000] [--repeats N] [--json PATH]
+    python benchmarks/exchange.py [--quick] [--numel 5000000] [--repeats N] [--no-loop]
+        [--json PATH]
 
-Every process runs one torch thread. Add a row by appending to ``ROWS`` (and, when the
-echo side must act, a mode to ``_PEER_MODES``).
+Every process runs one torch thread. Add a row by appending to ``build_rows`` (and, when
+the echo side must act, a mode to ``_PEER_MODES``).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+import math
 import os
-import platform
 import signal
 import socket
 import statistics
@@ -46,15 +65,22 @@ from easgd.algorithms import (
     Hyperparams,
     Op,
     Request,
-    elastic_center_sync_,
-    elastic_difference_,
+    Worker,
     elastic_exchange_,
+    run_settle,
+    run_step,
 )
 from easgd.comm.allreduce import AllReduceTransport
 from easgd.comm.ps import PSClient, serve
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import base_parser, machine_info, print_table, write_json
+
 HP = Hyperparams(method="easgd", lr=0.01, tau=1, workers=4)
 SYNC_HP = Hyperparams(method="easgd", lr=0.01, tau=1, workers=2)  # the 2-rank gloo world
+LOOP_TAU, LOOP_BATCH, LOOP_LR = 10, 8, 0.001
+LOOP_HP = Hyperparams(method="easgd", lr=LOOP_LR, tau=LOOP_TAU, workers=2)
 
 
 def _free_port() -> int:
@@ -104,19 +130,102 @@ def _peer_allreduce(buf: torch.Tensor, state: dict[str, torch.Tensor]) -> None:
     dist.all_reduce(buf)
 
 
-def _sync_exchange(x: torch.Tensor, state: dict[str, torch.Tensor]) -> None:
-    """One synchronous EASGD exchange, as ``Worker.step`` does it with ``AllReduceTransport``:
-    elastic difference, ONE flat all-reduce of the sum, the center update, the worker's pull."""
-    d, total, center = state["d"], state["sum"], state["center"]
-    elastic_difference_(d, x, center, SYNC_HP.alpha)
-    total.copy_(d)
-    AllReduceTransport().serve(Request(Op.SUM, total))
-    elastic_center_sync_(center, total, SYNC_HP.alpha, SYNC_HP.beta, SYNC_HP.workers)
-    x.sub_(d)
+class SyncExchange:
+    """One synchronous EASGD exchange through the library, whole: ``Worker.step()`` up to
+    its gradient request (difference, copy, all-reduce started), the step abandoned there
+    (so no local step is timed), then ``settle`` (wait, center update)."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self.worker = Worker(SYNC_HP, x, "sync")
+        self.transport = AllReduceTransport()
+
+    def __call__(self) -> None:
+        self.worker.t = 0  # every call is an exchange step (t % tau == 0)
+        gen = self.worker.step()
+        req = next(gen)
+        while req.op is not Op.GRAD:
+            self.transport.serve(req)
+            req = gen.send(None)
+        gen.close()
+        run_settle(self.worker, self.transport.serve)
 
 
-def _peer_sync(buf: torch.Tensor, state: dict[str, torch.Tensor]) -> None:
-    _sync_exchange(buf, state)
+def _sync_peer(buf: torch.Tensor, state: dict[str, Any]) -> None:
+    if "sync" not in state:
+        state["sync"] = SyncExchange(buf)
+    state["sync"]()
+
+
+# ---------------------------------------------------------------------------------------
+# In a training loop: tau local steps of an MLP, then the exchange.
+# ---------------------------------------------------------------------------------------
+
+
+class LoopVariant:
+    """Both ranks: ``periods`` x (tau local steps + one exchange of kind ``kind``)."""
+
+    def __init__(self, kind: str, seed: int = 0) -> None:
+        from easgd.models import parameters_to_flat_views
+
+        torch.manual_seed(seed)
+        self.model = torch.nn.Sequential(
+            torch.nn.Linear(208, 2048),
+            torch.nn.ReLU(),
+            torch.nn.Linear(2048, 2048),
+            torch.nn.ReLU(),
+            torch.nn.Linear(2048, 10),
+        )
+        self.flat = parameters_to_flat_views(self.model)
+        assert self.flat.numel == self.numel()
+        gen = torch.Generator().manual_seed(seed)
+        self.xb = torch.randn(LOOP_BATCH, 208, generator=gen)
+        self.yb = torch.randint(0, 10, (LOOP_BATCH,), generator=gen)
+        self.kind = kind
+        self.buf = torch.zeros(self.flat.numel)
+        self.transport: AllReduceTransport | None = None
+        self.worker: Worker | None = None
+        if kind.startswith("loop_sync_easgd"):
+            self.transport = AllReduceTransport(overlap=not kind.endswith("blocking"))
+            self.worker = Worker(LOOP_HP, self.flat.params, "sync", grad=self.flat.grads)
+
+    @staticmethod
+    def numel() -> int:
+        return 208 * 2048 + 2048 + 2048 * 2048 + 2048 + 2048 * 10 + 10
+
+    def grad(self, x: torch.Tensor, out: torch.Tensor) -> float:
+        self.flat.zero_grad_()
+        loss = torch.nn.functional.cross_entropy(self.model(self.xb), self.yb)
+        loss.backward()
+        return float(loss.detach())
+
+    def __call__(self, periods: int) -> None:
+        x, g = self.flat.params, self.flat.grads
+        for _ in range(periods):
+            if self.worker is not None:
+                assert self.transport is not None
+                for _ in range(LOOP_TAU):
+                    run_step(self.worker, self.grad, self.transport.serve)
+                continue
+            for _ in range(LOOP_TAU):
+                self.grad(x, g)
+                x.add_(g, alpha=-LOOP_LR)
+            if self.kind == "loop_allreduce_raw":
+                dist.all_reduce(self.buf)
+        if self.worker is not None:
+            assert self.transport is not None
+            run_settle(self.worker, self.transport.serve)  # nothing left in flight
+
+
+LOOP_KINDS = ("loop_local", "loop_allreduce_raw", "loop_sync_easgd_blocking", "loop_sync_easgd")
+
+
+def _loop_peer(kind: str) -> Callable[[torch.Tensor, dict[str, Any]], None]:
+    def run(buf: torch.Tensor, state: dict[str, Any]) -> None:
+        if kind not in state:
+            state[kind] = LoopVariant(kind)
+        state[kind](int(state["periods"]))
+
+    return run
 
 
 _PEER_MODES: dict[int, Callable[[torch.Tensor, dict[str, torch.Tensor]], None]] = {
@@ -125,15 +234,17 @@ _PEER_MODES: dict[int, Callable[[torch.Tensor, dict[str, torch.Tensor]], None]] 
     3: _peer_chunks(10),
     4: _peer_chunks(100),
     5: _peer_allreduce,
-    6: _peer_sync,
+    6: _sync_peer,
+    **{7 + i: _loop_peer(kind) for i, kind in enumerate(LOOP_KINDS)},
 }
 
 
-def _gloo_peer(port: int, numel: int) -> None:
+def _gloo_peer(port: int, numel: int, periods: int) -> None:
     torch.set_num_threads(1)
     _init_gloo(1, port)
     buf = torch.empty(numel)
-    state = {"center": torch.zeros(numel), "d": torch.empty(numel), "sum": torch.empty(numel)}
+    state: dict[str, Any] = {"center": torch.zeros(numel), "d": torch.empty(numel)}
+    state["periods"] = periods
     ctrl = torch.zeros(1, dtype=torch.int64)
     try:
         while True:
@@ -160,6 +271,7 @@ class Row:
     name: str
     description: str
     run: Callable[[], None]
+    per: int = 1  # the sample is divided by this (loop rows: periods per sample)
 
 
 def _gloo_row(mode: int, body: Callable[[], None]) -> Callable[[], None]:
@@ -172,9 +284,8 @@ def _gloo_row(mode: int, body: Callable[[], None]) -> Callable[[], None]:
     return run
 
 
-def build_rows(x: torch.Tensor, d: torch.Tensor, client: PSClient) -> list[Row]:
-    sync_state = {"center": torch.zeros_like(x), "d": torch.empty_like(x),
-                  "sum": torch.empty_like(x)}  # fmt: skip
+def build_rows(x: torch.Tensor, d: torch.Tensor, client: PSClient, periods: int) -> list[Row]:
+    sync = SyncExchange(x)
 
     def echo() -> None:
         dist.send(x, 1)
@@ -191,7 +302,7 @@ def build_rows(x: torch.Tensor, d: torch.Tensor, client: PSClient) -> list[Row]:
 
         return run
 
-    return [
+    rows = [
         Row("gloo_echo", "raw gloo send/recv echo of the flat vector", _gloo_row(1, echo)),
         Row(
             "gloo_echo_elastic",
@@ -205,11 +316,22 @@ def build_rows(x: torch.Tensor, d: torch.Tensor, client: PSClient) -> list[Row]:
             "asynchronous elastic exchange through easgd.comm.ps",
             lambda: client.serve(Request(Op.ELASTIC, x, d)),
         ),
-        Row("allreduce_raw", "one raw gloo all_reduce of the flat vector (2 ranks)",
-            _gloo_row(5, lambda: dist.all_reduce(x))),
-        Row("allreduce_sync_easgd", "one synchronous EASGD exchange (easgd.comm.allreduce)",
-            _gloo_row(6, lambda: _sync_exchange(x, sync_state))),
+        Row(
+            "allreduce_raw",
+            "one raw gloo all_reduce of the flat vector (2 ranks)",
+            _gloo_row(5, lambda: dist.all_reduce(x)),
+        ),
+        Row("sync_easgd", "one synchronous EASGD exchange (Worker + AllReduceTransport)",
+            _gloo_row(6, sync)),
     ]  # fmt: skip
+    if periods:
+        for i, kind in enumerate(LOOP_KINDS):
+            variant = LoopVariant(kind)
+            rows.append(
+                Row(kind, f"{LOOP_TAU} MLP steps + exchange, per period",
+                    _gloo_row(7 + i, lambda v=variant: v(periods)), periods)
+            )  # fmt: skip
+    return rows
 
 
 def measure(rows: list[Row], repeats: int, warmup: int) -> dict[str, list[float]]:
@@ -221,7 +343,7 @@ def measure(rows: list[Row], repeats: int, warmup: int) -> dict[str, list[float]
             row.run()
             elapsed = time.perf_counter() - start
             if i >= warmup:
-                samples[row.name].append(elapsed * 1e3)
+                samples[row.name].append(elapsed * 1e3 / row.per)
     return samples
 
 
@@ -235,14 +357,14 @@ def _wait_for(path: Path, proc: Any, timeout: float = 60.0) -> dict[str, Any]:
     return info
 
 
-def run(numel: int, repeats: int, warmup: int) -> dict[str, Any]:
+def run(numel: int, repeats: int, warmup: int, periods: int) -> dict[str, Any]:
     torch.set_num_threads(1)
     ctx = mp.get_context("spawn")
     port = _free_port()
     with tempfile.TemporaryDirectory() as tmp:
         address_file = Path(tmp) / "server.json"
         server = ctx.Process(target=_server_main, args=(numel, str(address_file)), daemon=True)
-        peer = ctx.Process(target=_gloo_peer, args=(port, numel), daemon=True)
+        peer = ctx.Process(target=_gloo_peer, args=(port, numel, periods), daemon=True)
         server.start()
         peer.start()
         client: PSClient | None = None
@@ -255,7 +377,7 @@ def run(numel: int, repeats: int, warmup: int) -> dict[str, Any]:
             x = torch.randn(numel, generator=torch.Generator().manual_seed(0))
             d = torch.empty(numel)
             client.join(d)
-            samples = measure(build_rows(x, d, client), repeats, warmup)
+            samples = measure(build_rows(x, d, client, periods), repeats, warmup)
         finally:
             if client is not None:
                 client.bye()
@@ -270,54 +392,85 @@ def run(numel: int, repeats: int, warmup: int) -> dict[str, Any]:
                 if proc.is_alive():
                     proc.kill()
                     proc.join()
-    base = statistics.median(samples["gloo_echo"])
-    base_allreduce = statistics.median(samples["allreduce_raw"])
+    med = {name: statistics.median(ms) for name, ms in samples.items()}
     rows = []
     for name, ms in samples.items():
-        median = statistics.median(ms)
-        # Asynchronous rows compare with the raw echo; synchronous ones with the raw all-reduce.
-        sync_row = name.startswith("allreduce")
-        rows.append(
-            {
-                "name": name,
-                "median_ms": median,
-                "ratio": median / (base_allreduce if sync_row else base),
-                "baseline": "allreduce_raw" if sync_row else "gloo_echo",
-                "min_ms": min(ms),
-                "max_ms": max(ms),
-                "samples_ms": ms,
-            }
-        )
+        row: dict[str, Any] = {"name": name, "median_ms": med[name]}
+        if name.startswith("loop_"):
+            # The exchange's cost in the loop: its period minus the compute-only period.
+            cost = med[name] - med["loop_local"]
+            raw = med["loop_allreduce_raw"] - med["loop_local"]
+            row.update(
+                exchange_ms=cost,
+                ratio=cost / raw if name != "loop_local" else math.nan,
+                baseline="loop_allreduce_raw",
+            )
+        elif name.startswith(("allreduce", "sync")):
+            row.update(ratio=med[name] / med["allreduce_raw"], baseline="allreduce_raw")
+        else:
+            row.update(ratio=med[name] / med["gloo_echo"], baseline="gloo_echo")
+        row.update(min_ms=min(ms), max_ms=max(ms), samples_ms=ms)
+        rows.append(row)
     return {
         "numel": numel,
         "bytes": numel * 4,
         "repeats": repeats,
         "warmup": warmup,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "cpus": os.cpu_count(),
+        "loop": {
+            "periods_per_sample": periods,
+            "tau": LOOP_TAU,
+            "batch": LOOP_BATCH,
+            "model_numel": LoopVariant.numel(),
+        }
+        if periods
+        else None,
         "rows": rows,
     }
 
 
+ASYNC_TARGET, SYNC_TARGET = 1.3, 1.1
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small vector, few repeats (~15 s)")
+    parser = base_parser("exchange", __doc__)
     parser.add_argument("--numel", type=int, default=None, help="floats (default 5000000)")
     parser.add_argument("--repeats", type=int, default=None, help="measured repeats (20)")
-    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    parser.add_argument(
+        "--periods", type=int, default=None, help="loop periods per sample (quick 2, else 10)"
+    )
+    parser.add_argument("--no-loop", action="store_true", help="skip the training-loop rows")
     args = parser.parse_args(argv)
     numel = args.numel or (200_000 if args.quick else 5_000_000)
-    repeats = args.repeats or (5 if args.quick else 20)
-    result = run(numel, repeats, warmup=1 if args.quick else 3)
-    result["quick"] = args.quick
-    print(f"exchange of {numel} float32 ({numel * 4 / 1e6:.1f} MB), median of {repeats}")
-    print(f"{'row':<22} {'ms':>9} {'ratio':>7}  baseline")
-    for row in result["rows"]:
-        print(f"{row['name']:<22} {row['median_ms']:>9.2f} {row['ratio']:>7.2f}  {row['baseline']}")
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
+    repeats = args.repeats or (3 if args.quick else 20)
+    periods = 0 if args.no_loop else (args.periods or (2 if args.quick else 10))
+    info = machine_info()
+    result = run(numel, repeats, warmup=1 if args.quick else 3, periods=periods)
+    result = {"benchmark": "exchange", "quick": args.quick, "machine": info, **result}
+    rows = result["rows"]
+    print_table(
+        f"One exchange of {numel} float32 ({numel * 4 / 1e6:.1f} MB), median of {repeats} "
+        "interleaved repeats; loop rows: ms per period of 10 local steps + exchange, "
+        "exchange_ms = period - loop_local",
+        ["row", "median_ms", "exchange_ms", "ratio", "baseline"],
+        [[r["name"], r["median_ms"], r.get("exchange_ms", math.nan), r["ratio"], r["baseline"]]
+         for r in rows],
+    )  # fmt: skip
+    by = {r["name"]: r for r in rows}
+    verdicts = {
+        "async (ps_elastic / gloo_echo)": (by["ps_elastic"]["ratio"], ASYNC_TARGET),
+        "sync back to back (sync_easgd / allreduce_raw)": (by["sync_easgd"]["ratio"], SYNC_TARGET),
+    }
+    if periods:
+        verdicts["sync in the loop (loop_sync_easgd / loop_allreduce_raw)"] = (
+            by["loop_sync_easgd"]["ratio"],
+            SYNC_TARGET,
+        )
+    met = {}
+    for label, (ratio, target) in verdicts.items():
+        met[label] = bool(ratio <= target)
+        print(f"target {label} <= {target}: {ratio:.3f} -> {'met' if met[label] else 'MISSED'}")
+    result["target_met"] = met
+    write_json(args.json, result)
     return 0
 
 

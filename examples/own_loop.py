@@ -63,6 +63,7 @@ def main() -> None:
         loss = loss_fn(model(train_x[idx]), train_y[idx])
         loss.backward()
         opt.step()
+    opt.finish()  # (3) complete the exchange still in flight (overlapped with local steps)
 
     center = Net()
     opt.center_model_(center)

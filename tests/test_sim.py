@@ -193,3 +193,57 @@ def test_cli_readable_table_and_bad_input(capsys: pytest.CaptureFixture[str]) ->
     assert main(["simulate", "--p", "4", "--alpha", "1.5"]) == 2
     err = capsys.readouterr().err
     assert "alpha=1.5 is outside (0, 1]" in err and "alpha=beta/p=0.225" in err
+
+
+@pytest.mark.parametrize("method", ["easgd", "eamsgd"])
+def test_deferred_sync_sum_is_exactly_the_blocking_one(method: str) -> None:
+    """A driver that starts each SUM and completes it only at the worker's WAIT (as the
+    all-reduce transport overlaps it with the next tau local steps) changes nothing."""
+    from easgd.algorithms import Op, Request, Worker, run_settle, run_step
+
+    p, steps = 3, 23
+    hp = Hyperparams(method=method, lr=0.05, tau=4, workers=p)
+    problem = Quadratic(h=1.5, sigma=0.3, dim=8)
+    ref = simulate(problem, hp, schedule="sync", steps=steps, seed=5)
+
+    workers = [Worker(hp, problem.initial_point(), "sync") for _ in range(p)]
+    grads = [problem.grad_fn(r, 5) for r in range(p)]
+    rounds: list[list[Request]] = []  # the SUMs started, per exchange round
+    round_of: dict[int, int] = {}  # payload -> the round its SUM belongs to
+    done: set[int] = set()
+    deferred = 0
+
+    def serve(req: Request) -> None:
+        nonlocal deferred
+        key = req.payload.data_ptr()
+        if req.op is Op.SUM:
+            req.deferred = True
+            k = round_of[key] + 1 if key in round_of else 0
+            round_of[key] = k
+            if k == len(rounds):
+                rounds.append([])
+            rounds[k].append(req)
+            deferred += 1
+        elif req.op is Op.WAIT:
+            k = round_of[key]
+            if k not in done:  # the round's first WAIT completes its all-reduce
+                assert len(rounds[k]) == p
+                total = torch.stack([r.payload for r in rounds[k]]).sum(0)
+                for r in rounds[k]:
+                    r.payload.copy_(total)
+                done.add(k)
+        else:
+            raise AssertionError(req.op)
+
+    for _ in range(steps):
+        for w, g in zip(workers, grads, strict=True):
+            run_step(w, g, serve)
+    assert all(w.in_flight for w in workers)
+    for w in workers:
+        run_settle(w, serve)
+    assert not any(w.in_flight for w in workers)
+    assert deferred == p * len(range(0, steps, hp.tau))
+    assert workers[0].center is not None
+    assert torch.equal(workers[0].center, ref.center)
+    for w, x in zip(workers, ref.workers, strict=True):
+        assert torch.equal(w.x, x)

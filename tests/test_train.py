@@ -92,6 +92,31 @@ def test_run_directory_and_summary(tmp_path: Path) -> None:
     assert list(paths.snapshots.glob("center-*.pt"))
 
 
+def test_deferred_evaluation_evaluates_every_snapshot_once_at_the_end(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    summary = train(out, "--method", "eamsgd", "--workers", "2", "--tau", "4", "--epochs", "15",
+                    "--eval-deferred", "--eval-interval", "0.2")  # fmt: skip
+    paths = RunPaths(out)
+    snapshots = sorted(p.name for p in paths.snapshots.glob("center-*.pt"))
+    curve = list(iter_jsonl(paths.eval))
+    assert len(snapshots) >= 2
+    assert [e["snapshot"] for e in curve] == snapshots  # each once, in wall order
+    assert [e["wall"] for e in curve] == sorted(e["wall"] for e in curve)
+    assert summary["evaluations"] == len(snapshots)
+    assert summary["best_center_test_error"] <= min(e["test_error"] for e in curve)
+
+
+def test_synchronous_ranks_stop_on_the_time_budget_at_the_same_step(tmp_path: Path) -> None:
+    # The ranks vote on the budget asynchronously (never blocking the overlapped exchange)
+    # and must still stop together, with nothing left in flight.
+    out = tmp_path / "run"
+    summary = train(out, "--method", "eamsgd", "--mode", "sync", "--workers", "2", "--tau",
+                    "5", "--time-budget", "7")  # fmt: skip
+    done = [e for e in iter_jsonl(RunPaths(out).metrics) if e.get("event") == "worker_done"]
+    assert len(done) == 2 and done[0]["step"] == done[1]["step"] > 0
+    assert summary["center_test_error"] < 0.5
+
+
 def _wait_for(predicate: Any, timeout: float) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

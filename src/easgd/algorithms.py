@@ -66,6 +66,7 @@ __all__ = [
     "local_step_",
     "mdownpour_center_",
     "nesterov_lookahead_",
+    "run_settle",
     "run_step",
 ]
 
@@ -130,15 +131,14 @@ def elastic_exchange_(center: Tensor, x: Tensor, alpha: float, out: Tensor) -> T
     return out
 
 
-def elastic_center_sync_(
-    center: Tensor, diff_sum: Tensor, alpha: float, beta: float, p: int
-) -> None:
-    """Synchronous center update from the sum of the p elastic differences.
+def elastic_center_sync_(center: Tensor, diff_sum: Tensor, beta: float, p: int) -> None:
+    """Synchronous center update from the sum of the p differences ``x_i - c``.
 
-    ``sum_i alpha*(x_i - c)`` scaled by ``beta/(p*alpha)`` gives
-    ``c = (1-beta)*c + beta*mean_i(x_i)``, the paper's eq. (6), with time-t values.
+    ``c += (beta/p) * sum_i (x_i - c)`` is ``c = (1-beta)*c + beta*mean_i(x_i)``, the
+    paper's eq. (6), with time-t values. The differences are left unscaled by alpha (the
+    worker scales its own pull), which saves a pass over the vector on the hot path.
     """
-    center.add_(diff_sum, alpha=beta / (p * alpha))
+    center.add_(diff_sum, alpha=beta / p)
 
 
 def downpour_accumulate_(acc: Tensor, grad: Tensor, lr: float) -> None:
@@ -485,7 +485,8 @@ class Op(enum.Enum):
     GRAD = "grad"  # compute the gradient at x into payload; the driver sends back the loss
     LOCAL = "local"  # an external optimizer takes the local step on x; the driver sends the loss
     ELASTIC = "elastic"  # async: payload x -> reply d = alpha*(x - center), center += d
-    SUM = "sum"  # sync: all-reduce (sum) payload in place across workers
+    SUM = "sum"  # sync: all-reduce (sum) payload in place; the driver may defer it (below)
+    WAIT = "wait"  # sync: complete the deferred SUM of payload (started by this worker)
     MEAN = "mean"  # sync: all-reduce (mean) payload in place across workers
     PUSH_PULL = "push_pull"  # DOWNPOUR: payload acc -> center += acc; reply = center
     GRAD_PULL = "grad_pull"  # MDOWNPOUR: payload g -> server Nesterov step; reply = center
@@ -498,6 +499,9 @@ class Request:
     op: Op
     payload: Tensor
     reply: Tensor | None = None
+    #: Set by a driver that started a ``SUM`` without completing it (an asynchronous
+    #: all-reduce); the worker then yields ``WAIT`` on the same payload before it reads it.
+    deferred: bool = False
 
 
 class Worker:
@@ -557,6 +561,27 @@ class Worker:
         self.sum_buf = zeros(x) if sync_elastic else None
         self.z = x.clone() if (spec.average and mode == "sequential") else None
         self.last_loss = math.nan
+        self._in_flight = False  # a deferred synchronous sum awaits its center update
+
+    @property
+    def in_flight(self) -> bool:
+        """Whether a deferred synchronous exchange still owes its center update."""
+        return self._in_flight
+
+    def settle(self) -> Generator[Request, Any, None]:
+        """Complete a deferred synchronous exchange: ``WAIT`` for the sum, update the center.
+
+        A no-op unless the driver deferred the last ``SUM``. Call it (e.g. with
+        :func:`run_settle`) before reading ``center`` for evaluation or a checkpoint and at
+        the end of training; waiting is local (the all-reduce was started by every rank),
+        so one rank may settle alone.
+        """
+        if not self._in_flight:
+            return
+        assert self.center is not None and self.sum_buf is not None
+        yield Request(Op.WAIT, self.sum_buf)
+        elastic_center_sync_(self.center, self.sum_buf, self.hp.beta, self.hp.workers)
+        self._in_flight = False
 
     def communicates(self) -> bool:
         """Whether the step about to run exchanges with the center (``t % tau == 0``)."""
@@ -586,10 +611,18 @@ class Worker:
             else:
                 assert self.center is not None
                 assert self.sum_buf is not None
-                elastic_difference_(self.diff, x, self.center, hp.alpha)
+                yield from self.settle()
+                # diff = x - c, unscaled: the pull below and the center update scale it.
+                torch.sub(x, self.center, out=self.diff)
                 self.sum_buf.copy_(self.diff)
-                yield Request(Op.SUM, self.sum_buf)
-                elastic_center_sync_(self.center, self.sum_buf, hp.alpha, hp.beta, hp.workers)
+                req = Request(Op.SUM, self.sum_buf)
+                yield req
+                if req.deferred:
+                    # The sum is in flight while the next tau local steps run: they need
+                    # only this worker's own diff, and the center is next read here.
+                    self._in_flight = True
+                else:
+                    elastic_center_sync_(self.center, self.sum_buf, hp.beta, hp.workers)
         if self.z is not None:
             # Sequential averages use x_t, before this step's update.
             self.z.lerp_(x, average_rate(spec.average or "", self.t, hp.moving_rate))
@@ -622,7 +655,10 @@ class Worker:
                 local_step_(x, g, lr, self.v, hp.weight_decay)
             if spec.exchange == "elastic" and comm:
                 assert self.diff is not None
-                x.sub_(self.diff)
+                if self.mode == "sync":
+                    x.sub_(self.diff, alpha=hp.alpha)  # x -= alpha*(x_t - c_t)
+                else:
+                    x.sub_(self.diff)  # the server's d = alpha*(x - c)
             elif spec.exchange == "param-mean" and comm:
                 yield Request(Op.MEAN, x)
         self.t += 1
@@ -679,6 +715,12 @@ class Center:
             mine, theirs = getattr(self, name), state.get(name)
             if mine is not None and theirs is not None:
                 mine.copy_(theirs)
+
+
+def run_settle(worker: Worker, serve: Any) -> None:
+    """Drive :meth:`Worker.settle` with a blocking ``serve`` (see :func:`run_step`)."""
+    for req in worker.settle():
+        serve(req)
 
 
 def run_step(worker: Worker, grad_fn: Any, serve: Any) -> float:

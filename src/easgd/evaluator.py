@@ -80,6 +80,8 @@ def run_evaluator(cfg: TrainConfig, ctx: RoleContext, stop: threading.Event) -> 
             else:
                 files = sorted(p for p in paths.snapshots.glob("center-*.pt") if p.name not in seen)
                 todo = [(snapshot_wall(p), p) for p in files]
+            if cfg.eval_deferred:
+                todo = []  # snapshots only: finalize evaluates them after training
             for wall, path in todo:
                 seen.add(path.name)
                 center = buffer if client is not None else torch.load(path, weights_only=True)
@@ -112,9 +114,16 @@ def final_center(cfg: TrainConfig, paths: RunPaths) -> torch.Tensor:
 def finalize(
     cfg: TrainConfig, paths: RunPaths, wall_seconds: float, **extra: Any
 ) -> dict[str, Any]:
-    """Evaluate the final center, add up the traffic, and write ``summary.json``."""
+    """Evaluate the final center, add up the traffic, and write ``summary.json``.
+
+    Snapshots the evaluator did not evaluate (all of them with ``eval_deferred``; in a
+    synchronous run, those written after its last look) are evaluated here first and added
+    to ``eval.jsonl`` in the order of their wall times.
+    """
+    evaluate = _Evaluation(cfg)
+    _evaluate_remaining_snapshots(paths, evaluate)
     center = final_center(cfg, paths)
-    result = _Evaluation(cfg)(center)
+    result = evaluate(center)
     # A worker's events carry its running totals; a restarted worker (new pid) starts again.
     totals: dict[tuple[int, int], dict[str, Any]] = {}
     steps: dict[tuple[int, int], int] = {}
@@ -148,3 +157,25 @@ def finalize(
     }
     atomic_write_json(paths.summary, summary)
     return summary
+
+
+def _evaluate_remaining_snapshots(paths: RunPaths, evaluate: _Evaluation) -> None:
+    done = {e.get("snapshot") for e in iter_jsonl(paths.eval)} if paths.eval.exists() else set()
+    todo = sorted(
+        (p for p in paths.snapshots.glob("center-*.pt") if p.name not in done), key=snapshot_wall
+    )
+    if not todo:
+        return
+    out = JsonlWriter(paths.eval)
+    try:
+        for path in todo:
+            try:
+                center = torch.load(path, weights_only=True)
+            except Exception as exc:  # a snapshot cut short by a crash: skip it, say so
+                log.warning("skipping unreadable snapshot %s: %s", path, exc)
+                continue
+            result = evaluate(center)
+            out.write({"wall": snapshot_wall(path), "test_loss": result["loss"],
+                       "test_error": result["error"], "snapshot": path.name})  # fmt: skip
+    finally:
+        out.close()

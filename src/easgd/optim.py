@@ -127,14 +127,31 @@ class ElasticAveraging(torch.optim.Optimizer):
 
     @property
     def center(self) -> Tensor:
-        """The center variable as this worker knows it (synchronous: exact; async: pulled)."""
+        """The center variable as this worker knows it (synchronous: exact; async: pulled).
+
+        Synchronous EASGD first completes the exchange still in flight (a local wait).
+        """
         if self.worker.center is not None:
+            self.settle()
             return self.worker.center
         if self.client is not None:
             out = torch.empty_like(self.flat.params)
             self.client.pull(out)
             return out
         return self.flat.params
+
+    def settle(self) -> None:
+        """Complete the synchronous exchange still in flight, if any (a local wait).
+
+        Synchronous EASGD overlaps its all-reduce with the next ``tau`` local steps;
+        ``center``, ``state_dict`` and ``finish`` settle by themselves.
+        """
+        for req in self.worker.settle():
+            self._serve(req)
+
+    def finish(self) -> None:
+        """End of training: complete every exchange in flight (call it on every rank)."""
+        self.settle()
 
     def center_model_(self, model: torch.nn.Module) -> None:
         """Copy the center into ``model`` (a replica of the wrapped one) to evaluate it."""
@@ -178,6 +195,7 @@ class ElasticAveraging(torch.optim.Optimizer):
         return loss
 
     def state_dict(self) -> dict[str, Any]:
+        self.settle()
         w = self.worker
         return {
             "local": self.optimizer.state_dict(),

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from easgd.algorithms import METHODS, Hyperparams, Op, Request, Worker, run_step
+from easgd.algorithms import METHODS, Hyperparams, Op, Request, Worker, run_settle, run_step
 from easgd.runlog import JsonlWriter, RunPaths, atomic_torch_save
 
 __all__ = ["RoleContext", "TrainConfig", "run_server", "run_worker", "server_addresses"]
@@ -65,6 +65,9 @@ class TrainConfig:
     seed: int = 0
     out: str = "runs/latest"
     eval_interval: float = 1.0
+    #: Only snapshot the center during training and evaluate the snapshots at the end, so
+    #: evaluation takes no CPU from the workers (machines with fewer cores than processes).
+    eval_deferred: bool = False
     checkpoint_interval: float = 5.0
     timeout: float = 60.0
     host: str = "127.0.0.1"
@@ -260,12 +263,12 @@ def run_worker(cfg: TrainConfig, ctx: RoleContext, index: int) -> None:
     next_snapshot = ctx.wall()
     next_checkpoint = ctx.wall() + cfg.checkpoint_interval
     losses: list[float] = []
-    stop_flag = torch.zeros(1, device=device)
+    stop_check = _StopCheck(torch.zeros(1, device=device))
     metrics = JsonlWriter(ctx.paths.metrics)
     log_every = max(1, min(hp.tau, 50))
     try:
         while budget is None or worker.t < budget:
-            if cfg.time_budget is not None and _out_of_time(cfg, ctx, worker, mode, stop_flag):
+            if cfg.time_budget is not None and _out_of_time(cfg, ctx, worker, mode, stop_check):
                 break
             comm = worker.communicates()
             losses.append(run_step(worker, grad_fn, serve))
@@ -288,15 +291,20 @@ def run_worker(cfg: TrainConfig, ctx: RoleContext, index: int) -> None:
                     )
                 metrics.write(event)
             if snapshots and ctx.wall() >= next_snapshot and _center_is_current(worker):
+                run_settle(worker, serve)  # the center of the last exchange, if in flight
                 atomic_torch_save(ctx.paths.snapshot(ctx.wall()), _center(worker).cpu())
                 next_snapshot = ctx.wall() + cfg.eval_interval
             if snapshots and ctx.wall() >= next_checkpoint:
+                run_settle(worker, serve)
                 _save_sync_checkpoint(cfg, ctx, worker)
                 next_checkpoint = ctx.wall() + cfg.checkpoint_interval
     finally:
         metrics.write({"event": "worker_done", "wall": ctx.wall(), "worker": index,
                        "pid": os.getpid(), "step": worker.t})  # fmt: skip
         metrics.close()
+    run_settle(worker, serve)  # every rank: no collective may be left in flight
+    if stop_check.work is not None:
+        stop_check.work.wait()
     if snapshots:
         if mode == "sync" and hp.spec.exchange == "param-mean" and not _center_is_current(worker):
             serve(Request(Op.MEAN, worker.x))  # end on an average, as local SGD does
@@ -331,10 +339,23 @@ def _save_sync_checkpoint(cfg: TrainConfig, ctx: RoleContext, worker: Worker) ->
     )  # fmt: skip
 
 
+@dataclass
+class _StopCheck:
+    """The synchronous ranks' vote on the time budget: one float, all-reduced with MAX."""
+
+    flag: torch.Tensor
+    work: Any = None  # the vote in flight
+
+
 def _out_of_time(
-    cfg: TrainConfig, ctx: RoleContext, worker: Worker, mode: str, flag: torch.Tensor
+    cfg: TrainConfig, ctx: RoleContext, worker: Worker, mode: str, check: _StopCheck
 ) -> bool:
-    """Whether the time budget is spent; synchronous ranks agree on it (one tiny all-reduce)."""
+    """Whether the time budget is spent; synchronous ranks agree on it.
+
+    Every ``max(tau, 10)`` steps each rank reads the vote it started at the previous check
+    and starts the next one, asynchronously: the vote never blocks a step (nor the
+    exchange in flight), and the ranks stop at the same step, one check late.
+    """
     assert cfg.time_budget is not None
     over = ctx.wall() >= cfg.time_budget
     if mode != "sync":
@@ -343,9 +364,16 @@ def _out_of_time(
         return False
     import torch.distributed as dist
 
-    flag.fill_(1.0 if over else 0.0)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item() > 0)
+    stop = False
+    if check.work is not None:
+        check.work.wait()
+        stop = bool(check.flag.item() > 0)
+    if stop:
+        check.work = None
+        return True
+    check.flag.fill_(1.0 if over else 0.0)
+    check.work = dist.all_reduce(check.flag, op=dist.ReduceOp.MAX, async_op=True)
+    return False
 
 
 def _secret() -> bytes | None:

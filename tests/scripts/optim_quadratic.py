@@ -43,6 +43,7 @@ def main() -> None:
         grad_fn(x.detach(), g)
         x.grad = g
         opt.step()
+    opt.finish()
     workers = [torch.empty_like(x.detach()) for _ in range(world)]
     dist.all_gather(workers, x.detach().clone())
     if rank == 0:

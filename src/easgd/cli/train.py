@@ -91,6 +91,12 @@ def register(subparsers: Any) -> None:
         help="seconds between evaluations of the center",
     )
     g.add_argument(
+        "--eval-deferred",
+        action="store_true",
+        help="during training only snapshot the center (every --eval-interval s); evaluate "
+        "the snapshots at the end, so evaluation takes no CPU from the workers",
+    )
+    g.add_argument(
         "--checkpoint-interval",
         type=float,
         default=_DEFAULTS.checkpoint_interval,
@@ -134,7 +140,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         "batch_size": args.batch_size, "epochs": epochs, "time_budget": args.time_budget,
         "steps": args.steps, "dataset": args.dataset, "model": args.model,
         "data_dir": args.data_dir, "device": args.device, "seed": args.seed, "out": out,
-        "eval_interval": args.eval_interval, "checkpoint_interval": args.checkpoint_interval,
+        "eval_interval": args.eval_interval, "eval_deferred": args.eval_deferred,
+        "checkpoint_interval": args.checkpoint_interval,
         "timeout": args.timeout, "host": args.host, "max_restarts": args.max_restarts,
     }  # fmt: skip
     return TrainConfig(**fields)

@@ -2,8 +2,9 @@
 
 Every rank holds an identical copy of the center (synchronous EASGD) or of the model
 (all-reduce SGD, local SGD). Each exchange is ONE flat ``all_reduce`` of a preallocated
-buffer: the sum of the elastic differences (EASGD, from which every rank applies the same
-center update), the mean gradient (all-reduce SGD, as DDP does), or the mean parameters
+buffer: the sum of the differences ``x_i - c`` (EASGD, from which every rank applies the
+same center update; overlapped with the next tau local steps, see ``overlap``), the mean
+gradient (all-reduce SGD, as DDP does), or the mean parameters
 (local SGD). gloo on CPU, NCCL on GPU.
 
 Failure behaviour:
@@ -20,6 +21,7 @@ from __future__ import annotations
 import datetime
 import logging
 import time
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -49,30 +51,65 @@ class AllReduceTransport:
     Args:
         group: the process group (default: the default group), as in PyTorch's
             model-averaging utilities.
+        overlap: start EASGD's ``SUM`` as an asynchronous all-reduce and let the worker go
+            on with its next local steps; the worker yields ``WAIT`` before it reads the sum
+            (at its next exchange, or when it settles). Exact: the local steps in between
+            use only the worker's own difference, never the sum. ``MEAN`` (all-reduce SGD's
+            gradients, local SGD's parameters) is needed at once and always blocks.
     """
 
-    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
+    def __init__(self, group: dist.ProcessGroup | None = None, *, overlap: bool = True) -> None:
         self.group = group
+        self.overlap = overlap
         self.world = dist.get_world_size(group)
         self.exchanges = 0
         self.bytes_sent = 0
         self.bytes_received = 0
+        #: Seconds the caller was blocked by its last exchange (start + wait when deferred).
         self.last_exchange_seconds = 0.0
+        self._in_flight: dict[int, tuple[Any, float]] = {}  # payload data_ptr -> (work, s)
 
     def serve(self, req: Request) -> None:
+        if req.op is Op.WAIT:
+            self._wait(req.payload)
+            return
         if req.op not in (Op.SUM, Op.MEAN):
             raise ValueError(
                 f"{req.op.value!r} needs a parameter server; the synchronous runtime serves "
                 "only collectives (sum, mean)"
             )
         started = time.perf_counter()
-        dist.all_reduce(req.payload, op=dist.ReduceOp.SUM, group=self.group)
-        if req.op is Op.MEAN:
-            req.payload.div_(self.world)
-        self.last_exchange_seconds = time.perf_counter() - started
+        if req.op is Op.SUM and self.overlap:
+            key = req.payload.data_ptr()
+            if key in self._in_flight:
+                raise RuntimeError("a SUM on this buffer is already in flight: WAIT for it first")
+            work = dist.all_reduce(
+                req.payload, op=dist.ReduceOp.SUM, group=self.group, async_op=True
+            )
+            self._in_flight[key] = (work, time.perf_counter() - started)
+            req.deferred = True
+        else:
+            dist.all_reduce(req.payload, op=dist.ReduceOp.SUM, group=self.group)
+            if req.op is Op.MEAN:
+                req.payload.div_(self.world)
+            self.last_exchange_seconds = time.perf_counter() - started
         self.exchanges += 1
         # A ring all-reduce sends and receives 2(p-1)/p of the buffer per rank.
         nbytes = req.payload.numel() * req.payload.element_size()
         moved = 2 * (self.world - 1) * nbytes // max(self.world, 1)
         self.bytes_sent += moved
         self.bytes_received += moved
+
+    def _wait(self, payload: torch.Tensor) -> None:
+        entry = self._in_flight.pop(payload.data_ptr(), None)
+        if entry is None:
+            raise RuntimeError("WAIT for a buffer with no SUM in flight")
+        work, start_seconds = entry
+        started = time.perf_counter()
+        work.wait()
+        self.last_exchange_seconds = start_seconds + time.perf_counter() - started
+
+    @property
+    def in_flight(self) -> int:
+        """Collectives started and not yet waited for."""
+        return len(self._in_flight)
