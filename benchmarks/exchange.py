@@ -13,10 +13,10 @@ reports medians:
   (``client.serve(Request(Op.ELASTIC, x, d))``), the server in its own process;
 * ``allreduce_raw``: one raw gloo ``all_reduce`` of the flat vector between 2 ranks (the
   floor of the synchronous rows);
-* ``sync_easgd_blocking`` / ``sync_easgd``: one synchronous EASGD exchange, driven through
-  the library itself (``Worker.step()`` up to its gradient request, served by
-  ``AllReduceTransport``): difference, copy, all-reduce, center update. Back to back there
-  is nothing to overlap, so both pay the all-reduce in full.
+* ``sync_easgd``: one synchronous EASGD exchange, driven through the library itself (an
+  exchange step of ``Worker``, served by ``AllReduceTransport``, the local step left out):
+  the difference, the worker's pull, the all-reduce, the center update. Back to back there
+  is nothing to overlap it with, so it pays the all-reduce in full.
 
 In a training loop (``--loop``, on by default): both ranks train a 4.6M-parameter MLP
 (batch 8, one thread) for tau = 10 local steps per period, and a period ends with
@@ -131,22 +131,25 @@ def _peer_allreduce(buf: torch.Tensor, state: dict[str, torch.Tensor]) -> None:
 
 
 class SyncExchange:
-    """One synchronous EASGD exchange through the library, whole: ``Worker.step()`` up to
-    its gradient request (difference, copy, all-reduce started), the step abandoned there
-    (so no local step is timed), then ``settle`` (wait, center update)."""
+    """One synchronous EASGD exchange through the library, whole: one exchange step of a
+    ``Worker`` whose local step is left to the caller (``external_local``; nothing is done
+    for it here, so only the exchange is timed): the difference, the pull, the all-reduce,
+    then ``settle`` (wait, center update)."""
 
     def __init__(self, x: torch.Tensor) -> None:
-        self.worker = Worker(SYNC_HP, x, "sync")
+        self.worker = Worker(SYNC_HP, x, "sync", external_local=True)
         self.transport = AllReduceTransport()
 
     def __call__(self) -> None:
         self.worker.t = 0  # every call is an exchange step (t % tau == 0)
         gen = self.worker.step()
-        req = next(gen)
-        while req.op is not Op.GRAD:
-            self.transport.serve(req)
-            req = gen.send(None)
-        gen.close()
+        reply: Any = None
+        try:
+            while True:
+                req = gen.send(reply)
+                reply = math.nan if req.op is Op.LOCAL else self.transport.serve(req)
+        except StopIteration:
+            pass
         run_settle(self.worker, self.transport.serve)
 
 

@@ -553,12 +553,13 @@ class Worker:
         self.grad = torch.zeros_like(x) if grad is None else grad
         zeros = torch.zeros_like
         self.v = zeros(x) if spec.local == "nesterov" else None
-        self.diff = zeros(x) if spec.exchange == "elastic" else None
         self.acc = zeros(x) if spec.exchange == "downpour" else None
-        # Synchronous EASGD: every worker holds an identical copy of the center.
+        # Synchronous EASGD: every worker holds an identical copy of the center, and one
+        # buffer serves as its difference x_t - c_t and then as the all-reduced sum.
         sync_elastic = spec.exchange == "elastic" and mode == "sync"
         self.center = x.clone() if sync_elastic else None
         self.sum_buf = zeros(x) if sync_elastic else None
+        self.diff = zeros(x) if spec.exchange == "elastic" and not sync_elastic else None
         self.z = x.clone() if (spec.average and mode == "sequential") else None
         self.last_loss = math.nan
         self._in_flight = False  # a deferred synchronous sum awaits its center update
@@ -605,24 +606,16 @@ class Worker:
         lr = learning_rate(hp.lr, self.t, hp.lr_decay, hp.lr_power)
         comm = self.communicates()
         if spec.exchange == "elastic" and comm:
-            assert self.diff is not None
             if self.mode == "async":
+                assert self.diff is not None
                 yield Request(Op.ELASTIC, x, self.diff)
             else:
                 assert self.center is not None
                 assert self.sum_buf is not None
-                yield from self.settle()
-                # diff = x - c, unscaled: the pull below and the center update scale it.
-                torch.sub(x, self.center, out=self.diff)
-                self.sum_buf.copy_(self.diff)
-                req = Request(Op.SUM, self.sum_buf)
-                yield req
-                if req.deferred:
-                    # The sum is in flight while the next tau local steps run: they need
-                    # only this worker's own diff, and the center is next read here.
-                    self._in_flight = True
-                else:
-                    elastic_center_sync_(self.center, self.sum_buf, hp.beta, hp.workers)
+                yield from self.settle()  # the previous exchange's center update
+                # x_t - c_t, unscaled: the pull and the center update scale it. It is
+                # all-reduced after the pull below, in place: no copy, no second buffer.
+                torch.sub(x, self.center, out=self.sum_buf)
         if self.z is not None:
             # Sequential averages use x_t, before this step's update.
             self.z.lerp_(x, average_rate(spec.average or "", self.t, hp.moving_rate))
@@ -654,10 +647,19 @@ class Worker:
             if not self.external_local:
                 local_step_(x, g, lr, self.v, hp.weight_decay)
             if spec.exchange == "elastic" and comm:
-                assert self.diff is not None
                 if self.mode == "sync":
-                    x.sub_(self.diff, alpha=hp.alpha)  # x -= alpha*(x_t - c_t)
+                    assert self.center is not None and self.sum_buf is not None
+                    x.sub_(self.sum_buf, alpha=hp.alpha)  # x -= alpha*(x_t - c_t)
+                    req = Request(Op.SUM, self.sum_buf)
+                    yield req
+                    if req.deferred:
+                        # In flight during the next tau - 1 local steps, which never read
+                        # it; the center is next needed at the next exchange (settle).
+                        self._in_flight = True
+                    else:
+                        elastic_center_sync_(self.center, self.sum_buf, hp.beta, hp.workers)
                 else:
+                    assert self.diff is not None
                     x.sub_(self.diff)  # the server's d = alpha*(x - c)
             elif spec.exchange == "param-mean" and comm:
                 yield Request(Op.MEAN, x)
