@@ -34,7 +34,7 @@ the raw all-reduce's cost in the same loop.
 Usage::
 
     python benchmarks/exchange.py [--quick] [--numel 5000000] [--repeats N] [--no-loop]
-        [--json PATH]
+        [--profile ROW ...] [--json PATH]
 
 Every process runs one torch thread. Add a row by appending to ``build_rows`` (and, when
 the echo side must act, a mode to ``_PEER_MODES``).
@@ -360,7 +360,23 @@ def _wait_for(path: Path, proc: Any, timeout: float = 60.0) -> dict[str, Any]:
     return info
 
 
-def run(numel: int, repeats: int, warmup: int, periods: int) -> dict[str, Any]:
+def profile_row(rows: list[Row], name: str, calls: int = 10) -> str:
+    """torch.profiler's table of ``calls`` runs of row ``name`` on this rank (self CPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    row = next((r for r in rows if r.name == name), None)
+    if row is None:
+        raise SystemExit(f"--profile {name}: no such row; rows: {', '.join(r.name for r in rows)}")
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            row.run()
+    table: str = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
+    return table
+
+
+def run(
+    numel: int, repeats: int, warmup: int, periods: int, profile: tuple[str, ...] = ()
+) -> dict[str, Any]:
     torch.set_num_threads(1)
     ctx = mp.get_context("spawn")
     port = _free_port()
@@ -380,7 +396,9 @@ def run(numel: int, repeats: int, warmup: int, periods: int) -> dict[str, Any]:
             x = torch.randn(numel, generator=torch.Generator().manual_seed(0))
             d = torch.empty(numel)
             client.join(d)
-            samples = measure(build_rows(x, d, client, periods), repeats, warmup)
+            rows = build_rows(x, d, client, periods)
+            samples = measure(rows, repeats, warmup)
+            profiles = {name: profile_row(rows, name) for name in profile}
         finally:
             if client is not None:
                 client.bye()
@@ -415,6 +433,7 @@ def run(numel: int, repeats: int, warmup: int, periods: int) -> dict[str, Any]:
         row.update(min_ms=min(ms), max_ms=max(ms), samples_ms=ms)
         rows.append(row)
     return {
+        "profiles": profiles,
         "numel": numel,
         "bytes": numel * 4,
         "repeats": repeats,
@@ -442,12 +461,21 @@ def main(argv: list[str] | None = None) -> int:
         "--periods", type=int, default=None, help="loop periods per sample (quick 2, else 10)"
     )
     parser.add_argument("--no-loop", action="store_true", help="skip the training-loop rows")
+    parser.add_argument(
+        "--profile",
+        nargs="+",
+        default=(),
+        metavar="ROW",
+        help="after measuring, profile these rows with torch.profiler (10 calls, rank 0)",
+    )
     args = parser.parse_args(argv)
     numel = args.numel or (200_000 if args.quick else 5_000_000)
     repeats = args.repeats or (3 if args.quick else 20)
     periods = 0 if args.no_loop else (args.periods or (2 if args.quick else 10))
     info = machine_info()
-    result = run(numel, repeats, warmup=1 if args.quick else 3, periods=periods)
+    result = run(
+        numel, repeats, warmup=1 if args.quick else 3, periods=periods, profile=tuple(args.profile)
+    )
     result = {"benchmark": "exchange", "quick": args.quick, "machine": info, **result}
     rows = result["rows"]
     print_table(
@@ -458,6 +486,8 @@ def main(argv: list[str] | None = None) -> int:
         [[r["name"], r["median_ms"], r.get("exchange_ms", math.nan), r["ratio"], r["baseline"]]
          for r in rows],
     )  # fmt: skip
+    for name, table in result["profiles"].items():
+        print(f"torch.profiler, {name}, 10 calls on rank 0 (self CPU time):\n{table}")
     by = {r["name"]: r for r in rows}
     verdicts = {
         "async (ps_elastic / gloo_echo)": (by["ps_elastic"]["ratio"], ASYNC_TARGET),
