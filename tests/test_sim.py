@@ -247,3 +247,19 @@ def test_deferred_sync_sum_is_exactly_the_blocking_one(method: str) -> None:
     assert torch.equal(workers[0].center, ref.center)
     for w, x in zip(workers, ref.workers, strict=True):
         assert torch.equal(w.x, x)
+
+
+@pytest.mark.parametrize(("bandwidth", "expected"), [(1.6, 9 + 2.5), (0.8, 9 + 2 + 2 + 5)])
+def test_sync_easgd_clock_overlaps_the_all_reduce_with_the_next_local_steps(
+    bandwidth: float, expected: float
+) -> None:
+    # All-reduce cost 4N/bandwidth = 2.5 s or 5 s; steps of 1 s; exchanges at t = 0, 4, 8.
+    # The sum started after step t runs during steps t+1..t+3; the next exchange pays what
+    # is left (0 s or 2 s), and the end waits for the last one.
+    hp = Hyperparams(method="easgd", lr=0.1, tau=4, workers=2)
+    cost = CostModel(step_time=1.0, bandwidth=bandwidth, numel=1)
+    res = simulate(Quadratic(), hp, schedule="sync", steps=9, cost=cost)
+    assert res.virtual_seconds == pytest.approx(expected)
+    blocking = Hyperparams(method="localsgd", lr=0.1, tau=4, workers=2)  # MEAN blocks
+    res = simulate(Quadratic(), blocking, schedule="sync", steps=8, cost=cost)
+    assert res.virtual_seconds == pytest.approx(8 + 2 * 4 / bandwidth)
