@@ -30,6 +30,8 @@ __all__ = [
     "ProcessSampler",
     "background_cores",
     "base_parser",
+    "free_port",
+    "init_gloo",
     "interleaved",
     "machine_info",
     "median",
@@ -48,6 +50,30 @@ def single_thread() -> None:
     import torch
 
     torch.set_num_threads(1)
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for a gloo rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def init_gloo(rank: int, port: int, world_size: int) -> None:
+    """Join a gloo group of ``world_size`` local processes at ``127.0.0.1:port`` (60 s timeout)."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=60),
+    )
 
 
 def base_parser(name: str, doc: str | None) -> argparse.ArgumentParser:

@@ -46,14 +46,12 @@ import json
 import math
 import os
 import signal
-import socket
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -75,28 +73,12 @@ from easgd.comm.ps import PSClient, serve
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import base_parser, machine_info, print_table, write_json
+from _common import base_parser, free_port, init_gloo, machine_info, print_table, write_json
 
 HP = Hyperparams(method="easgd", lr=0.01, tau=1, workers=4)
 SYNC_HP = Hyperparams(method="easgd", lr=0.01, tau=1, workers=2)  # the 2-rank gloo world
 LOOP_TAU, LOOP_BATCH, LOOP_LR = 10, 8, 0.001
 LOOP_HP = Hyperparams(method="easgd", lr=LOOP_LR, tau=LOOP_TAU, workers=2)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _init_gloo(rank: int, port: int) -> None:
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=2,
-        timeout=timedelta(seconds=60),
-    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -244,7 +226,7 @@ _PEER_MODES: dict[int, Callable[[torch.Tensor, dict[str, torch.Tensor]], None]] 
 
 def _gloo_peer(port: int, numel: int, periods: int) -> None:
     torch.set_num_threads(1)
-    _init_gloo(1, port)
+    init_gloo(1, port, 2)
     buf = torch.empty(numel)
     state: dict[str, Any] = {"center": torch.zeros(numel), "d": torch.empty(numel)}
     state["periods"] = periods
@@ -379,7 +361,7 @@ def run(
 ) -> dict[str, Any]:
     torch.set_num_threads(1)
     ctx = mp.get_context("spawn")
-    port = _free_port()
+    port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         address_file = Path(tmp) / "server.json"
         server = ctx.Process(target=_server_main, args=(numel, str(address_file)), daemon=True)
@@ -389,7 +371,7 @@ def run(
         client: PSClient | None = None
         gloo = False
         try:
-            _init_gloo(0, port)
+            init_gloo(0, port, 2)
             gloo = True
             info = _wait_for(address_file, server)
             client = PSClient([(info["host"], info["port"])], numel, worker_id=0)

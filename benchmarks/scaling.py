@@ -43,6 +43,8 @@ from _common import (
     CpuMeter,
     ProcessSampler,
     base_parser,
+    free_port,
+    init_gloo,
     interleaved,
     machine_info,
     median,
@@ -151,15 +153,14 @@ def run_independent(workers: int, steps: int, skip: float) -> dict[str, Any]:
 
 ALLREDUCE_CASES = (
     ("back_to_back", 18346, "all-reduces with no compute in between"),
-    ("blocking", 18346, "10 training steps, then a blocking all-reduce (easgd sync today)"),
+    ("blocking", 18346, "10 training steps, then a blocking all-reduce (old easgd sync)"),
     ("blocking_1float", 1, "the same with a 1-float tensor: the latency floor"),
-    ("overlapped", 18346, "async_op=True, waited for after the next 10 steps"),
+    ("overlapped", 18346, "async_op=True, waited for after the next 10 steps (easgd sync)"),
 )
 
 
 def _allreduce_rank(rank: int, port: int, case: str, numel: int, rounds: int, out: str) -> None:
     import json
-    from datetime import timedelta
 
     import torch
     import torch.distributed as dist
@@ -168,13 +169,7 @@ def _allreduce_rank(rank: int, port: int, case: str, numel: int, rounds: int, ou
     from easgd.problem import build_problem_parts
 
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=2,
-        timeout=timedelta(seconds=60),
-    )
+    init_gloo(rank, port, 2)
     parts = build_problem_parts("digits")
     model = parts.build()
     opt = torch.optim.SGD(model.parameters(), lr=0.005, momentum=0.99, nesterov=True)
@@ -215,16 +210,13 @@ def _allreduce_rank(rank: int, port: int, case: str, numel: int, rounds: int, ou
 def profile_allreduce(rounds: int) -> list[dict[str, Any]]:
     """Two gloo processes, each a digits worker: the all-reduce's cost, blocking or hidden."""
     import json
-    import socket
 
     import torch.multiprocessing as mp
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for case, numel, what in ALLREDUCE_CASES:
-            with socket.socket() as sock:
-                sock.bind(("127.0.0.1", 0))
-                port = int(sock.getsockname()[1])
+            port = free_port()
             out = os.path.join(tmp, f"{case}.json")
             mp.spawn(_allreduce_rank, args=(port, case, numel, rounds, out), nprocs=2)
             data = json.loads(Path(out).read_text())

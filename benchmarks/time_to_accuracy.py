@@ -39,12 +39,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +52,8 @@ from _common import (
     CpuMeter,
     ProcessSampler,
     base_parser,
+    free_port,
+    init_gloo,
     machine_info,
     median,
     print_table,
@@ -87,12 +87,6 @@ class Run:
 # ---------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _baseline_rank(rank: int, port: int, run: Run, args: dict[str, Any], out: str) -> None:
     import torch
     import torch.distributed as dist
@@ -109,13 +103,7 @@ def _baseline_rank(rank: int, port: int, run: Run, args: dict[str, Any], out: st
     from easgd.models import build_model
 
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=WORKERS,
-        timeout=timedelta(seconds=60),
-    )
+    init_gloo(rank, port, WORKERS)
     data = load_dataset("digits")
     kw = {"num_classes": data.num_classes, "in_channels": data.in_channels}
     model = build_model("digits-cnn", image_size=data.image_size, seed=run.seed, **kw)
@@ -218,7 +206,7 @@ def run_baseline(run: Run, budget: float, interval: float, warmup: int) -> dict[
         with ProcessSampler() as sampler:
             mp.spawn(
                 _baseline_rank,
-                args=(_free_port(), run, args, out),
+                args=(free_port(), run, args, out),
                 nprocs=WORKERS,
                 join=True,
             )
