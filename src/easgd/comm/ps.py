@@ -77,7 +77,6 @@ import logging
 import os
 import signal
 import socket
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -113,6 +112,7 @@ from easgd.comm.wire import (
     shard_ranges,
     tensor_bytes,
 )
+from easgd.runlog import atomic_torch_save
 
 __all__ = [
     "DEFAULT_CHECKPOINT_EVERY",
@@ -149,30 +149,11 @@ def _is_loopback(host: str) -> bool:
 
 
 def atomic_save(obj: Any, path: str | os.PathLike[str]) -> None:
-    """``torch.save`` to a temporary file in the same directory, fsync, then ``os.replace``.
+    """``torch.save`` atomically: readers see the previous file or the new one, never a part.
 
-    A crash at any point leaves either the previous file or the new one under ``path``,
-    never a partial one.
+    Temporary file, fsync, rename, fsync of the directory (:func:`easgd.runlog.atomic_torch_save`).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    atomic_torch_save(path, obj)
 
 
 def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
