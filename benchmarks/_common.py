@@ -30,6 +30,7 @@ __all__ = [
     "ProcessSampler",
     "background_cores",
     "base_parser",
+    "by_role",
     "free_port",
     "init_gloo",
     "interleaved",
@@ -373,6 +374,17 @@ class ProcessSampler:
             label = self.labels.get(pid, "?")
             out[label] = out.get(label, 0.0) + seconds
         return out
+
+
+def by_role(cfg: Any, per_label: dict[str, float]) -> dict[str, float]:
+    """Sum per-label figures of :class:`ProcessSampler` by the run's roles: ``rank<k>`` is
+    the role of rank k in ``cfg`` (a ``TrainConfig``: server or worker); other labels (the
+    evaluator's ``EASGD_ROLE``) stay as they are."""
+    out: dict[str, float] = {}
+    for label, value in per_label.items():
+        role = cfg.role_of(int(label[4:]))[0] if label.startswith("rank") else label
+        out[role] = out.get(role, 0.0) + value
+    return out
 
 
 def _cpu_at(points: list[tuple[float, float]], t: float) -> float:

@@ -42,6 +42,7 @@ the echo side must act, a mode to ``_PEER_MODES``).
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -78,6 +79,7 @@ from _common import base_parser, free_port, init_gloo, machine_info, print_table
 HP = Hyperparams(method="easgd", lr=0.01, tau=1, workers=4)
 SYNC_HP = Hyperparams(method="easgd", lr=0.01, tau=1, workers=2)  # the 2-rank gloo world
 LOOP_TAU, LOOP_BATCH, LOOP_LR = 10, 8, 0.001
+LOOP_WIDTHS = (208, 2048, 2048, 10)  # the loop's MLP: 4,644,874 parameters
 LOOP_HP = Hyperparams(method="easgd", lr=LOOP_LR, tau=LOOP_TAU, workers=2)
 
 
@@ -153,18 +155,14 @@ class LoopVariant:
         from easgd.models import parameters_to_flat_views
 
         torch.manual_seed(seed)
-        self.model = torch.nn.Sequential(
-            torch.nn.Linear(208, 2048),
-            torch.nn.ReLU(),
-            torch.nn.Linear(2048, 2048),
-            torch.nn.ReLU(),
-            torch.nn.Linear(2048, 10),
-        )
+        layers: list[torch.nn.Module] = []
+        for fan_in, fan_out in itertools.pairwise(LOOP_WIDTHS):
+            layers += [torch.nn.Linear(fan_in, fan_out), torch.nn.ReLU()]
+        self.model = torch.nn.Sequential(*layers[:-1])
         self.flat = parameters_to_flat_views(self.model)
-        assert self.flat.numel == self.numel()
         gen = torch.Generator().manual_seed(seed)
-        self.xb = torch.randn(LOOP_BATCH, 208, generator=gen)
-        self.yb = torch.randint(0, 10, (LOOP_BATCH,), generator=gen)
+        self.xb = torch.randn(LOOP_BATCH, LOOP_WIDTHS[0], generator=gen)
+        self.yb = torch.randint(0, LOOP_WIDTHS[-1], (LOOP_BATCH,), generator=gen)
         self.kind = kind
         self.buf = torch.zeros(self.flat.numel)
         self.transport: AllReduceTransport | None = None
@@ -172,10 +170,6 @@ class LoopVariant:
         if kind.startswith("loop_sync_easgd"):
             self.transport = AllReduceTransport(overlap=not kind.endswith("blocking"))
             self.worker = Worker(LOOP_HP, self.flat.params, "sync", grad=self.flat.grads)
-
-    @staticmethod
-    def numel() -> int:
-        return 208 * 2048 + 2048 + 2048 * 2048 + 2048 + 2048 * 10 + 10
 
     def grad(self, x: torch.Tensor, out: torch.Tensor) -> float:
         self.flat.zero_grad_()
@@ -424,7 +418,7 @@ def run(
             "periods_per_sample": periods,
             "tau": LOOP_TAU,
             "batch": LOOP_BATCH,
-            "model_numel": LoopVariant.numel(),
+            "model_numel": sum(i * o + o for i, o in itertools.pairwise(LOOP_WIDTHS)),
         }
         if periods
         else None,

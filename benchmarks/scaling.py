@@ -43,6 +43,7 @@ from _common import (
     CpuMeter,
     ProcessSampler,
     base_parser,
+    by_role,
     free_port,
     init_gloo,
     interleaved,
@@ -257,10 +258,7 @@ def run_once(
             launch_local(cfg)
         events = list(iter_jsonl(Path(cfg.out) / "metrics.jsonl"))
     rate, window = steady_rate(events, skip)
-    roles: dict[str, float] = {}
-    for label, seconds in sampler.by_label().items():
-        role = cfg.role_of(int(label[4:]))[0] if label.startswith("rank") else label
-        roles[role] = roles.get(role, 0.0) + seconds
+    roles = by_role(cfg, sampler.by_label())
     return {
         "samples_per_s": rate * BATCH,
         "steps_per_s": rate,

@@ -52,6 +52,7 @@ from _common import (
     CpuMeter,
     ProcessSampler,
     base_parser,
+    by_role,
     free_port,
     init_gloo,
     machine_info,
@@ -248,10 +249,7 @@ def run_easgd(run: Run, budget: float, interval: float, startup: float) -> dict[
         first = min(e["wall"] for e in events if e.get("event") in ("exchange", "step"))
         # The server's start event holds both clocks: launch time = time - wall.
         start = next(e["time"] - e["wall"] for e in events if e.get("event") == "start")
-        cores: dict[str, float] = {}
-        for label, value in sampler.cores_between(start + first, start + first + budget).items():
-            role = _role(cfg, label)
-            cores[role] = cores.get(role, 0.0) + value
+        cores = by_role(cfg, sampler.cores_between(start + first, start + first + budget))
         curve = [
             {"wall": e["wall"] - first, "test_error": e["test_error"], "test_loss": e["test_loss"]}
             for e in iter_jsonl(root / "eval.jsonl")
@@ -264,11 +262,6 @@ def run_easgd(run: Run, budget: float, interval: float, startup: float) -> dict[
         "startup_s": first,
         "cores_by_role": cores,
     }
-
-
-def _role(cfg: Any, label: str) -> str:
-    """``rank<k>`` -> the run's role of rank k (server or worker); other labels as they are."""
-    return cfg.role_of(int(label[4:]))[0] if label.startswith("rank") else label
 
 
 # ---------------------------------------------------------------------------------------

@@ -76,18 +76,17 @@ def run_evaluator(cfg: TrainConfig, ctx: RoleContext, stop: threading.Event) -> 
                     break  # the servers are gone: the run is over
                 wall = ctx.wall()
                 atomic_torch_save(paths.snapshot(wall), buffer)
-                todo = [(wall, paths.snapshot(wall))]
+                # eval_deferred: snapshots only; finalize evaluates them after training.
+                todo = [] if cfg.eval_deferred else [(wall, paths.snapshot(wall))]
+            elif cfg.eval_deferred:
+                todo = []  # rank 0 writes the snapshots; finalize evaluates them
             else:
                 files = sorted(p for p in paths.snapshots.glob("center-*.pt") if p.name not in seen)
                 todo = [(snapshot_wall(p), p) for p in files]
-            if cfg.eval_deferred:
-                todo = []  # snapshots only: finalize evaluates them after training
             for wall, path in todo:
                 seen.add(path.name)
                 center = buffer if client is not None else torch.load(path, weights_only=True)
-                result = evaluate(center)
-                out.write({"wall": wall, "test_loss": result["loss"],
-                           "test_error": result["error"], "snapshot": path.name})  # fmt: skip
+                out.write(_eval_event(wall, evaluate(center), path))
                 if stop.is_set():
                     break
             stop.wait(max(0.05, cfg.eval_interval - (time.monotonic() - began)))
@@ -159,6 +158,12 @@ def finalize(
     return summary
 
 
+def _eval_event(wall: float, result: dict[str, float], snapshot: Path) -> dict[str, Any]:
+    """One line of ``eval.jsonl``."""
+    return {"wall": wall, "test_loss": result["loss"], "test_error": result["error"],
+            "snapshot": snapshot.name}  # fmt: skip
+
+
 def _evaluate_remaining_snapshots(paths: RunPaths, evaluate: _Evaluation) -> None:
     done = {e.get("snapshot") for e in iter_jsonl(paths.eval)} if paths.eval.exists() else set()
     todo = sorted(
@@ -174,8 +179,6 @@ def _evaluate_remaining_snapshots(paths: RunPaths, evaluate: _Evaluation) -> Non
             except Exception as exc:  # a snapshot cut short by a crash: skip it, say so
                 log.warning("skipping unreadable snapshot %s: %s", path, exc)
                 continue
-            result = evaluate(center)
-            out.write({"wall": snapshot_wall(path), "test_loss": result["loss"],
-                       "test_error": result["error"], "snapshot": path.name})  # fmt: skip
+            out.write(_eval_event(snapshot_wall(path), evaluate(center), path))
     finally:
         out.close()

@@ -108,8 +108,3 @@ class AllReduceTransport:
         started = time.perf_counter()
         work.wait()
         self.last_exchange_seconds = start_seconds + time.perf_counter() - started
-
-    @property
-    def in_flight(self) -> int:
-        """Collectives started and not yet waited for."""
-        return len(self._in_flight)
