@@ -95,7 +95,7 @@ def _peer_echo(buf: torch.Tensor, state: dict[str, torch.Tensor]) -> None:
 
 def _peer_elastic(buf: torch.Tensor, state: dict[str, torch.Tensor]) -> None:
     dist.recv(buf, 0)
-    elastic_exchange_(state["center"], buf, HP.alpha, state["d"])
+    elastic_exchange_(state["center"], buf, state["d"], alpha=HP.alpha)
     dist.send(state["d"], 0)
 
 

@@ -199,13 +199,13 @@ def allreduce_nesterov(
     times, errors = [0.0], [problem.evaluate(x)["error"]]
     now, next_eval = 0.0, eval_interval
     for _ in range(steps):
-        nesterov_lookahead_(x, v, momentum)
+        nesterov_lookahead_(x, v, momentum=momentum)
         g.zero_()
         for fn in grads:
             fn(x, part)
             g.add_(part)
         g.div_(workers)
-        local_step_(x, g, lr, v)
+        local_step_(x, g, v, lr=lr)
         now += per_step
         if now >= next_eval:
             times.append(now)

@@ -58,13 +58,13 @@ def drive(worker: Worker, center: Center, grad: Any, steps: int) -> None:
 
 def test_learning_rate_decay_matches_the_authors_formula() -> None:
     assert learning_rate(0.1, 0) == 0.1
-    assert learning_rate(0.1, 10, 0.0, 0.5) == 0.1
-    assert learning_rate(0.1, 10, 0.1, 0.5) == pytest.approx(0.1 / math.sqrt(2.0))
+    assert learning_rate(0.1, 10, lr_decay=0.0, lr_power=0.5) == 0.1
+    assert learning_rate(0.1, 10, lr_decay=0.1, lr_power=0.5) == pytest.approx(0.1 / math.sqrt(2.0))
 
 
 def test_elastic_exchange_moves_center_by_the_difference() -> None:
     c, x, d = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 0.0]), torch.empty(2)
-    elastic_exchange_(c, x, 0.25, d)
+    elastic_exchange_(c, x, d, alpha=0.25)
     assert_close(d, torch.tensor([0.5, -0.5]))
     assert_close(c, torch.tensor([1.5, 1.5]))
 
@@ -76,7 +76,7 @@ def test_sync_center_is_the_papers_moving_average() -> None:
     xs = [torch.tensor([v]) for v in (2.0, 4.0, 6.0)]
     diff_sum = sum(x - c for x in xs)
     expected = (1 - beta) * c + beta * torch.stack(xs).mean(0)
-    elastic_center_sync_(c, diff_sum, beta, p)
+    elastic_center_sync_(c, diff_sum, beta=beta, p=p)
     assert_close(c, expected)
 
 

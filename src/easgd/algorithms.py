@@ -38,7 +38,7 @@ import dataclasses
 import enum
 import math
 import warnings
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,15 +50,21 @@ __all__ = [
     "DEFAULT_MOMENTUM",
     "DEFAULT_MOVING_RATE",
     "METHODS",
+    "Average",
     "Center",
+    "Evaluated",
+    "Exchange",
     "Hyperparams",
     "MethodSpec",
+    "Mode",
+    "Momentum",
     "Op",
     "Request",
     "StabilityWarning",
     "Worker",
     "average_rate",
     "downpour_accumulate_",
+    "drive",
     "elastic_center_sync_",
     "elastic_difference_",
     "elastic_exchange_",
@@ -66,6 +72,7 @@ __all__ = [
     "local_step_",
     "mdownpour_center_",
     "nesterov_lookahead_",
+    "run_finish",
     "run_settle",
     "run_step",
 ]
@@ -80,25 +87,32 @@ class StabilityWarning(UserWarning):
 
 
 # ---------------------------------------------------------------------------------------
-# The rules: pure, in-place functions on flat tensors.
+# The rules: pure, in-place functions on flat tensors (hyperparameters keyword-only).
 # ---------------------------------------------------------------------------------------
 
 
-def learning_rate(lr: float, t: int, lr_decay: float = 0.0, lr_power: float = 0.0) -> float:
+class Average(enum.Enum):
+    """The running average ``z = (1-a)*z + a*x`` of ADOWNPOUR/ASGD (uniform) or MV* (moving)."""
+
+    UNIFORM = "uniform"  # a_{t+1} = 1/(t+1): the Polyak average
+    MOVING = "moving"  # a constant rate (moving_rate)
+
+
+def learning_rate(lr: float, t: int, *, lr_decay: float = 0.0, lr_power: float = 0.0) -> float:
     """The authors' decay on the local clock: ``lr / (1 + t*lr_decay) ** lr_power``."""
     if lr_decay == 0.0 or lr_power == 0.0:
         return lr
     return lr / (1.0 + t * lr_decay) ** lr_power
 
 
-def nesterov_lookahead_(x: Tensor, v: Tensor, momentum: float) -> None:
+def nesterov_lookahead_(x: Tensor, v: Tensor, *, momentum: float) -> None:
     """First half of the Nesterov step: ``v = delta*v; x += v`` (gradient is then taken at x)."""
     v.mul_(momentum)
     x.add_(v)
 
 
 def local_step_(
-    x: Tensor, grad: Tensor, lr: float, v: Tensor | None = None, weight_decay: float = 0.0
+    x: Tensor, grad: Tensor, v: Tensor | None = None, *, lr: float, weight_decay: float = 0.0
 ) -> None:
     """Second half of the local step: ``g += wd*x; x -= lr*g`` (and ``v -= lr*g``).
 
@@ -112,26 +126,26 @@ def local_step_(
         v.add_(grad, alpha=-lr)
 
 
-def elastic_difference_(out: Tensor, x: Tensor, center: Tensor, alpha: float) -> Tensor:
+def elastic_difference_(out: Tensor, x: Tensor, center: Tensor, *, alpha: float) -> Tensor:
     """``out = alpha * (x - center)``, the elastic force between a worker and the center."""
     torch.sub(x, center, out=out)
     out.mul_(alpha)
     return out
 
 
-def elastic_exchange_(center: Tensor, x: Tensor, alpha: float, out: Tensor) -> Tensor:
+def elastic_exchange_(center: Tensor, x: Tensor, out: Tensor, *, alpha: float) -> Tensor:
     """Asynchronous exchange on the center's side: ``d = alpha*(x - center); center += d``.
 
     Computed against the center as it is when the request is served, so with the server's
     lock held no update is lost and no read is torn. Returns ``d`` (in ``out``), which the
     worker subtracts from its own variable.
     """
-    elastic_difference_(out, x, center, alpha)
+    elastic_difference_(out, x, center, alpha=alpha)
     center.add_(out)
     return out
 
 
-def elastic_center_sync_(center: Tensor, diff_sum: Tensor, beta: float, p: int) -> None:
+def elastic_center_sync_(center: Tensor, diff_sum: Tensor, *, beta: float, p: int) -> None:
     """Synchronous center update from the sum of the p differences ``x_i - c``.
 
     ``c += (beta/p) * sum_i (x_i - c)`` is ``c = (1-beta)*c + beta*mean_i(x_i)``, the
@@ -141,12 +155,14 @@ def elastic_center_sync_(center: Tensor, diff_sum: Tensor, beta: float, p: int) 
     center.add_(diff_sum, alpha=beta / p)
 
 
-def downpour_accumulate_(acc: Tensor, grad: Tensor, lr: float) -> None:
+def downpour_accumulate_(acc: Tensor, grad: Tensor, *, lr: float) -> None:
     """DOWNPOUR's accumulated update: ``acc += -lr*g``."""
     acc.add_(grad, alpha=-lr)
 
 
-def mdownpour_center_(center: Tensor, v: Tensor, grad: Tensor, lr: float, momentum: float) -> None:
+def mdownpour_center_(
+    center: Tensor, v: Tensor, grad: Tensor, *, lr: float, momentum: float
+) -> None:
     """MDOWNPOUR's master rule, Nesterov on the server.
 
     ``v = delta*v - lr*g; c += delta*v - lr*g`` (the look-ahead form).
@@ -155,133 +171,246 @@ def mdownpour_center_(center: Tensor, v: Tensor, grad: Tensor, lr: float, moment
     center.add_(v, alpha=momentum).add_(grad, alpha=-lr)
 
 
-def average_rate(kind: str, t: int, moving_rate: float) -> float:
+def average_rate(kind: Average, t: int, *, moving_rate: float) -> float:
     """Rate of the running average ``z = (1-a)*z + a*x``: ``1/(t+1)`` (uniform) or constant."""
-    return 1.0 / (t + 1) if kind == "uniform" else moving_rate
+    return 1.0 / (t + 1) if kind is Average.UNIFORM else moving_rate
 
 
 # ---------------------------------------------------------------------------------------
-# The family and its hyperparameters.
+# The method table: the only place that knows a method.
 # ---------------------------------------------------------------------------------------
+
+
+class Op(enum.Enum):
+    """What a worker asks of its driver."""
+
+    GRAD = "grad"  # compute the gradient at x into payload; the driver sends back the loss
+    LOCAL = "local"  # an external optimizer takes the local step on x; the driver sends the loss
+    ELASTIC = "elastic"  # async: payload x -> reply d = alpha*(x - center), center += d
+    SUM = "sum"  # sync: all-reduce (sum) payload in place; the driver may defer it (below)
+    WAIT = "wait"  # sync: complete the deferred SUM of payload (started by this worker)
+    MEAN = "mean"  # sync: all-reduce (mean) payload in place across workers
+    PUSH_PULL = "push_pull"  # DOWNPOUR: payload acc -> center += acc; reply = center
+    GRAD_PULL = "grad_pull"  # MDOWNPOUR: payload g -> server Nesterov step; reply = center
+
+
+class Mode(enum.Enum):
+    """How the workers of a run meet the center."""
+
+    SYNC = "sync"  # collectives on every rank (no server)
+    ASYNC = "async"  # each worker on its own clock, through the parameter server
+    SEQUENTIAL = "sequential"  # one worker alone
+
+
+class Exchange(enum.Enum):
+    """What a communication step does."""
+
+    ELASTIC = "elastic"  # the elastic force between x and the center (EASGD, EAMSGD)
+    DOWNPOUR = "downpour"  # push the accumulated -lr*sum(g), pull the center
+    MDOWNPOUR = "mdownpour"  # push the gradient, the server takes a Nesterov step, pull
+    GRAD_MEAN = "grad-mean"  # average the gradients (all-reduce SGD, as DDP does)
+    PARAM_MEAN = "param-mean"  # average the parameters (local SGD)
+    NONE = "none"  # sequential methods
+
+
+class Momentum(enum.Enum):
+    """Where a method's Nesterov momentum lives, if anywhere."""
+
+    NONE = "none"
+    LOCAL = "local"  # the worker's local step (authors' Nesterov form)
+    SERVER = "server"  # the center's update (MDOWNPOUR)
+
+
+class Evaluated(enum.Enum):
+    """Which vector a method's result is: what is evaluated, snapshotted and reported."""
+
+    CENTER = "center"  # the center variable (the server's, or sync EASGD's replicated copy)
+    AVERAGE = "average"  # the running average z (of the center, or of x when sequential)
+    X = "x"  # the worker's own variable (sequential; all-reduce SGD, equal on every rank)
+    MEAN_X = "mean-x"  # the workers' mean: local SGD's x right after an average
+
+
+#: The server's answer to each asynchronous exchange.
+_SERVER_OP = {
+    Exchange.ELASTIC: Op.ELASTIC,
+    Exchange.DOWNPOUR: Op.PUSH_PULL,
+    Exchange.MDOWNPOUR: Op.GRAD_PULL,
+}
 
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """How one method is put together from the rules above."""
+    """How one method is put together from the rules above, and everything it implies.
+
+    Every other module asks the spec (which modes, which hyperparameters, when it
+    communicates, what its server answers, which vector is its result) instead of comparing
+    method names.
+    """
 
     name: str
-    local: str  # "sgd" or "nesterov"
-    exchange: str  # "elastic" | "downpour" | "mdownpour" | "grad-mean" | "param-mean" | "none"
-    modes: tuple[str, ...]  # "sync" and/or "async"; sequential methods: ("sequential",)
-    average: str | None  # None | "uniform" | "moving"
+    exchange: Exchange
+    #: The modes it runs in; the first is the default (``--mode auto``).
+    modes: tuple[Mode, ...]
+    momentum: Momentum
     momentum_default: float
     description: str
+    average: Average | None = None
+    #: A communication period the method requires (MDOWNPOUR exchanges every step).
+    fixed_tau: int | None = None
 
+    @property
+    def sequential(self) -> bool:
+        return self.modes == (Mode.SEQUENTIAL,)
+
+    @property
+    def elastic(self) -> bool:
+        return self.exchange is Exchange.ELASTIC
+
+    @property
+    def hyperparams(self) -> frozenset[str]:
+        """The optional hyperparameters the method uses (the others are refused when given)."""
+        used = {"momentum"} if self.momentum is not Momentum.NONE else set()
+        if self.elastic:
+            used |= {"alpha", "beta"}
+        if self.average is Average.MOVING:
+            used.add("moving_rate")
+        return frozenset(used)
+
+    def uses(self, field_name: str) -> bool:
+        return field_name in self.hyperparams
+
+    @property
+    def server_op(self) -> Op | None:
+        """The exchange a parameter server answers for this method (None: no server)."""
+        return _SERVER_OP.get(self.exchange) if Mode.ASYNC in self.modes else None
+
+    @property
+    def wraps_optimizer(self) -> bool:
+        """Whether an external optimizer can take the local step (its exchange needs only x)."""
+        return self.exchange in (Exchange.ELASTIC, Exchange.PARAM_MEAN, Exchange.NONE)
+
+    def resolve_mode(self, requested: Mode | str | None = None, *, strict: bool = True) -> Mode:
+        """The mode a run of this method uses.
+
+        ``None`` (or ``"auto"``) is the method's default; a sequential method is always
+        sequential. A mode the method does not run in is a ValueError, or with
+        ``strict=False`` the default instead (the simulator's synchronous schedule serves
+        the DOWNPOUR family asynchronously, in worker order).
+        """
+        if self.sequential:
+            return Mode.SEQUENTIAL
+        if requested is None or requested == "auto":
+            return self.modes[0]
+        try:
+            mode = Mode(requested)
+        except ValueError:
+            choices = ", ".join(["auto", *(m.value for m in Mode)])
+            raise ValueError(f"mode={requested!r}; choose one of {choices}") from None
+        if mode in self.modes:
+            return mode
+        if not strict:
+            return self.modes[0]
+        raise ValueError(
+            f"mode={mode.value!r} is not available for method={self.name!r}; it runs in "
+            f"{' or '.join(m.value for m in self.modes)} mode"
+        )
+
+    def communicates(self, t: int, tau: int) -> bool:
+        """Whether the local step ``t`` (counted from 0) exchanges.
+
+        Elastic and DOWNPOUR exchange before the step when ``t % tau == 0``; local SGD
+        averages after every tau-th step (``(t+1) % tau == 0``, as PyTorch's
+        PeriodicModelAverager); MDOWNPOUR and all-reduce SGD at every step.
+        """
+        if self.exchange in (Exchange.ELASTIC, Exchange.DOWNPOUR):
+            return t % tau == 0
+        if self.exchange is Exchange.PARAM_MEAN:
+            return (t + 1) % tau == 0
+        return self.exchange in (Exchange.MDOWNPOUR, Exchange.GRAD_MEAN)
+
+    @property
+    def evaluated(self) -> Evaluated:
+        """Which vector is the method's result."""
+        if self.average is not None:
+            return Evaluated.AVERAGE
+        if self.exchange in (Exchange.NONE, Exchange.GRAD_MEAN):
+            return Evaluated.X
+        if self.exchange is Exchange.PARAM_MEAN:
+            return Evaluated.MEAN_X
+        return Evaluated.CENTER
+
+    def evaluated_on_server(self, mode: Mode) -> bool:
+        """Whether the result lives on the parameter server (else on every worker)."""
+        return mode is Mode.ASYNC
+
+    def result_is_current(self, mode: Mode, t: int, tau: int) -> bool:
+        """Whether a worker at local clock ``t`` holds the result (local SGD: after an average)."""
+        if self.exchange is Exchange.PARAM_MEAN and mode is Mode.SYNC:
+            return t % tau == 0
+        return True
+
+    def to_dict(self) -> dict[str, Any]:
+        """The spec as plain strings (for ``easgd models``-style listings and files)."""
+        return {
+            "name": self.name,
+            "exchange": self.exchange.value,
+            "modes": [m.value for m in self.modes],
+            "momentum": self.momentum.value,
+            "momentum_default": self.momentum_default,
+            "average": None if self.average is None else self.average.value,
+            "evaluated": self.evaluated.value,
+            "hyperparams": sorted(self.hyperparams),
+            "description": self.description,
+        }
+
+
+_A, _S, _Q = Mode.ASYNC, Mode.SYNC, Mode.SEQUENTIAL
+_LOCAL, _NONE = Momentum.LOCAL, Momentum.NONE
 
 METHODS: dict[str, MethodSpec] = {
     m.name: m
     for m in (
-        MethodSpec(
-            "easgd",
-            "sgd",
-            "elastic",
-            ("sync", "async"),
-            None,
-            0.0,
-            "elastic averaging SGD (Algorithm 1; synchronous eqs. 5-6)",
-        ),
-        MethodSpec(
-            "eamsgd",
-            "nesterov",
-            "elastic",
-            ("sync", "async"),
-            None,
-            DEFAULT_MOMENTUM,
-            "elastic averaging with local Nesterov momentum (Algorithm 2)",
-        ),
-        MethodSpec(
-            "downpour",
-            "sgd",
-            "downpour",
-            ("async",),
-            None,
-            0.0,
-            "DOWNPOUR: push accumulated -lr*sum(g) every tau steps, pull the center",
-        ),
-        MethodSpec(
-            "mdownpour",
-            "sgd",
-            "mdownpour",
-            ("async",),
-            None,
-            DEFAULT_MOMENTUM,
-            "DOWNPOUR with Nesterov momentum on the server, tau = 1",
-        ),
-        MethodSpec(
-            "adownpour",
-            "sgd",
-            "downpour",
-            ("async",),
-            "uniform",
-            0.0,
-            "DOWNPOUR with a uniform (Polyak) average of the center",
-        ),
-        MethodSpec(
-            "mvadownpour",
-            "sgd",
-            "downpour",
-            ("async",),
-            "moving",
-            0.0,
-            "DOWNPOUR with a moving average of the center",
-        ),
-        MethodSpec("sgd", "sgd", "none", ("sequential",), None, 0.0, "sequential SGD"),
-        MethodSpec(
-            "msgd",
-            "nesterov",
-            "none",
-            ("sequential",),
-            None,
-            DEFAULT_MOMENTUM,
-            "sequential SGD with Nesterov momentum",
-        ),
-        MethodSpec(
-            "asgd",
-            "sgd",
-            "none",
-            ("sequential",),
-            "uniform",
-            0.0,
-            "sequential SGD with a uniform average of the iterates",
-        ),
-        MethodSpec(
-            "mvasgd",
-            "sgd",
-            "none",
-            ("sequential",),
-            "moving",
-            0.0,
-            "sequential SGD with a moving average of the iterates",
-        ),
-        MethodSpec(
-            "allreduce",
-            "sgd",
-            "grad-mean",
-            ("sync",),
-            None,
-            0.0,
-            "synchronous all-reduce SGD (what DDP does): gradients averaged every step",
-        ),
-        MethodSpec(
-            "localsgd",
-            "sgd",
-            "param-mean",
-            ("sync",),
-            None,
-            0.0,
-            "local SGD: parameters averaged after every tau local steps",
-        ),
+        MethodSpec("easgd", Exchange.ELASTIC, (_A, _S), _NONE, 0.0,
+                   "elastic averaging SGD (Algorithm 1; synchronous eqs. 5-6)"),
+        MethodSpec("eamsgd", Exchange.ELASTIC, (_A, _S), _LOCAL, DEFAULT_MOMENTUM,
+                   "elastic averaging with local Nesterov momentum (Algorithm 2)"),
+        MethodSpec("downpour", Exchange.DOWNPOUR, (_A,), _NONE, 0.0,
+                   "DOWNPOUR: push accumulated -lr*sum(g) every tau steps, pull the center"),
+        MethodSpec("mdownpour", Exchange.MDOWNPOUR, (_A,), Momentum.SERVER, DEFAULT_MOMENTUM,
+                   "DOWNPOUR with Nesterov momentum on the server, tau = 1", fixed_tau=1),
+        MethodSpec("adownpour", Exchange.DOWNPOUR, (_A,), _NONE, 0.0,
+                   "DOWNPOUR with a uniform (Polyak) average of the center", Average.UNIFORM),
+        MethodSpec("mvadownpour", Exchange.DOWNPOUR, (_A,), _NONE, 0.0,
+                   "DOWNPOUR with a moving average of the center", Average.MOVING),
+        MethodSpec("sgd", Exchange.NONE, (_Q,), _NONE, 0.0, "sequential SGD"),
+        MethodSpec("msgd", Exchange.NONE, (_Q,), _LOCAL, DEFAULT_MOMENTUM,
+                   "sequential SGD with Nesterov momentum"),
+        MethodSpec("asgd", Exchange.NONE, (_Q,), _NONE, 0.0,
+                   "sequential SGD with a uniform average of the iterates", Average.UNIFORM),
+        MethodSpec("mvasgd", Exchange.NONE, (_Q,), _NONE, 0.0,
+                   "sequential SGD with a moving average of the iterates", Average.MOVING),
+        MethodSpec("allreduce", Exchange.GRAD_MEAN, (_S,), _LOCAL, 0.0,
+                   "synchronous all-reduce SGD (what DDP does): gradients averaged every step; "
+                   "optional Nesterov momentum"),
+        MethodSpec("localsgd", Exchange.PARAM_MEAN, (_S,), _LOCAL, 0.0,
+                   "local SGD: parameters averaged after every tau local steps; optional "
+                   "Nesterov momentum (kept local)"),
     )
+}  # fmt: skip
+
+#: What to suggest instead when a method is given a hyperparameter it does not use.
+_INSTEAD = {
+    "momentum": {"easgd": "eamsgd", "sgd": "msgd"},
+    "alpha": {},
+    "beta": {},
+    "moving_rate": {"adownpour": "mvadownpour", "asgd": "mvasgd", "downpour": "mvadownpour",
+                    "sgd": "mvasgd"},
+}  # fmt: skip
+_WHAT = {
+    "momentum": ("has no momentum", "for Nesterov momentum, or momentum=0", "eamsgd or msgd"),
+    "alpha": ("has no elastic force", "for elastic averaging", "easgd or eamsgd"),
+    "beta": ("has no elastic force", "for elastic averaging", "easgd or eamsgd"),
+    "moving_rate": ("keeps no moving average", "for a moving average", "mvadownpour or mvasgd"),
 }
 
 
@@ -314,14 +443,16 @@ class Hyperparams:
             (default 0.9, the paper's).
         alpha: worker's moving rate; give ``alpha`` or ``beta``, or both (then the elastic
             symmetry ``beta = p*alpha`` is not imposed, and only the synchronous rule uses beta).
-        momentum: delta in [0, 1) (default 0.99 for EAMSGD, MSGD and MDOWNPOUR, else 0).
+        momentum: delta in [0, 1) (default 0.99 for EAMSGD, MSGD and MDOWNPOUR, else 0;
+            all-reduce and local SGD take it too, in the authors' Nesterov form).
         weight_decay: L2 coefficient added to the gradient (default 0).
         lr_decay, lr_power: ``lr_t = lr / (1 + t*lr_decay) ** lr_power`` (default no decay).
         moving_rate: constant rate of MVADOWNPOUR / MVASGD (default 0.001).
 
-    Values outside the analytic stability region of synchronous EASGD for every learning
-    rate (``alpha + beta >= 2``, paper-spec 6.3 as eta*h -> 0) warn with
-    :class:`StabilityWarning`.
+    A hyperparameter the method does not use (``MethodSpec.hyperparams``), given with a
+    non-trivial value, is refused. Values outside the analytic stability region of
+    synchronous EASGD for every learning rate (``alpha + beta >= 2``, paper-spec 6.3 as
+    eta*h -> 0) warn with :class:`StabilityWarning`.
 
     Example:
         >>> hp = Hyperparams(method="eamsgd", lr=0.01, tau=10, workers=4)
@@ -340,7 +471,7 @@ class Hyperparams:
     weight_decay: float = 0.0
     lr_decay: float = 0.0
     lr_power: float = 0.0
-    moving_rate: float = DEFAULT_MOVING_RATE
+    moving_rate: float = None  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -363,17 +494,18 @@ class Hyperparams:
             hi_open=True,
             hint="the learning rate must be a positive number, e.g. lr=0.01",
         )
-        if spec.modes == ("sequential",) and self.workers != 1:
+        if spec.sequential and self.workers != 1:
             raise ValueError(
                 f"workers={self.workers} with method={self.method!r}: {self.method} is "
                 "sequential and runs one worker; use workers=1, or a distributed method "
                 "such as easgd or eamsgd"
             )
-        if self.method == "mdownpour" and self.tau != 1:
+        if spec.fixed_tau is not None and self.tau != spec.fixed_tau:
             raise ValueError(
-                f"tau={self.tau} with method='mdownpour': MDOWNPOUR exchanges every step (tau=1); "
-                "use downpour for tau > 1"
+                f"tau={self.tau} with method={self.method!r}: {self.method.upper()} exchanges "
+                f"every step (tau={spec.fixed_tau}); use downpour for tau > 1"
             )
+        self._refuse_unused(spec)
         momentum = spec.momentum_default if self.momentum is None else self.momentum
         _check_real(
             "momentum",
@@ -384,20 +516,6 @@ class Hyperparams:
             hi_open=True,
             hint="the paper uses delta=0.99",
         )
-        if momentum and self.method in (
-            "easgd",
-            "sgd",
-            "asgd",
-            "mvasgd",
-            "downpour",
-            "adownpour",
-            "mvadownpour",
-        ):
-            hint = {"easgd": "eamsgd", "sgd": "msgd"}.get(self.method, "eamsgd or mdownpour")
-            raise ValueError(
-                f"momentum={momentum} with method={self.method!r}, which has no momentum; "
-                f"use method {hint} for Nesterov momentum, or momentum=0"
-            )
         object.__setattr__(self, "momentum", float(momentum))
         _check_real(
             "weight_decay",
@@ -410,7 +528,7 @@ class Hyperparams:
         )
         _check_real("lr_decay", self.lr_decay, 0.0, math.inf, lo_open=False, hi_open=True)
         _check_real("lr_power", self.lr_power, 0.0, math.inf, lo_open=False, hi_open=True)
-        rate = self.moving_rate
+        rate = DEFAULT_MOVING_RATE if self.moving_rate is None else self.moving_rate
         _check_real(
             "moving_rate",
             rate,
@@ -422,6 +540,20 @@ class Hyperparams:
         )
         object.__setattr__(self, "moving_rate", float(rate))
         self._resolve_elasticity()
+
+    def _refuse_unused(self, spec: MethodSpec) -> None:
+        """A hyperparameter the method would silently drop is an error (momentum=0 is "off")."""
+        for name, (lacks, purpose, default_hint) in _WHAT.items():
+            value = getattr(self, name)
+            if value is None or spec.uses(name) or (name == "momentum" and value == 0):
+                continue
+            instead = _INSTEAD[name].get(self.method, default_hint)
+            off = ", or momentum=0" if name == "momentum" else ""
+            purpose = purpose.replace(", or momentum=0", "")
+            raise ValueError(
+                f"{name}={value} with method={self.method!r}, which {lacks}; use method "
+                f"{instead} {purpose}{off}"
+            )
 
     def _resolve_elasticity(self) -> None:
         p = self.workers
@@ -446,7 +578,7 @@ class Hyperparams:
         )
         object.__setattr__(self, "alpha", float(alpha))
         object.__setattr__(self, "beta", float(beta))
-        if METHODS[self.method].exchange == "elastic" and alpha + beta >= 2.0:
+        if self.spec.elastic and alpha + beta >= 2.0:
             warnings.warn(
                 f"alpha={alpha:g}, beta={beta:g}: alpha + beta >= 2 lies outside the stability "
                 f"region of synchronous EASGD for every learning rate (paper-spec 6.3); {paper}",
@@ -457,6 +589,10 @@ class Hyperparams:
     @property
     def spec(self) -> MethodSpec:
         return METHODS[self.method]
+
+    def lr_at(self, t: int) -> float:
+        """The learning rate at local step ``t`` (see :func:`learning_rate`)."""
+        return learning_rate(self.lr, t, lr_decay=self.lr_decay, lr_power=self.lr_power)
 
     def check_quadratic(self, h: float) -> None:
         """Warn when ``eta*h`` on a quadratic of curvature ``h`` leaves the stable region."""
@@ -469,27 +605,41 @@ class Hyperparams:
                 stacklevel=2,
             )
 
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as given to the constructor: those the method does not use are None."""
+        out = dataclasses.asdict(self)
+        for name in _WHAT:
+            if not self.spec.uses(name):
+                out[name] = None
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Hyperparams:
+        """Hyperparameters from :meth:`to_dict` (or an older file that lists every field)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        fields = {k: v for k, v in data.items() if k in known and v is not None}
+        spec = METHODS.get(str(fields.get("method", "eamsgd")))
+        if spec is not None:
+            fields = {k: v for k, v in fields.items() if k not in _WHAT or spec.uses(k)}
+        return cls(**fields)
+
     def replace(self, **changes: Any) -> Hyperparams:
-        """A copy with some fields changed (validated again)."""
-        return dataclasses.replace(self, **changes)
+        """A copy with some fields changed (validated again).
+
+        Optional hyperparameters the (new) method does not use are dropped unless given.
+        """
+        fields = self.to_dict()
+        fields.update(changes)
+        spec = METHODS.get(str(fields["method"]))
+        for name in _WHAT:
+            if spec is not None and name not in changes and not spec.uses(name):
+                fields[name] = None
+        return Hyperparams(**{k: v for k, v in fields.items() if v is not None})
 
 
 # ---------------------------------------------------------------------------------------
 # Sequencing: the worker's step as a generator of requests, and the center.
 # ---------------------------------------------------------------------------------------
-
-
-class Op(enum.Enum):
-    """What a worker asks of its driver."""
-
-    GRAD = "grad"  # compute the gradient at x into payload; the driver sends back the loss
-    LOCAL = "local"  # an external optimizer takes the local step on x; the driver sends the loss
-    ELASTIC = "elastic"  # async: payload x -> reply d = alpha*(x - center), center += d
-    SUM = "sum"  # sync: all-reduce (sum) payload in place; the driver may defer it (below)
-    WAIT = "wait"  # sync: complete the deferred SUM of payload (started by this worker)
-    MEAN = "mean"  # sync: all-reduce (mean) payload in place across workers
-    PUSH_PULL = "push_pull"  # DOWNPOUR: payload acc -> center += acc; reply = center
-    GRAD_PULL = "grad_pull"  # MDOWNPOUR: payload g -> server Nesterov step; reply = center
 
 
 @dataclass
@@ -507,14 +657,14 @@ class Request:
 class Worker:
     """One worker's state and its local step.
 
-    ``step()`` is a generator: drive it with :func:`run_step` (or by hand: ``send`` the loss
-    back after a ``GRAD`` request, ``None`` after the others). ``x`` is the worker's flat
-    parameter vector, used in place (it may be a view of a model's flat parameter buffer).
+    ``step()`` is a generator: drive it with :func:`run_step` (or :func:`drive`). ``x`` is
+    the worker's flat parameter vector, used in place (it may be a view of a model's flat
+    parameter buffer).
 
     Args:
         hp: validated hyperparameters.
         x: the flat parameter vector (starts equal to the center).
-        mode: ``"sync"``, ``"async"`` or ``"sequential"``; must be one the method supports.
+        mode: a :class:`Mode` (or its string) that the method supports.
         grad: where ``GRAD`` requests are to write the gradient (default: a new buffer).
         external_local: yield ``LOCAL`` (take your own optimizer's step on ``x``) instead of
             computing the method's own local step; the exchanges stay the method's.
@@ -524,27 +674,23 @@ class Worker:
         self,
         hp: Hyperparams,
         x: Tensor,
-        mode: str,
+        mode: Mode | str,
         grad: Tensor | None = None,
         *,
         external_local: bool = False,
     ) -> None:
         spec = hp.spec
-        if external_local and spec.exchange not in ("elastic", "param-mean", "none"):
+        if external_local and not spec.wraps_optimizer:
             raise ValueError(
                 f"method={hp.method!r} cannot wrap an external optimizer: its exchange "
-                f"({spec.exchange}) needs the raw gradient; use easgd, eamsgd or localsgd"
+                f"({spec.exchange.value}) needs the raw gradient; use easgd, eamsgd or localsgd"
             )
         self.external_local = external_local
-        if mode not in spec.modes:
-            raise ValueError(
-                f"mode={mode!r} is not available for method={hp.method!r}; it runs in "
-                f"{' or '.join(spec.modes)} mode"
-            )
+        self.mode = spec.resolve_mode(mode)
         if x.dim() != 1:
             raise ValueError(f"x must be a flat 1-D tensor, got shape {tuple(x.shape)}")
         self.hp = hp
-        self.mode = mode
+        self.spec = spec
         self.x = x
         self.t = 0
         if grad is not None and grad.shape != x.shape:
@@ -552,15 +698,16 @@ class Worker:
         # The gradient buffer may be a model's flat gradient (its .grad tensors are views).
         self.grad = torch.zeros_like(x) if grad is None else grad
         zeros = torch.zeros_like
-        self.v = zeros(x) if spec.local == "nesterov" else None
-        self.acc = zeros(x) if spec.exchange == "downpour" else None
+        local_momentum = spec.momentum is Momentum.LOCAL and hp.momentum > 0
+        self.v = zeros(x) if local_momentum and not external_local else None
+        self.acc = zeros(x) if spec.exchange is Exchange.DOWNPOUR else None
         # Synchronous EASGD: every worker holds an identical copy of the center, and one
         # buffer serves as its difference x_t - c_t and then as the all-reduced sum.
-        sync_elastic = spec.exchange == "elastic" and mode == "sync"
+        sync_elastic = spec.elastic and self.mode is Mode.SYNC
         self.center = x.clone() if sync_elastic else None
         self.sum_buf = zeros(x) if sync_elastic else None
-        self.diff = zeros(x) if spec.exchange == "elastic" and not sync_elastic else None
-        self.z = x.clone() if (spec.average and mode == "sequential") else None
+        self.diff = zeros(x) if spec.elastic and not sync_elastic else None
+        self.z = x.clone() if (spec.average and self.mode is Mode.SEQUENTIAL) else None
         self.last_loss = math.nan
         self._in_flight = False  # a deferred synchronous sum awaits its center update
 
@@ -581,32 +728,53 @@ class Worker:
             return
         assert self.center is not None and self.sum_buf is not None
         yield Request(Op.WAIT, self.sum_buf)
-        elastic_center_sync_(self.center, self.sum_buf, self.hp.beta, self.hp.workers)
+        elastic_center_sync_(self.center, self.sum_buf, beta=self.hp.beta, p=self.hp.workers)
         self._in_flight = False
 
+    def finish(self) -> Generator[Request, Any, None]:
+        """The end of training, on every rank: settle, and make the result current.
+
+        Local SGD ends on an average (a collective: every rank must finish) when its last
+        step was not one; everything else only settles.
+        """
+        yield from self.settle()
+        if self.mode is Mode.SYNC and not self.result_is_current():
+            yield Request(Op.MEAN, self.x)
+
     def communicates(self) -> bool:
-        """Whether the step about to run exchanges with the center (``t % tau == 0``)."""
-        exchange = self.hp.spec.exchange
-        if exchange in ("elastic", "downpour"):
-            return self.t % self.hp.tau == 0
-        if exchange == "param-mean":
-            return (self.t + 1) % self.hp.tau == 0
-        return exchange in ("mdownpour", "grad-mean")
+        """Whether the step about to run exchanges with the center."""
+        return self.spec.communicates(self.t, self.hp.tau)
+
+    def result_is_current(self) -> bool:
+        """Whether :meth:`evaluation_vector` is the method's result now (see MethodSpec)."""
+        return self.spec.result_is_current(self.mode, self.t, self.hp.tau)
 
     def evaluation_vector(self) -> Tensor:
-        """What is evaluated for this worker alone: its average, its center copy, or x."""
-        if self.z is not None:
+        """The method's result as this worker holds it: its average, center copy, or x.
+
+        Asynchronous workers hold no result: it lives on the server
+        (:meth:`Center.evaluation_vector`).
+        """
+        if self.spec.evaluated_on_server(self.mode):
+            raise RuntimeError(
+                f"an asynchronous {self.hp.method} worker does not hold the center; pull it "
+                "from the parameter server (its evaluation vector)"
+            )
+        evaluated = self.spec.evaluated
+        if evaluated is Evaluated.AVERAGE:
+            assert self.z is not None
             return self.z
-        if self.center is not None:
+        if evaluated is Evaluated.CENTER:
+            assert self.center is not None
             return self.center
-        return self.x
+        return self.x  # X, and MEAN_X right after an average (result_is_current)
 
     def step(self) -> Generator[Request, Any, None]:
-        hp, spec, x = self.hp, self.hp.spec, self.x
-        lr = learning_rate(hp.lr, self.t, hp.lr_decay, hp.lr_power)
+        hp, spec, x = self.hp, self.spec, self.x
+        lr = hp.lr_at(self.t)
         comm = self.communicates()
-        if spec.exchange == "elastic" and comm:
-            if self.mode == "async":
+        if spec.elastic and comm:
+            if self.mode is Mode.ASYNC:
                 assert self.diff is not None
                 yield Request(Op.ELASTIC, x, self.diff)
             else:
@@ -618,36 +786,37 @@ class Worker:
                 torch.sub(x, self.center, out=self.sum_buf)
         if self.z is not None:
             # Sequential averages use x_t, before this step's update.
-            self.z.lerp_(x, average_rate(spec.average or "", self.t, hp.moving_rate))
+            assert spec.average is not None
+            self.z.lerp_(x, average_rate(spec.average, self.t, moving_rate=hp.moving_rate))
         if self.external_local:
             # A user's own optimizer (easgd.optim) takes the local step, whatever it is.
             self.last_loss = yield Request(Op.LOCAL, x)
         else:
             if self.v is not None:
-                nesterov_lookahead_(x, self.v, hp.momentum)
+                nesterov_lookahead_(x, self.v, momentum=hp.momentum)
             self.last_loss = yield Request(Op.GRAD, self.grad)
         g = self.grad
-        if spec.exchange == "downpour":
+        if spec.exchange is Exchange.DOWNPOUR:
             assert self.acc is not None
             if hp.weight_decay:
                 g.add_(x, alpha=hp.weight_decay)
-            downpour_accumulate_(self.acc, g, lr)
+            downpour_accumulate_(self.acc, g, lr=lr)
             if comm:
                 yield Request(Op.PUSH_PULL, self.acc, x)
                 self.acc.zero_()
             else:
                 x.add_(g, alpha=-lr)
-        elif spec.exchange == "mdownpour":
+        elif spec.exchange is Exchange.MDOWNPOUR:
             if hp.weight_decay:
                 g.add_(x, alpha=hp.weight_decay)
             yield Request(Op.GRAD_PULL, g, x)
         else:
-            if spec.exchange == "grad-mean":
+            if spec.exchange is Exchange.GRAD_MEAN:
                 yield Request(Op.MEAN, g)
             if not self.external_local:
-                local_step_(x, g, lr, self.v, hp.weight_decay)
-            if spec.exchange == "elastic" and comm:
-                if self.mode == "sync":
+                local_step_(x, g, self.v, lr=lr, weight_decay=hp.weight_decay)
+            if spec.elastic and comm:
+                if self.mode is Mode.SYNC:
                     assert self.center is not None and self.sum_buf is not None
                     x.sub_(self.sum_buf, alpha=hp.alpha)  # x -= alpha*(x_t - c_t)
                     req = Request(Op.SUM, self.sum_buf)
@@ -657,11 +826,11 @@ class Worker:
                         # it; the center is next needed at the next exchange (settle).
                         self._in_flight = True
                     else:
-                        elastic_center_sync_(self.center, self.sum_buf, hp.beta, hp.workers)
+                        elastic_center_sync_(self.center, self.sum_buf, beta=hp.beta, p=hp.workers)
                 else:
                     assert self.diff is not None
                     x.sub_(self.diff)  # the server's d = alpha*(x - c)
-            elif spec.exchange == "param-mean" and comm:
+            elif spec.exchange is Exchange.PARAM_MEAN and comm:
                 yield Request(Op.MEAN, x)
         self.t += 1
 
@@ -681,30 +850,38 @@ class Center:
         self.center = center
         self.t = 0
         spec = hp.spec
-        self.v = torch.zeros_like(center) if spec.exchange == "mdownpour" else None
+        self.v = torch.zeros_like(center) if spec.momentum is Momentum.SERVER else None
         self.z = center.clone() if spec.average else None
 
     def evaluation_vector(self) -> Tensor:
-        """The evaluated variable: the average ``z`` for the averaging methods, else the center."""
-        return self.z if self.z is not None else self.center
+        """The method's result: the average ``z`` for the averaging methods, else the center."""
+        if self.hp.spec.evaluated is Evaluated.AVERAGE:
+            assert self.z is not None
+            return self.z
+        return self.center
 
     def handle(self, op: Op, payload: Tensor, reply: Tensor) -> None:
         hp, c = self.hp, self.center
+        expected = hp.spec.server_op
+        if op is not expected:
+            served = "nothing" if expected is None else repr(expected.value)
+            raise ValueError(
+                f"the center of {hp.method} does not serve {op.value!r} requests; it serves "
+                f"{served}"
+            )
         if self.z is not None:
             # ADOWNPOUR / MVADOWNPOUR: z_{t+1} = (1 - a) z_t + a * center_t.
-            self.z.lerp_(c, average_rate(hp.spec.average or "", self.t, hp.moving_rate))
+            assert hp.spec.average is not None
+            self.z.lerp_(c, average_rate(hp.spec.average, self.t, moving_rate=hp.moving_rate))
         if op is Op.ELASTIC:
-            elastic_exchange_(c, payload, hp.alpha, reply)
+            elastic_exchange_(c, payload, reply, alpha=hp.alpha)
         elif op is Op.PUSH_PULL:
             c.add_(payload)
             reply.copy_(c)
-        elif op is Op.GRAD_PULL:
+        else:  # Op.GRAD_PULL
             assert self.v is not None
-            lr = learning_rate(hp.lr, self.t, hp.lr_decay, hp.lr_power)
-            mdownpour_center_(c, self.v, payload, lr, hp.momentum)
+            mdownpour_center_(c, self.v, payload, lr=hp.lr_at(self.t), momentum=hp.momentum)
             reply.copy_(c)
-        else:
-            raise ValueError(f"the center does not serve {op.value!r} requests")
         self.t += 1
 
     def state_dict(self) -> dict[str, Any]:
@@ -719,29 +896,55 @@ class Center:
                 mine.copy_(theirs)
 
 
-def run_settle(worker: Worker, serve: Any) -> None:
-    """Drive :meth:`Worker.settle` with a blocking ``serve`` (see :func:`run_step`)."""
-    for req in worker.settle():
-        serve(req)
+# ---------------------------------------------------------------------------------------
+# The one loop that drives a worker's generator.
+# ---------------------------------------------------------------------------------------
+
+Compute = Callable[[Request], float]
+Serve = Callable[[Request], None]
 
 
-def run_step(worker: Worker, grad_fn: Any, serve: Any) -> float:
-    """Drive one step of ``worker`` with blocking callables; returns the step's loss.
+def drive(steps: Generator[Request, Any, None], compute: Compute, serve: Serve) -> None:
+    """Run a worker generator to its end with blocking callables.
 
-    ``grad_fn(x, out) -> float`` writes the gradient at ``x`` into ``out`` and returns the
-    loss; ``serve(request) -> None`` fulfils every other request (fills ``request.reply``
-    or reduces ``request.payload`` in place).
+    ``compute(request) -> loss`` fulfils ``GRAD`` (write the gradient at x into
+    ``request.payload``) and ``LOCAL`` (take an external optimizer's step on x);
+    ``serve(request)`` fulfils every exchange (fills ``request.reply`` or reduces
+    ``request.payload`` in place). This is the only loop over a worker's requests: the
+    runtimes, ``easgd.optim`` and the simulator's round-robin schedule all use it.
     """
-    gen = worker.step()
     reply: Any = None
     try:
         while True:
-            req = gen.send(reply)
-            if req.op is Op.GRAD:
-                reply = float(grad_fn(worker.x, req.payload))
+            req = steps.send(reply)
+            if req.op is Op.GRAD or req.op is Op.LOCAL:
+                reply = float(compute(req))
             else:
                 serve(req)
                 reply = None
     except StopIteration:
         pass
+
+
+def _no_compute(req: Request) -> float:
+    raise RuntimeError(f"settling or finishing made a {req.op.value!r} request")
+
+
+def run_settle(worker: Worker, serve: Serve) -> None:
+    """Drive :meth:`Worker.settle` (complete a deferred exchange)."""
+    drive(worker.settle(), _no_compute, serve)
+
+
+def run_finish(worker: Worker, serve: Serve) -> None:
+    """Drive :meth:`Worker.finish` (every rank, at the end of training)."""
+    drive(worker.finish(), _no_compute, serve)
+
+
+def run_step(worker: Worker, grad_fn: Callable[[Tensor, Tensor], float], serve: Serve) -> float:
+    """Drive one step of ``worker``; returns the step's loss.
+
+    ``grad_fn(x, out) -> float`` writes the gradient at ``x`` into ``out`` and returns the
+    loss; ``serve`` as in :func:`drive`.
+    """
+    drive(worker.step(), lambda req: grad_fn(worker.x, req.payload), serve)
     return worker.last_loss

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from easgd.algorithms import Mode
 from easgd.runlog import JsonlWriter, RunPaths, atomic_torch_save, atomic_write_json, iter_jsonl
 from easgd.train import RoleContext, TrainConfig, server_addresses
 
@@ -59,7 +60,7 @@ def run_evaluator(cfg: TrainConfig, ctx: RoleContext, stop: threading.Event) -> 
     paths = ctx.paths
     out = JsonlWriter(paths.eval)
     client: Any = None
-    if cfg.resolved_mode() == "async":
+    if cfg.resolved_mode() is Mode.ASYNC:
         from easgd.comm.ps import PSClient
 
         addresses = server_addresses(ctx.store, cfg.servers, cfg.timeout)
@@ -98,7 +99,7 @@ def run_evaluator(cfg: TrainConfig, ctx: RoleContext, stop: threading.Event) -> 
 
 def final_center(cfg: TrainConfig, paths: RunPaths) -> torch.Tensor:
     """The center at the end of the run, from the checkpoints the run left."""
-    if cfg.resolved_mode() == "async":
+    if cfg.resolved_mode() is Mode.ASYNC:
         from easgd.comm.ps import read_checkpoint
 
         shards = [read_checkpoint(paths.server_checkpoint(s)) for s in range(cfg.servers)]
@@ -137,9 +138,9 @@ def finalize(
     best = min((e["test_error"] for e in curve), default=result["error"])
     summary = {
         "method": cfg.method,
-        "mode": cfg.resolved_mode(),
+        "mode": cfg.resolved_mode().value,
         "workers": cfg.workers,
-        "servers": cfg.servers if cfg.resolved_mode() == "async" else 0,
+        "servers": cfg.servers if cfg.resolved_mode() is Mode.ASYNC else 0,
         "tau": cfg.tau,
         "lr": cfg.lr,
         "dataset": cfg.dataset,

@@ -96,7 +96,7 @@ class MethodPlan:
 
     @property
     def sequential(self) -> bool:
-        return METHODS[self.method].modes == ("sequential",)
+        return METHODS[self.method].sequential
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,7 @@ class RunSpec:
 
     @property
     def sequential(self) -> bool:
-        return METHODS[self.method].modes == ("sequential",)
+        return METHODS[self.method].sequential
 
 
 @dataclass(frozen=True)
@@ -227,8 +227,9 @@ class Experiment:
         return TrainConfig(
             method=run.method, workers=run.workers, tau=run.tau, lr=run.lr,
             momentum=self.momentum if spec.momentum_default else None,
-            beta=self.beta if spec.exchange == "elastic" else None,
-            weight_decay=self.weight_decay, moving_rate=self.moving_rate,
+            beta=self.beta if spec.uses("beta") else None,
+            weight_decay=self.weight_decay,
+            moving_rate=self.moving_rate if spec.uses("moving_rate") else None,
             batch_size=self.batch_size, time_budget=time_budget, steps=steps,
             dataset=self.dataset, model=self.model, data_dir=data_dir, seed=run.seed,
             out=str(out), eval_interval=eval_interval or self.eval_interval,
@@ -600,7 +601,7 @@ def _run_sim(ctx: _Context, run: RunSpec, folder: Path) -> dict[str, Any]:
     final = res.metrics[-1]
     errors = [m["error"] for m in res.metrics]
     summary = {
-        "method": run.method, "mode": cfg.resolved_mode(), "workers": run.workers,
+        "method": run.method, "mode": cfg.resolved_mode().value, "workers": run.workers,
         "servers": 0, "tau": run.tau, "lr": run.lr, "dataset": e.dataset,
         "center_test_error": final["error"], "center_test_loss": final["loss"],
         "best_center_test_error": min(errors), "wall_seconds": res.virtual_seconds,

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, NoReturn
 
+from easgd.algorithms import Mode
 from easgd.runlog import JsonlWriter, RunPaths, atomic_write_json, read_jsonl
 from easgd.train import RoleContext, TrainConfig
 
@@ -249,7 +250,7 @@ class _Launcher:
                     continue
                 if rc == 0:
                     continue  # a worker that finished, or a server whose workers all did
-                if proc.role == "worker" and mode == "async":
+                if proc.role == "worker" and mode is Mode.ASYNC:
                     self._worker_died(proc, rc)
                     continue
                 raise self.fail(proc, rc)
@@ -323,7 +324,7 @@ def run_torchrun(cfg: TrainConfig) -> dict[str, Any] | None:
     """
     world = int(os.environ["WORLD_SIZE"])
     if world != cfg.world_size():
-        servers = f"{cfg.servers} servers + " if cfg.resolved_mode() == "async" else ""
+        servers = f"{cfg.servers} servers + " if cfg.resolved_mode() is Mode.ASYNC else ""
         raise ValueError(
             f"torchrun started WORLD_SIZE={world} processes but the run needs "
             f"{servers}{cfg.workers} workers = {cfg.world_size()}; set --nproc-per-node "
@@ -353,7 +354,7 @@ def run_torchrun(cfg: TrainConfig) -> dict[str, Any] | None:
         # Rank 0 waits for every worker (and server) before summarizing.
         while int(store.add("easgd/workers_done", 0)) < cfg.workers:
             time.sleep(0.1)
-        if cfg.resolved_mode() == "async":
+        if cfg.resolved_mode() is Mode.ASYNC:
             keys = [f"easgd/server_saved/{s}" for s in range(cfg.servers)]
             store.wait(keys, datetime.timedelta(seconds=cfg.timeout))
         from easgd.evaluator import finalize

@@ -69,7 +69,7 @@ class Run:
 
     @property
     def sequential(self) -> bool:
-        return METHODS[self.method].modes == ("sequential",)
+        return METHODS[self.method].sequential
 
     @property
     def best_error(self) -> float:

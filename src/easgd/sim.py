@@ -36,7 +36,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from easgd.algorithms import Center, Hyperparams, Op, Request, Worker
+from easgd.algorithms import Center, Evaluated, Hyperparams, Mode, Op, Request, Worker, run_step
 
 __all__ = [
     "SCHEDULES",
@@ -267,21 +267,23 @@ class SimResult:
     local_steps: int = 0
 
 
-def resolve_mode(hp: Hyperparams, schedule: str) -> str:
-    """The worker mode a method runs in under a schedule, or a ValueError saying why not."""
+def resolve_mode(hp: Hyperparams, schedule: str) -> Mode:
+    """The worker mode a method runs in under a schedule, or a ValueError saying why not.
+
+    The synchronous schedule runs every method (the DOWNPOUR family is served in worker
+    order); round-robin and async need a method with an asynchronous mode.
+    """
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule={schedule!r}; choose one of {', '.join(SCHEDULES)}")
-    modes = hp.spec.modes
-    if modes == ("sequential",):
-        return "sequential"
     if schedule == "sync":
-        return "sync" if "sync" in modes else "async"
-    if "async" not in modes:
+        return hp.spec.resolve_mode(Mode.SYNC, strict=False)
+    try:
+        return hp.spec.resolve_mode(Mode.ASYNC)
+    except ValueError:
         raise ValueError(
             f"method={hp.method!r} is synchronous only; it cannot run on the {schedule!r} "
             "schedule: use schedule='sync'"
-        )
-    return "async"
+        ) from None
 
 
 class _Sim:
@@ -309,18 +311,13 @@ class _Sim:
         self._in_flight = 0.0  # virtual seconds of a synchronous all-reduce still running
 
     def center_vector(self) -> Tensor:
-        w0 = self.workers[0]
-        if self.mode == "sequential":
-            return w0.evaluation_vector()
-        exchange = self.hp.spec.exchange
-        if exchange == "elastic" and self.mode == "sync":
-            assert w0.center is not None
-            return w0.center
-        if exchange == "grad-mean":
-            return w0.x
-        if exchange == "param-mean":
+        """The method's result (MethodSpec.evaluated): on the center, or on the workers."""
+        spec = self.hp.spec
+        if spec.evaluated_on_server(self.mode):
+            return self.center.evaluation_vector()
+        if spec.evaluated is Evaluated.MEAN_X:
             return torch.stack([w.x for w in self.workers]).mean(0)
-        return self.center.evaluation_vector()
+        return self.workers[0].evaluation_vector()
 
     def serve(self, req: Request) -> None:
         """An exchange with the center, served at once."""
@@ -338,7 +335,7 @@ class _Sim:
         live = list(range(self.p))
         comm_time = 0.0
         started_in_flight = False
-        overlapped = self.hp.spec.exchange == "elastic"  # as the real runtime overlaps it
+        overlapped = self.hp.spec.elastic  # as the real runtime overlaps it
         if overlapped and self.workers[0].communicates():
             comm_time += self._in_flight  # the previous exchange's all-reduce, if not done
             self._in_flight = 0.0
@@ -391,21 +388,14 @@ class _Sim:
 
     def round_robin_step(self, t: int) -> float:
         r = t % self.p
-        w = self.workers[r]
-        gen = w.step()
-        reply: Any = None
         duration = self.cost.draw_step(r, self.rng)
-        try:
-            while True:
-                req = gen.send(reply)
-                if req.op is Op.GRAD:
-                    reply = self.grads[r](w.x, req.payload)
-                else:
-                    self.serve(req)
-                    duration += self.cost.server_time + 2 * self.cost.message(self.msg_bytes)
-                    reply = None
-        except StopIteration:
-            pass
+
+        def serve(req: Request) -> None:
+            nonlocal duration
+            self.serve(req)
+            duration += self.cost.server_time + 2 * self.cost.message(self.msg_bytes)
+
+        run_step(self.workers[r], self.grads[r], serve)
         return duration
 
     # -- the asynchronous schedule: a discrete-event simulation ---------------------------

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from easgd.algorithms import METHODS, Hyperparams, Op, Request, Worker, run_settle, run_step
+from easgd.algorithms import METHODS, Hyperparams, Mode, Op, Request, Worker, run_settle, run_step
 from easgd.runlog import JsonlWriter, RunPaths, atomic_torch_save
 
 __all__ = ["RoleContext", "TrainConfig", "run_server", "run_worker", "server_addresses"]
@@ -53,7 +53,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     lr_decay: float = 0.0
     lr_power: float = 0.0
-    moving_rate: float = 0.001
+    moving_rate: float | None = None
     batch_size: int = 32
     epochs: float | None = None
     time_budget: float | None = None
@@ -76,13 +76,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode={self.mode!r}; choose one of {', '.join(MODES)}")
-        hp = self.hyperparams()  # validates the hyperparameters
-        mode = self.resolved_mode()
-        if mode not in hp.spec.modes:
-            raise ValueError(
-                f"mode={self.mode!r} is not available for method={self.method!r}; it runs in "
-                f"{' or '.join(hp.spec.modes)} mode"
-            )
+        self.hyperparams()  # validates the hyperparameters
+        self.resolved_mode()  # and the mode
         if self.servers < 1:
             raise ValueError(f"servers={self.servers!r} must be >= 1")
         if self.batch_size < 1:
@@ -107,21 +102,16 @@ class TrainConfig:
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(Hyperparams)}
         return Hyperparams(**{k: v for k, v in fields.items() if v is not None})
 
-    def resolved_mode(self) -> str:
-        modes = METHODS[self.method].modes
-        if modes == ("sequential",):
-            return "sequential"
-        if self.mode == "auto":
-            return "async" if "async" in modes else "sync"
-        return self.mode
+    def resolved_mode(self) -> Mode:
+        return METHODS[self.method].resolve_mode(self.mode)
 
     def world_size(self) -> int:
         """Ranks of the run: servers first (asynchronous mode), then workers."""
-        return self.workers + (self.servers if self.resolved_mode() == "async" else 0)
+        return self.workers + (self.servers if self.resolved_mode() is Mode.ASYNC else 0)
 
     def role_of(self, rank: int) -> tuple[str, int]:
         """``("server", shard)`` or ``("worker", index)`` for a global rank."""
-        servers = self.servers if self.resolved_mode() == "async" else 0
+        servers = self.servers if self.resolved_mode() is Mode.ASYNC else 0
         if rank < servers:
             return "server", rank
         return "worker", rank - servers
@@ -232,7 +222,7 @@ def run_worker(cfg: TrainConfig, ctx: RoleContext, index: int) -> None:
 
     client: Any = None
     transport: Any = None
-    if mode == "async":
+    if mode is Mode.ASYNC:
         from easgd.comm.ps import PSClient
 
         addresses = server_addresses(ctx.store, cfg.servers, cfg.timeout)
@@ -246,7 +236,7 @@ def run_worker(cfg: TrainConfig, ctx: RoleContext, index: int) -> None:
             flat.params.copy_(host)
         else:
             client.join(flat.params)
-    elif mode == "sync":
+    elif mode is Mode.SYNC:
         from easgd.comm.allreduce import AllReduceTransport, default_backend, init_group
 
         init_group(default_backend(device), timeout=cfg.timeout)
@@ -258,7 +248,7 @@ def run_worker(cfg: TrainConfig, ctx: RoleContext, index: int) -> None:
             raise RuntimeError(f"a sequential method made a {req.op.value!r} request")
 
     worker = Worker(hp, flat.params, mode, grad=flat.grads)
-    snapshots = index == 0 and mode in ("sync", "sequential")
+    snapshots = index == 0 and mode is not Mode.ASYNC
     stats = client if client is not None else transport
     next_snapshot = ctx.wall()
     next_checkpoint = ctx.wall() + cfg.checkpoint_interval
@@ -306,10 +296,10 @@ def run_worker(cfg: TrainConfig, ctx: RoleContext, index: int) -> None:
     if stop_check.work is not None:
         stop_check.work.wait()
     if snapshots:
-        if mode == "sync" and hp.spec.exchange == "param-mean" and not _center_is_current(worker):
+        if mode is Mode.SYNC and not worker.result_is_current():
             serve(Request(Op.MEAN, worker.x))  # end on an average, as local SGD does
         _save_sync_checkpoint(cfg, ctx, worker)
-    if mode == "sync":
+    if mode is Mode.SYNC:
         import torch.distributed as dist
 
         dist.barrier()
@@ -326,7 +316,7 @@ def _center(worker: Worker) -> torch.Tensor:
 
 def _center_is_current(worker: Worker) -> bool:
     """Local SGD's rank-0 model is the center only right after an average."""
-    if worker.hp.spec.exchange == "param-mean" and worker.mode == "sync":
+    if worker.spec.exchange.value == "param-mean" and worker.mode is Mode.SYNC:
         return worker.t % worker.hp.tau == 0
     return True
 
@@ -348,7 +338,7 @@ class _StopCheck:
 
 
 def _out_of_time(
-    cfg: TrainConfig, ctx: RoleContext, worker: Worker, mode: str, check: _StopCheck
+    cfg: TrainConfig, ctx: RoleContext, worker: Worker, mode: Mode, check: _StopCheck
 ) -> bool:
     """Whether the time budget is spent; synchronous ranks agree on it.
 
@@ -358,7 +348,7 @@ def _out_of_time(
     """
     assert cfg.time_budget is not None
     over = ctx.wall() >= cfg.time_budget
-    if mode != "sync":
+    if mode is not Mode.SYNC:
         return over
     if worker.t % max(worker.hp.tau, 10) != 0:
         return False

@@ -73,8 +73,8 @@ def add_hyperparam_args(parser: argparse.ArgumentParser, *, workers_flag: str = 
     g.add_argument(
         "--moving-rate",
         type=float,
-        default=0.001,
-        help="constant averaging rate of mvadownpour and mvasgd",
+        default=None,
+        help="constant averaging rate of mvadownpour and mvasgd (default 0.001)",
     )
 
 

@@ -92,7 +92,7 @@ from easgd.comm.ps_client import DEFAULT_HEARTBEAT, DEFAULT_TIMEOUT, PSClient, P
 from easgd.comm.wire import (
     CMD_OP,
     HEADER,
-    METHOD_CMD,
+    OP_CMD,
     SECRET_ENV,
     AuthenticationError,
     Cmd,
@@ -247,13 +247,13 @@ class ParameterServer:
         self.checkpoint_every = float(checkpoint_every)
         self.on_event = on_event
         self.timeout = timeout
-        exchange_cmd = METHOD_CMD.get(hp.spec.exchange)
-        if exchange_cmd is None or "async" not in hp.spec.modes:
+        server_op = hp.spec.server_op
+        if server_op is None:
             raise ValueError(
                 f"method={hp.method!r} has no asynchronous exchange; the parameter server "
                 "serves easgd, eamsgd and the downpour family"
             )
-        self._exchange_cmd: Cmd = exchange_cmd
+        self._exchange_cmd: Cmd = OP_CMD[server_op]
         self._dtype = dtype_code(center_shard.dtype)
         self._lock = threading.Lock()  # the center and every counter
         self._save_lock = threading.Lock()
@@ -285,7 +285,7 @@ class ParameterServer:
         ``checkpoint_path`` default to the saved offset and to ``path``).
         """
         state = read_checkpoint(path)
-        saved_hp = Hyperparams(**state["hp"])
+        saved_hp = Hyperparams.from_dict(state["hp"])
         if hp is not None and hp.method != saved_hp.method:
             raise ValueError(
                 f"{path} holds a {saved_hp.method} center but hp.method={hp.method!r}; "
@@ -398,7 +398,7 @@ class ParameterServer:
             t = int(state["t"])
             state.update(
                 format=CHECKPOINT_FORMAT,
-                hp=dataclasses.asdict(self.hp),
+                hp=self.hp.to_dict(),
                 offset=self.offset,
                 numel=self.numel,
                 exchanges=exchanges,

@@ -37,7 +37,6 @@ __all__ = [
     "ERRORS",
     "HEADER",
     "MAGIC",
-    "METHOD_CMD",
     "OP_CMD",
     "SECRET_ENV",
     "AuthenticationError",
@@ -110,18 +109,13 @@ class Header(NamedTuple):
     aux: int
 
 
-# Which command carries which request, and which exchange each method's server answers.
+# Which command carries which request (the method's MethodSpec.server_op says which one).
 OP_CMD: dict[Op, Cmd] = {
     Op.ELASTIC: Cmd.ELASTIC,
     Op.PUSH_PULL: Cmd.PUSH_PULL,
     Op.GRAD_PULL: Cmd.GRAD_PULL,
 }
 CMD_OP: dict[int, Op] = {int(cmd): op for op, cmd in OP_CMD.items()}
-METHOD_CMD: dict[str, Cmd] = {
-    "elastic": Cmd.ELASTIC,
-    "downpour": Cmd.PUSH_PULL,
-    "mdownpour": Cmd.GRAD_PULL,
-}
 ERRORS: dict[int, type[Exception]] = {
     ErrorKind.VALUE: ValueError,
     ErrorKind.AUTH: AuthenticationError,
