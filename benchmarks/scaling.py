@@ -239,9 +239,9 @@ def run_once(
 ) -> dict[str, Any]:
     if mode == "independent":
         return run_independent(workers, steps, skip)
+    from easgd.config import TrainConfig
     from easgd.launch import launch_local
     from easgd.runlog import iter_jsonl
-    from easgd.train import TrainConfig
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = TrainConfig(

@@ -224,9 +224,9 @@ def run_baseline(run: Run, budget: float, interval: float, warmup: int) -> dict[
 
 
 def run_easgd(run: Run, budget: float, interval: float, startup: float) -> dict[str, Any]:
+    from easgd.config import TrainConfig
     from easgd.launch import launch_local
     from easgd.runlog import iter_jsonl
-    from easgd.train import TrainConfig
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = TrainConfig(

@@ -16,11 +16,11 @@ import torch
 from torch.testing import assert_close
 
 from easgd.algorithms import Hyperparams
+from easgd.config import TrainConfig
 from easgd.evaluator import final_center
 from easgd.problem import build_problem_parts
 from easgd.runlog import RunPaths, iter_jsonl
 from easgd.sim import TorchProblem, simulate
-from easgd.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(240)

@@ -21,8 +21,9 @@ from typing import Any
 import torch
 
 from easgd.algorithms import Mode
+from easgd.config import TrainConfig
 from easgd.runlog import JsonlWriter, RunPaths, atomic_torch_save, atomic_write_json, iter_jsonl
-from easgd.train import RoleContext, TrainConfig, server_addresses
+from easgd.train import RoleContext, server_addresses
 
 __all__ = ["final_center", "finalize", "run_evaluator", "snapshot_wall"]
 

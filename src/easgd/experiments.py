@@ -220,8 +220,8 @@ class Experiment:
         steps: int | None = None,
         eval_interval: float | None = None,
     ) -> Any:
-        """The :class:`easgd.train.TrainConfig` of ``run`` writing into ``out``."""
-        from easgd.train import TrainConfig
+        """The :class:`easgd.config.TrainConfig` of ``run`` writing into ``out``."""
+        from easgd.config import TrainConfig
 
         spec = METHODS[run.method]
         return TrainConfig(

@@ -34,8 +34,9 @@ from pathlib import Path
 from typing import IO, Any, NoReturn
 
 from easgd.algorithms import Mode
+from easgd.config import TrainConfig
 from easgd.runlog import JsonlWriter, RunPaths, atomic_write_json, read_jsonl
-from easgd.train import RoleContext, TrainConfig
+from easgd.train import RoleContext
 
 __all__ = ["RunFailed", "launch_local", "role_main", "run_torchrun"]
 

@@ -14,7 +14,7 @@ from typing import Any
 from easgd.cli._progress import Progress
 from easgd.cli._table import format_table
 from easgd.cli.simulate import add_hyperparam_args
-from easgd.train import MODES, TrainConfig
+from easgd.config import MODES, TrainConfig
 
 __all__ = ["config_from_args", "register", "run"]
 
