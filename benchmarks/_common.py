@@ -1,10 +1,13 @@
 """Shared helpers of the benchmarks: interleaving, medians, tables, JSON, machine and load.
 
-Every benchmark is one command that prints a table and writes JSON (default
+Every benchmark is one command, run from the repository root as a module
+(``python -m benchmarks.<name>``), that prints a table and writes JSON (default
 ``benchmarks/results/<name>.json``). The machine is shared with other people's jobs, so
 compared variants are always interleaved (each repeat runs every variant once, in a rotating
 order) and reported as medians, and :class:`CpuMeter` records how much CPU *other* processes
-used while each sample ran, so a figure taken on a busy machine says so.
+used while each sample ran, so a figure taken on a busy machine says so. A row that got no
+samples (a run that never started training within its budget, say) is reported by
+:class:`Missing`, never a traceback: ``--quick`` still writes its JSON and exits 0.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import os
 import platform
 import statistics
@@ -27,6 +31,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 __all__ = [
     "RESULTS",
     "CpuMeter",
+    "Missing",
     "ProcessSampler",
     "background_cores",
     "base_parser",
@@ -37,6 +42,7 @@ __all__ = [
     "machine_info",
     "median",
     "print_table",
+    "ratio",
     "single_thread",
     "summary",
     "wait_until_quiet",
@@ -81,8 +87,10 @@ def base_parser(name: str, doc: str | None) -> argparse.ArgumentParser:
     """The flags every benchmark has: ``--quick`` and ``--json PATH``."""
     first = (doc or name).strip().split("\n\n")[0]
     parser = argparse.ArgumentParser(
-        prog=f"benchmarks/{name}.py",
+        prog=f"python -m benchmarks.{name}",
         description=first,
+        epilog="Run from the repository root. The figures, the commands that produced them "
+        "and what limits each one: benchmarks/RESULTS.md.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
@@ -108,6 +116,9 @@ def interleaved(variants: Sequence[str], repeats: int) -> Iterator[tuple[int, st
 
 
 def median(values: Sequence[float]) -> float:
+    """The median; censored samples (inf: never reached) sort last; nan when there are none."""
+    if not values:
+        return math.nan
     finite = [v for v in values if v == v and v != float("inf")]
     if len(finite) < len(values):
         # Censored samples (inf: never reached) sort last; the median is inf if they dominate.
@@ -121,12 +132,19 @@ def _mid(ordered: list[float]) -> float:
     return (ordered[k - 1] + ordered[k]) / 2
 
 
+def ratio(numerator: float, denominator: float) -> float:
+    """``numerator / denominator``, or nan when the denominator is not a positive number."""
+    if not denominator > 0 or math.isinf(denominator):
+        return math.nan
+    return numerator / denominator
+
+
 def summary(values: Sequence[float]) -> dict[str, Any]:
-    """Median, min, max and the samples themselves."""
+    """Median, min, max and the samples themselves (nan and ``n = 0`` when there are none)."""
     return {
         "median": median(values),
-        "min": min(values),
-        "max": max(values),
+        "min": min(values, default=math.nan),
+        "max": max(values, default=math.nan),
         "n": len(values),
         "samples": list(values),
     }
@@ -135,7 +153,7 @@ def summary(values: Sequence[float]) -> dict[str, Any]:
 def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     """A plain aligned table (numbers right-aligned), the same in every benchmark."""
     cells = [[_fmt(c) for c in row] for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(header)]
+    widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(header)]
 
     def line(values: Sequence[str], numeric: Sequence[bool]) -> str:
         out = [
@@ -160,6 +178,8 @@ def _is_number(value: Any) -> bool:
 
 
 def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
     if isinstance(value, float):
         if value != value:
             return "-"
@@ -194,15 +214,44 @@ def machine_info() -> dict[str, Any]:
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "load_average_at_start": list(load),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": _command(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
+
+
+def _command() -> str:
+    """The command line as typed: ``python3 -m benchmarks.<name> ...`` for a module."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    program = ["-m", spec.name] if spec is not None else sys.argv[:1]
+    return " ".join([Path(sys.executable).name, *program, *sys.argv[1:]])
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2, allow_nan=True) + "\n")
     print(f"wrote {path}")
+
+
+class Missing:
+    """The rows that got no samples, and why: each printed as it is found, all in the JSON.
+
+    A benchmark's ``--quick`` form, which the tests run on machines of any speed and load,
+    reports them and exits 0; a full run exits 1, since its table has holes.
+    """
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, str]] = []
+
+    def add(self, row: str, why: str) -> None:
+        print(f"no samples: {row}: {why}", flush=True)
+        self.rows.append({"row": row, "why": why})
+
+    def exit_code(self, quick: bool) -> int:
+        if not self.rows:
+            return 0
+        names = ", ".join(r["row"] for r in self.rows)
+        print(f"{len(self.rows)} row(s) without samples: {names} (reasons above)", flush=True)
+        return 0 if quick else 1
 
 
 # ---------------------------------------------------------------------------------------

@@ -31,12 +31,13 @@ In a training loop (``--loop``, on by default): both ranks train a 4.6M-paramete
 An exchange's cost in the loop is its period minus ``loop_local``'s; the ratio divides it by
 the raw all-reduce's cost in the same loop.
 
-Usage::
+Usage, from the repository root::
 
-    python benchmarks/exchange.py [--quick] [--numel 5000000] [--repeats N] [--no-loop]
+    python -m benchmarks.exchange [--quick] [--numel 5000000] [--repeats N] [--no-loop]
         [--profile ROW ...] [--json PATH]
 
-Every process runs one torch thread. Add a row by appending to ``build_rows`` (and, when
+Every process runs one torch thread. The figures and what limits them:
+``benchmarks/RESULTS.md``, section 2. Add a row by appending to ``build_rows`` (and, when
 the echo side must act, a mode to ``_PEER_MODES``).
 """
 
@@ -47,7 +48,6 @@ import json
 import math
 import os
 import signal
-import statistics
 import sys
 import tempfile
 import time
@@ -60,21 +60,31 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from benchmarks._common import (
+    Missing,
+    base_parser,
+    free_port,
+    init_gloo,
+    machine_info,
+    median,
+    print_table,
+    ratio,
+    write_json,
+)
 from easgd.algorithms import (
     Hyperparams,
+    Mode,
     Op,
     Request,
     Worker,
+    drive,
     elastic_exchange_,
+    local_step_,
     run_settle,
     run_step,
 )
 from easgd.comm.allreduce import AllReduceTransport
 from easgd.comm.ps import PSClient, serve
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import base_parser, free_port, init_gloo, machine_info, print_table, write_json
 
 HP = Hyperparams(method="easgd", lr=0.01, tau=1, workers=4)
 SYNC_HP = Hyperparams(method="easgd", lr=0.01, tau=1, workers=2)  # the 2-rank gloo world
@@ -121,20 +131,18 @@ class SyncExchange:
     then ``settle`` (wait, center update)."""
 
     def __init__(self, x: torch.Tensor) -> None:
-        self.worker = Worker(SYNC_HP, x, "sync", external_local=True)
+        self.worker = Worker(SYNC_HP, x, Mode.SYNC, external_local=True)
         self.transport = AllReduceTransport()
 
     def __call__(self) -> None:
         self.worker.t = 0  # every call is an exchange step (t % tau == 0)
-        gen = self.worker.step()
-        reply: Any = None
-        try:
-            while True:
-                req = gen.send(reply)
-                reply = math.nan if req.op is Op.LOCAL else self.transport.serve(req)
-        except StopIteration:
-            pass
+        drive(self.worker.step(), _no_local_step, self.transport.serve)
         run_settle(self.worker, self.transport.serve)
+
+
+def _no_local_step(req: Request) -> float:
+    """The ``LOCAL`` request of an exchange step: left out, so only the exchange is timed."""
+    return math.nan
 
 
 def _sync_peer(buf: torch.Tensor, state: dict[str, Any]) -> None:
@@ -152,7 +160,7 @@ class LoopVariant:
     """Both ranks: ``periods`` x (tau local steps + one exchange of kind ``kind``)."""
 
     def __init__(self, kind: str, seed: int = 0) -> None:
-        from easgd.models import parameters_to_flat_views
+        from easgd.flat import parameters_to_flat_views
 
         torch.manual_seed(seed)
         layers: list[torch.nn.Module] = []
@@ -169,7 +177,7 @@ class LoopVariant:
         self.worker: Worker | None = None
         if kind.startswith("loop_sync_easgd"):
             self.transport = AllReduceTransport(overlap=not kind.endswith("blocking"))
-            self.worker = Worker(LOOP_HP, self.flat.params, "sync", grad=self.flat.grads)
+            self.worker = Worker(LOOP_HP, self.flat.params, Mode.SYNC, grad=self.flat.grads)
 
     def grad(self, x: torch.Tensor, out: torch.Tensor) -> float:
         self.flat.zero_grad_()
@@ -187,7 +195,7 @@ class LoopVariant:
                 continue
             for _ in range(LOOP_TAU):
                 self.grad(x, g)
-                x.add_(g, alpha=-LOOP_LR)
+                local_step_(x, g, lr=LOOP_LR)
             if self.kind == "loop_allreduce_raw":
                 dist.all_reduce(self.buf)
         if self.worker is not None:
@@ -350,8 +358,50 @@ def profile_row(rows: list[Row], name: str, calls: int = 10) -> str:
     return table
 
 
+def summarize(samples: dict[str, list[float]], missing: Missing) -> list[dict[str, Any]]:
+    """One result row per measured row: its median and its ratio to its baseline.
+
+    A loop row's exchange cost is its period minus ``loop_local``'s; where the raw
+    all-reduce's own cost in the loop is not positive (other processes' noise larger than
+    the exchange), the loop rows get no ratio and say so.
+    """
+    med = {name: median(ms) for name, ms in samples.items()}
+    raw = med.get("loop_allreduce_raw", math.nan) - med.get("loop_local", math.nan)
+    if "loop_local" in med and not raw > 0:
+        missing.add(
+            "loop ratios",
+            f"loop_allreduce_raw - loop_local = {raw:.3f} ms is not positive: the noise of the "
+            "period is larger than the raw all-reduce's cost, so no exchange can be divided "
+            "by it (a longer run, more --periods or a quieter machine)",
+        )
+    out = []
+    for name, ms in samples.items():
+        row: dict[str, Any] = {"name": name, "median_ms": med[name]}
+        if name.startswith("loop_"):
+            cost = med[name] - med["loop_local"]
+            row.update(
+                exchange_ms=cost,
+                ratio=ratio(cost, raw) if name != "loop_local" else math.nan,
+                baseline="loop_allreduce_raw",
+            )
+        elif name.startswith(("allreduce", "sync")):
+            row.update(ratio=ratio(med[name], med["allreduce_raw"]), baseline="allreduce_raw")
+        else:
+            row.update(ratio=ratio(med[name], med["gloo_echo"]), baseline="gloo_echo")
+        row.update(
+            min_ms=min(ms, default=math.nan), max_ms=max(ms, default=math.nan), samples_ms=ms
+        )
+        out.append(row)
+    return out
+
+
 def run(
-    numel: int, repeats: int, warmup: int, periods: int, profile: tuple[str, ...] = ()
+    numel: int,
+    repeats: int,
+    warmup: int,
+    periods: int,
+    missing: Missing,
+    profile: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     torch.set_num_threads(1)
     ctx = mp.get_context("spawn")
@@ -389,26 +439,9 @@ def run(
                 if proc.is_alive():
                     proc.kill()
                     proc.join()
-    med = {name: statistics.median(ms) for name, ms in samples.items()}
-    rows = []
-    for name, ms in samples.items():
-        row: dict[str, Any] = {"name": name, "median_ms": med[name]}
-        if name.startswith("loop_"):
-            # The exchange's cost in the loop: its period minus the compute-only period.
-            cost = med[name] - med["loop_local"]
-            raw = med["loop_allreduce_raw"] - med["loop_local"]
-            row.update(
-                exchange_ms=cost,
-                ratio=cost / raw if name != "loop_local" else math.nan,
-                baseline="loop_allreduce_raw",
-            )
-        elif name.startswith(("allreduce", "sync")):
-            row.update(ratio=med[name] / med["allreduce_raw"], baseline="allreduce_raw")
-        else:
-            row.update(ratio=med[name] / med["gloo_echo"], baseline="gloo_echo")
-        row.update(min_ms=min(ms), max_ms=max(ms), samples_ms=ms)
-        rows.append(row)
+    rows = summarize(samples, missing)
     return {
+        "missing": missing.rows,
         "profiles": profiles,
         "numel": numel,
         "bytes": numel * 4,
@@ -449,8 +482,14 @@ def main(argv: list[str] | None = None) -> int:
     repeats = args.repeats or (3 if args.quick else 20)
     periods = 0 if args.no_loop else (args.periods or (2 if args.quick else 10))
     info = machine_info()
+    missing = Missing()
     result = run(
-        numel, repeats, warmup=1 if args.quick else 3, periods=periods, profile=tuple(args.profile)
+        numel,
+        repeats,
+        warmup=1 if args.quick else 3,
+        periods=periods,
+        missing=missing,
+        profile=tuple(args.profile),
     )
     result = {"benchmark": "exchange", "quick": args.quick, "machine": info, **result}
     rows = result["rows"]
@@ -474,13 +513,17 @@ def main(argv: list[str] | None = None) -> int:
             by["loop_sync_easgd"]["ratio"],
             SYNC_TARGET,
         )
-    met = {}
-    for label, (ratio, target) in verdicts.items():
-        met[label] = bool(ratio <= target)
-        print(f"target {label} <= {target}: {ratio:.3f} -> {'met' if met[label] else 'MISSED'}")
+    met: dict[str, bool | None] = {}
+    for label, (figure, target) in verdicts.items():
+        if math.isnan(figure):
+            met[label] = None
+            print(f"target {label} <= {target}: no figure (see 'no samples' above)")
+            continue
+        met[label] = bool(figure <= target)
+        print(f"target {label} <= {target}: {figure:.3f} -> {'met' if met[label] else 'MISSED'}")
     result["target_met"] = met
     write_json(args.json, result)
-    return 0
+    return missing.exit_code(args.quick)
 
 
 if __name__ == "__main__":

@@ -18,9 +18,11 @@ ratio of a repeat compares the blocks that ran side by side. Reported: the media
 per-repeat ratios (the target figure) and the ratio of the medians, both in wall time and
 in this process's CPU time (less sensitive to other people's jobs).
 
-Usage::
+Usage, from the repository root::
 
-    python benchmarks/overhead.py [--quick] [--steps 300] [--repeats 30] [--json PATH]
+    python -m benchmarks.overhead [--quick] [--steps 300] [--repeats 30] [--json PATH]
+
+The figures and what limits them: ``benchmarks/RESULTS.md``, section 1.
 """
 
 from __future__ import annotations
@@ -29,18 +31,16 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import (
+from benchmarks._common import (
     CpuMeter,
     base_parser,
     interleaved,
     machine_info,
     median,
     print_table,
+    ratio,
     single_thread,
     summary,
     write_json,
@@ -146,15 +146,15 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for v in variants:
         s = samples[v]
-        paired = [a / b for a, b in zip(s["wall"], base["wall"], strict=True)]
-        paired_cpu = [a / b for a, b in zip(s["cpu"], base["cpu"], strict=True)]
+        paired = [ratio(a, b) for a, b in zip(s["wall"], base["wall"], strict=True)]
+        paired_cpu = [ratio(a, b) for a, b in zip(s["cpu"], base["cpu"], strict=True)]
         rows.append(
             {
                 "variant": v,
                 "wall_us_per_step": summary(s["wall"]),
                 "cpu_us_per_step": summary(s["cpu"]),
                 "ratio": median(paired),
-                "ratio_of_medians": median(s["wall"]) / median(base["wall"]),
+                "ratio_of_medians": ratio(median(s["wall"]), median(base["wall"])),
                 "cpu_ratio": median(paired_cpu),
                 "paired_ratios": paired,
                 "background_cores": median(s["bg"]),

@@ -20,16 +20,22 @@ the medians. The CPU each role (worker, server, evaluator) used and the load of 
 people's processes are recorded per run: on 2 cores a second worker can only double the
 throughput if nothing else wants a core.
 
-Usage::
+Usage, from the repository root::
 
-    python benchmarks/scaling.py [--quick] [--steps 6000] [--repeats 5]
+    python -m benchmarks.scaling [--quick] [--steps 6000] [--repeats 5]
         [--modes independent async sync] [--wait-quiet SECONDS] [--json PATH]
-    python benchmarks/scaling.py --profile-allreduce   # the synchronous transport's cost
+    python -m benchmarks.scaling --profile-allreduce   # the synchronous transport's cost
+
+A run whose workers never all ran at once after ``--skip`` (on a loaded machine one may
+finish before the other starts) has no steady window: it is reported as a run without
+samples, not a figure. The figures and what limits them: ``benchmarks/RESULTS.md``,
+section 3.
 """
 
 from __future__ import annotations
 
 import bisect
+import math
 import os
 import sys
 import tempfile
@@ -37,10 +43,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import (
+from benchmarks._common import (
     CpuMeter,
+    Missing,
     ProcessSampler,
     base_parser,
     by_role,
@@ -50,32 +55,60 @@ from _common import (
     machine_info,
     median,
     print_table,
+    ratio,
     single_thread,
     summary,
     wait_until_quiet,
     write_json,
 )
+from easgd.algorithms import METHODS
+from easgd.runlog import METRICS_FILE, PROGRESS_EVENTS, Event
 
 TARGET = 1.8
 TAU, BATCH = 10, 32
+METHOD = "eamsgd"
+#: The easgd transports measured: every mode the method runs in (async: the parameter
+#: server; sync: the overlapped all-reduce), and the machine's ceiling.
+MODES = ("independent", *(m.value for m in METHODS[METHOD].modes))
+
+
+class NoSteadyWindow(RuntimeError):
+    """A run's worker events give no window in which every worker was running."""
 
 
 def steady_rate(events: list[dict[str, Any]], skip: float) -> tuple[float, float]:
     """``(steps/s of all workers together, window seconds)`` while every worker runs."""
     series: dict[int, list[tuple[float, int]]] = {}
     for e in events:
-        if e.get("event") in ("exchange", "step"):
+        if e.get("event") in PROGRESS_EVENTS:
             series.setdefault(int(e["worker"]), []).append((float(e["wall"]), int(e["step"])))
     if not series:
-        raise RuntimeError("no worker events in metrics.jsonl")
+        raise NoSteadyWindow(f"no worker logged a step (no worker events in {METRICS_FILE})")
     for s in series.values():
         s.sort()
     t0 = max(s[0][0] for s in series.values()) + skip
     t1 = min(s[-1][0] for s in series.values())
     if t1 <= t0:
-        raise RuntimeError(f"no steady window: workers overlap {t1 - t0 + skip:.2f} s < skip")
+        raise NoSteadyWindow(
+            f"no steady window: the workers ran together {t1 - t0 + skip:.2f} s, not more "
+            f"than the {skip:g} s of warm-up skipped (--skip; more --steps or a quieter machine)"
+        )
     steps = sum(_steps_at(s, t1) - _steps_at(s, t0) for s in series.values())
     return steps / (t1 - t0), t1 - t0
+
+
+def throughput(events: list[dict[str, Any]], skip: float) -> dict[str, Any]:
+    """A run's steady throughput; ``samples_per_s`` None and ``no_samples`` says why if none."""
+    try:
+        rate, window = steady_rate(events, skip)
+    except NoSteadyWindow as e:
+        return {"samples_per_s": None, "steps_per_s": None, "window_s": 0.0, "no_samples": str(e)}
+    return {
+        "samples_per_s": rate * BATCH,
+        "steps_per_s": rate,
+        "window_s": window,
+        "no_samples": None,
+    }
 
 
 def _steps_at(series: list[tuple[float, int]], t: float) -> float:
@@ -114,7 +147,7 @@ def _independent_worker(index: int, steps: int, path: str) -> None:
         torch.nn.functional.cross_entropy(model(xb), yb).backward()
         opt.step()
         if t % 10 == 0 or t == 1:
-            lines.append({"event": "step", "wall": time.time(), "worker": index, "step": t})
+            lines.append({"event": Event.STEP, "wall": time.time(), "worker": index, "step": t})
     with open(path, "w") as f:
         f.write("\n".join(json.dumps(line) for line in lines))
 
@@ -138,11 +171,8 @@ def run_independent(workers: int, steps: int, skip: float) -> dict[str, Any]:
             if proc.exitcode != 0:
                 raise RuntimeError(f"an independent worker exited with {proc.exitcode}")
         events = [json.loads(line) for path in paths for line in Path(path).read_text().split("\n")]
-    rate, window = steady_rate(events, skip)
     return {
-        "samples_per_s": rate * BATCH,
-        "steps_per_s": rate,
-        "window_s": window,
+        **throughput(events, skip),
         "cpu_s_by_role": {"worker": meter.ours},
         "load": meter.as_dict(),
     }
@@ -241,11 +271,11 @@ def run_once(
         return run_independent(workers, steps, skip)
     from easgd.config import TrainConfig
     from easgd.launch import launch_local
-    from easgd.runlog import iter_jsonl
+    from easgd.runlog import RunPaths, iter_jsonl
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = TrainConfig(
-            method="eamsgd",
+            method=METHOD,
             mode=mode,
             workers=workers,
             tau=TAU,
@@ -256,16 +286,40 @@ def run_once(
         )
         with CpuMeter() as meter, ProcessSampler() as sampler:
             launch_local(cfg)
-        events = list(iter_jsonl(Path(cfg.out) / "metrics.jsonl"))
-    rate, window = steady_rate(events, skip)
+        events = list(iter_jsonl(RunPaths(cfg.out).metrics))
     roles = by_role(cfg, sampler.by_label())
-    return {
-        "samples_per_s": rate * BATCH,
-        "steps_per_s": rate,
-        "window_s": window,
-        "cpu_s_by_role": roles,
-        "load": meter.as_dict(),
-    }
+    return {**throughput(events, skip), "cpu_s_by_role": roles, "load": meter.as_dict()}
+
+
+def _rows(
+    runs: dict[str, list[dict[str, Any]]], modes: list[str], missing: Missing
+) -> list[dict[str, Any]]:
+    """One row per (mode, P): the median of the runs that have a steady window."""
+    rows = []
+    for mode in modes:
+        one = [r["samples_per_s"] for r in runs[f"{mode}/1"] if r["samples_per_s"] is not None]
+        for p in (1, 2):
+            rs = runs[f"{mode}/{p}"]
+            rates = [r["samples_per_s"] for r in rs if r["samples_per_s"] is not None]
+            if not rates:
+                why = "; ".join(sorted({r["no_samples"] for r in rs}))
+                missing.add(f"{mode} P={p}", f"none of its {len(rs)} run(s) has a figure: {why}")
+            wall = sum(r["load"]["wall_s"] for r in rs)
+            cpu = {
+                role: ratio(sum(r["cpu_s_by_role"].get(role, 0.0) for r in rs), wall)
+                for role in ("worker", "server", "evaluator")
+            }
+            rows.append(
+                {
+                    "mode": mode,
+                    "workers": p,
+                    "samples_per_s": summary(rates),
+                    "ratio_vs_1": ratio(median(rates), median(one)),
+                    "background_cores": median([r["load"]["background_cores"] for r in rs]),
+                    "cores_by_role": cpu,
+                }
+            )
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -273,10 +327,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="local steps per worker (6000)")
     parser.add_argument("--repeats", type=int, default=None, help="runs per variant (5)")
     parser.add_argument(
-        "--modes", nargs="+", default=None, choices=["independent", "async", "sync"]
+        "--modes", nargs="+", default=None, choices=MODES, help=f"(default: {' '.join(MODES)})"
     )
     parser.add_argument("--eval-interval", type=float, default=1e6, help="evaluator period (s)")
-    parser.add_argument("--skip", type=float, default=0.5, help="seconds of warm-up not counted")
+    parser.add_argument(
+        "--skip", type=float, default=None, help="seconds of warm-up not counted (0.5; quick 0.2)"
+    )
     parser.add_argument(
         "--wait-quiet",
         type=float,
@@ -305,44 +361,26 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     steps = args.steps or (800 if args.quick else 6000)
     repeats = args.repeats or (1 if args.quick else 5)
-    modes = args.modes or (["async"] if args.quick else ["independent", "async", "sync"])
-    skip = 0.2 if args.quick else args.skip
+    modes = args.modes or (["async"] if args.quick else list(MODES))
+    skip = args.skip if args.skip is not None else (0.2 if args.quick else 0.5)
     info = machine_info()
     variants = [f"{m}/{p}" for m in modes for p in (1, 2)]
     runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
+    missing = Missing()
     for i, v in interleaved(variants, repeats):
         mode, p = v.split("/")
         quiet = wait_until_quiet(args.wait_quiet)
         r = run_once(mode, int(p), steps, args.eval_interval, skip)
         r["background_before"] = quiet
         runs[v].append(r)
+        rate = r["samples_per_s"]
+        figure = "no samples" if rate is None else f"{rate:8.0f} samples/s"
         print(
-            f"[{i + 1}/{repeats}] {mode:<5} P={p}: {r['samples_per_s']:8.0f} samples/s "
+            f"[{i + 1}/{repeats}] {mode:<5} P={p}: {figure} "
             f"(background {r['load']['background_cores']:.2f} cores)",
             flush=True,
         )
-
-    rows = []
-    for mode in modes:
-        one = [r["samples_per_s"] for r in runs[f"{mode}/1"]]
-        for p in (1, 2):
-            rs = runs[f"{mode}/{p}"]
-            rates = [r["samples_per_s"] for r in rs]
-            wall = sum(r["load"]["wall_s"] for r in rs)
-            cpu = {
-                role: sum(r["cpu_s_by_role"].get(role, 0.0) for r in rs) / wall
-                for role in ("worker", "server", "evaluator")
-            }
-            rows.append(
-                {
-                    "mode": mode,
-                    "workers": p,
-                    "samples_per_s": summary(rates),
-                    "ratio_vs_1": median(rates) / median(one),
-                    "background_cores": median([r["load"]["background_cores"] for r in rs]),
-                    "cores_by_role": cpu,
-                }
-            )
+    rows = _rows(runs, modes, missing)
     print()
     print_table(
         f"Samples/s (batch {BATCH}, tau {TAU}, EAMSGD on digits), median of {repeats}; "
@@ -375,12 +413,17 @@ def main(argv: list[str] | None = None) -> int:
             for r in rows
         ],
     )
-    met = {}
+    met: dict[str, bool | None] = {}
     for r in rows:
         if r["workers"] == 2:
+            label = f"target {r['mode']}: P=2 / P=1 >= {TARGET}"
+            if math.isnan(r["ratio_vs_1"]):
+                met[r["mode"]] = None
+                print(f"{label}: no figure (see 'no samples' above)")
+                continue
             met[r["mode"]] = r["ratio_vs_1"] >= TARGET
             verdict = "met" if met[r["mode"]] else "MISSED"
-            print(f"target {r['mode']}: P=2 / P=1 >= {TARGET}: {r['ratio_vs_1']:.3f} -> {verdict}")
+            print(f"{label}: {r['ratio_vs_1']:.3f} -> {verdict}")
     write_json(
         args.json,
         {
@@ -398,11 +441,12 @@ def main(argv: list[str] | None = None) -> int:
             },
             "target": TARGET,
             "target_met": met,
+            "missing": missing.rows,
             "rows": rows,
             "runs": runs,
         },
     )
-    return 0
+    return missing.exit_code(args.quick)
 
 
 if __name__ == "__main__":

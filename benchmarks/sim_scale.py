@@ -13,10 +13,9 @@ Two questions, answered with :func:`easgd.sim.simulate`:
 
    * ``allreduce``: the library's all-reduce SGD (gradients averaged every step, as DDP;
      plain SGD, no momentum), ring all-reduce cost ``2(p-1)(latency + bytes/(p*bw))``;
-   * ``allreduce_nesterov``: the same with Nesterov momentum 0.9, as DDP users run it. The
-     library's ``allreduce`` method has no momentum, so this baseline is a loop here that
-     averages the 64 replicas' gradients and applies ``easgd.algorithms``'
-     ``nesterov_lookahead_`` / ``local_step_``, on the same clock;
+   * ``allreduce_nesterov``: the same method with Nesterov momentum 0.9, as DDP users run
+     it (``Hyperparams(method="allreduce", momentum=0.9)``, the authors' form:
+     ``v = d*v; x += v; g = mean of the gradients at x; x -= lr*g; v -= lr*g``);
    * ``eamsgd S=inf``: the simulator's default: every worker has its own link and the
      center answers at once (a center sharded over as many servers as needed);
    * ``eamsgd S=16`` / ``S=1``: the center on 16 or 1 servers whose links are shared: each
@@ -24,31 +23,32 @@ Two questions, answered with :func:`easgd.sim.simulate`:
      requests queue).
 
    The step time is constant, so the all-reduce trajectory is the same at every bandwidth;
-   only its clock changes. One seed (the simulator is deterministic); no weight decay.
+   only its clock changes. One seed (the simulator is deterministic); no weight decay. Every
+   variant is a method of the library, run by the simulator on the schedule of its mode.
 
-Usage::
+Usage, from the repository root::
 
-    python benchmarks/sim_scale.py [--quick] [--target 0.05] [--json PATH]
+    python -m benchmarks.sim_scale [--quick] [--target 0.05] [--json PATH]
+
+The figures and what limits them: ``benchmarks/RESULTS.md``, section 5.
 """
 
 from __future__ import annotations
 
 import math
 import sys
-import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import (
+from benchmarks._common import (
     base_parser,
     machine_info,
     print_table,
+    ratio,
     single_thread,
     write_json,
 )
+from easgd.algorithms import METHODS, Exchange, Hyperparams, Mode
 
 NUMEL = 5_000_000
 STEP_TIME = 0.1
@@ -63,25 +63,50 @@ class Variant:
     """One method of the time-to-accuracy table and its learning-rate grid."""
 
     name: str
-    method: str  # "eamsgd", "allreduce" or "allreduce_nesterov"
+    method: str  # a method of easgd.algorithms.METHODS
     grid: tuple[float, ...]
-    servers: float = math.inf  # eamsgd: shards of the center (inf: no server contention)
-    steps: int = 200  # local steps per worker (eamsgd) or global steps (all-reduce)
+    tau: int = 1
+    momentum: float | None = None  # None: the method's default
+    servers: float = math.inf  # asynchronous: shards of the center (inf: no contention)
+    steps: int = 200  # local steps per worker (async) or global steps (sync)
+
+    def hyperparams(self, lr: float, workers: int) -> Hyperparams:
+        given = {} if self.momentum is None else {"momentum": self.momentum}
+        return Hyperparams(method=self.method, lr=lr, tau=self.tau, workers=workers, **given)
+
+    @property
+    def mode(self) -> Mode:
+        return METHODS[self.method].resolve_mode()
+
+    @property
+    def allreduce(self) -> bool:
+        """Whether it averages gradients at every step (the data-parallel baselines)."""
+        return METHODS[self.method].exchange is Exchange.GRAD_MEAN
 
 
 FULL = (
     Variant("allreduce", "allreduce", (0.1, 0.3), steps=150),
-    Variant("allreduce_nesterov", "allreduce_nesterov", (0.01, 0.03, 0.1), steps=150),
-    Variant("eamsgd S=inf", "eamsgd", (0.005, 0.01), steps=200),
-    Variant("eamsgd S=16", "eamsgd", (0.005, 0.01), servers=16, steps=200),
-    Variant("eamsgd S=1", "eamsgd", (0.005, 0.01), servers=1, steps=150),
+    Variant("allreduce_nesterov", "allreduce", (0.01, 0.03, 0.1), momentum=0.9, steps=150),
+    Variant("eamsgd S=inf", "eamsgd", (0.005, 0.01), tau=TAU, steps=200),
+    Variant("eamsgd S=16", "eamsgd", (0.005, 0.01), tau=TAU, servers=16, steps=200),
+    Variant("eamsgd S=1", "eamsgd", (0.005, 0.01), tau=TAU, servers=1, steps=150),
 )
 QUICK = (
     Variant("allreduce", "allreduce", (0.3,), steps=6),
-    Variant("allreduce_nesterov", "allreduce_nesterov", (0.03,), steps=6),
-    Variant("eamsgd S=inf", "eamsgd", (0.01,), steps=6),
-    Variant("eamsgd S=1", "eamsgd", (0.01,), servers=1, steps=4),
+    Variant("allreduce_nesterov", "allreduce", (0.03,), momentum=0.9, steps=6),
+    Variant("eamsgd S=inf", "eamsgd", (0.01,), tau=TAU, steps=6),
+    Variant("eamsgd S=1", "eamsgd", (0.01,), tau=TAU, servers=1, steps=4),
 )
+#: The simulator's speed: one run of each method, at these hyperparameters.
+SPEED = {
+    "eamsgd": Variant("eamsgd", "eamsgd", (0.005,), tau=TAU),
+    "allreduce": Variant("allreduce", "allreduce", (0.1,)),
+}
+
+
+def schedule_of(v: Variant) -> str:
+    """The simulator's schedule for a variant: its method's default mode (sync or async)."""
+    return v.mode.value
 
 
 def cost_model(bandwidth: float, servers: float = math.inf) -> Any:
@@ -111,18 +136,17 @@ def digits_problem() -> Any:
 
 
 def speed(problem_name: str, method: str, workers: int, steps: int) -> dict[str, Any]:
-    from easgd.algorithms import Hyperparams
     from easgd.sim import Quadratic, simulate
 
     problem = Quadratic(sigma=1.0, dim=1000) if problem_name == "quadratic" else digits_problem()
-    if method == "eamsgd":
-        hp = Hyperparams(method="eamsgd", lr=0.005, tau=TAU, workers=workers)
-        schedule = "async"
-    else:
-        hp = Hyperparams(method="allreduce", lr=0.1, workers=workers)
-        schedule = "sync"
+    v = SPEED[method]
+    schedule = schedule_of(v)
     res = simulate(
-        problem, hp, schedule=schedule, steps=steps, cost=cost_model(BANDWIDTHS["1Gbit"])
+        problem,
+        v.hyperparams(v.grid[0], workers),
+        schedule=schedule,
+        steps=steps,
+        cost=cost_model(BANDWIDTHS["1Gbit"]),
     )
     return {
         "problem": problem_name,
@@ -132,8 +156,8 @@ def speed(problem_name: str, method: str, workers: int, steps: int) -> dict[str,
         "virtual_s": res.virtual_seconds,
         "real_s": res.real_seconds,
         "local_steps": res.local_steps,
-        "real_s_per_sim_hour": res.real_seconds / res.virtual_seconds * 3600,
-        "local_steps_per_real_s": res.local_steps / res.real_seconds,
+        "real_s_per_sim_hour": ratio(res.real_seconds, res.virtual_seconds) * 3600,
+        "local_steps_per_real_s": ratio(res.local_steps, res.real_seconds),
     }
 
 
@@ -146,73 +170,18 @@ def run_variant(
     v: Variant, lr: float, bandwidth: float, workers: int, eval_interval: float
 ) -> tuple[list[float], list[float], float]:
     """``(virtual times, test errors, real seconds)`` of one run."""
-    from easgd.algorithms import Hyperparams
     from easgd.sim import simulate
 
-    problem = digits_problem()
-    if v.method == "allreduce_nesterov":
-        return allreduce_nesterov(problem, workers, lr, 0.9, v.steps, bandwidth, eval_interval)
-    if v.method == "allreduce":
-        hp = Hyperparams(method="allreduce", lr=lr, workers=workers)
-        schedule = "sync"
-    else:
-        hp = Hyperparams(method="eamsgd", lr=lr, tau=TAU, workers=workers)
-        schedule = "async"
     res = simulate(
-        problem,
-        hp,
-        schedule=schedule,
+        digits_problem(),
+        v.hyperparams(lr, workers),
+        schedule=schedule_of(v),
         steps=v.steps,
         seed=0,
         cost=cost_model(bandwidth, v.servers),
         eval_interval=eval_interval,
     )
     return list(res.times), [m["error"] for m in res.metrics], res.real_seconds
-
-
-def allreduce_nesterov(
-    problem: Any,
-    workers: int,
-    lr: float,
-    momentum: float,
-    steps: int,
-    bandwidth: float,
-    eval_interval: float,
-) -> tuple[list[float], list[float], float]:
-    """All-reduce SGD with Nesterov momentum: the mean of ``workers`` gradients per step.
-
-    The same replicas, batches (worker r: seed r) and clock as the simulator's ``sync``
-    schedule: every step costs ``step_time`` plus one ring all-reduce of the gradient.
-    """
-    import torch
-
-    from easgd.algorithms import local_step_, nesterov_lookahead_
-
-    started = time.perf_counter()
-    cost = cost_model(bandwidth)
-    x = problem.initial_point().clone()
-    v = torch.zeros_like(x)
-    g = torch.zeros_like(x)
-    part = torch.zeros_like(x)
-    grads = [problem.grad_fn(r, 0) for r in range(workers)]
-    per_step = cost.step_time + cost.allreduce(NUMEL * 4, workers)
-    times, errors = [0.0], [problem.evaluate(x)["error"]]
-    now, next_eval = 0.0, eval_interval
-    for _ in range(steps):
-        nesterov_lookahead_(x, v, momentum=momentum)
-        g.zero_()
-        for fn in grads:
-            fn(x, part)
-            g.add_(part)
-        g.div_(workers)
-        local_step_(x, g, v, lr=lr)
-        now += per_step
-        if now >= next_eval:
-            times.append(now)
-            errors.append(problem.evaluate(x)["error"])
-            while next_eval <= now:
-                next_eval += eval_interval
-    return times, errors, time.perf_counter() - started
 
 
 def first_below(times: list[float], errors: list[float], target: float) -> float:
@@ -272,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # 2. Time to accuracy, every variant and learning rate at both bandwidths.
     variants = QUICK if args.quick else FULL
+    by_name = {v.name: v for v in variants}
     runs = []
     for bw_name, bw in BANDWIDTHS.items():
         for v in variants:
@@ -283,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
                     {
                         "bandwidth": bw_name,
                         "variant": v.name,
+                        "method": v.method,
                         "lr": lr,
                         "time_to_target_s": tta,
                         "best_error": min(errors),
@@ -291,9 +262,10 @@ def main(argv: list[str] | None = None) -> int:
                         "curve": list(zip(times, errors, strict=True)),
                     }
                 )
+                when = "   never" if math.isinf(tta) else f"{tta:8.1f} s"
                 print(
                     f"  {bw_name:<7} {v.name:<18} lr={lr:<6g} time to {target:g}: "
-                    f"{tta:8.1f} s (best {min(errors):.3f}, real {real:.1f} s)",
+                    f"{when} (best {min(errors):.3f}, real {real:.1f} s)",
                     flush=True,
                 )
     best = []
@@ -304,13 +276,13 @@ def main(argv: list[str] | None = None) -> int:
     for bw_name in BANDWIDTHS:
         rows = [b for b in best if b["bandwidth"] == bw_name]
         ref = min(
-            (b["time_to_target_s"] for b in rows if b["variant"].startswith("allreduce")),
+            (b["time_to_target_s"] for b in rows if by_name[b["variant"]].allreduce),
             default=math.nan,
         )
+        if not math.isfinite(ref):
+            print(f"  {bw_name}: no all-reduce variant reached {target:g}, so no speedups")
         for b in rows:
-            b["speedup_vs_best_allreduce"] = (
-                ref / b["time_to_target_s"] if b["time_to_target_s"] > 0 else math.nan
-            )
+            b["speedup_vs_best_allreduce"] = ratio(ref, b["time_to_target_s"])
     print()
     print_table(
         f"Simulated time (virtual s) to center test error <= {target:g} on digits, "
@@ -356,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
 def _horizon(v: Variant, bandwidth: float, workers: int) -> float:
     """Roughly the virtual seconds a run lasts (to space its evaluations)."""
     cost = cost_model(bandwidth, v.servers)
-    if v.method.startswith("allreduce"):
+    if v.mode is Mode.SYNC:  # at most one all-reduce per step
         return v.steps * (cost.step_time + cost.allreduce(NUMEL * 4, workers))
     exchange = 2 * cost.message(NUMEL * 4) + cost.server_time
     per_round = max(TAU * cost.step_time + exchange, workers * cost.server_time)

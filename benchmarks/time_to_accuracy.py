@@ -17,9 +17,10 @@ Same network (``build_model("digits-cnn", seed=seed)``), same data and batches
 thread per process. Every method gets its best learning rate of a small grid (the one with
 the smallest median time over the seeds) and reports medians over 3 seeds.
 
-Clocks. No side counts process start-up: easgd's ``eval.jsonl`` walls are measured from the
-launch, so the wall of its first worker event in ``metrics.jsonl`` is subtracted; the
-baselines start their clock on rank 0 after a barrier, right before the first step.
+Clocks. No side counts process start-up: easgd's time budget counts from each worker's
+first training step, and its ``eval.jsonl`` walls, measured from the launch, are taken from
+the first ``train_start`` in ``metrics.jsonl``; the baselines start their clock on rank 0
+after a barrier, right before the first step.
 Evaluation costs nobody CPU while training: each baseline's rank 0 keeps an in-memory copy of
 its parameters every ``--interval`` seconds (DDP: any step; post-local SGD: right after an
 averaging, when the model *is* the average) and evaluates them after training; easgd runs
@@ -28,10 +29,15 @@ center from the server every ``--interval`` seconds and the snapshots are evalua
 training. easgd's parameter server is inside its figure: 4 workers, 1 server and the
 evaluator share the machine's cores.
 
-Usage::
+A run with no evaluation has no samples: it is reported as such and left out of the
+medians, never counted as a time.
 
-    python benchmarks/time_to_accuracy.py [--quick] [--target 0.03] [--budget 5]
+Usage, from the repository root::
+
+    python -m benchmarks.time_to_accuracy [--quick] [--target 0.03] [--budget 5]
         [--seeds 0 1 2] [--interval 0.1] [--json PATH]
+
+The figures and what limits them: ``benchmarks/RESULTS.md``, section 4.
 """
 
 from __future__ import annotations
@@ -46,10 +52,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import (
+from benchmarks._common import (
     CpuMeter,
+    Missing,
     ProcessSampler,
     base_parser,
     by_role,
@@ -58,16 +63,20 @@ from _common import (
     machine_info,
     median,
     print_table,
+    ratio,
     single_thread,
     write_json,
 )
+from easgd.algorithms import METHODS
 
 WORKERS = 4
 BATCH = 32
 WEIGHT_DECAY = 1e-4
 TAU = 10
 
-#: Learning-rate grids (per worker). EAMSGD's Nesterov momentum is 0.99, the baselines' 0.9.
+#: Learning-rate grids (per worker). A method of easgd's table (``easgd.algorithms.METHODS``)
+#: runs through easgd's launcher with its default momentum (EAMSGD: 0.99); the others are
+#: PyTorch's baselines, with momentum 0.9.
 GRIDS = {
     "eamsgd": (0.005, 0.01, 0.02),
     "ddp": (0.05, 0.1, 0.2),
@@ -215,6 +224,7 @@ def run_baseline(run: Run, budget: float, interval: float, warmup: int) -> dict[
     t0 = result["start_time"]
     used = sampler.cores_between(t0, t0 + budget)
     result["cores_by_role"] = {"worker": sum(used.values())}
+    result["no_samples"] = None if result["curve"] else "rank 0 took no snapshot"
     return result
 
 
@@ -223,36 +233,56 @@ def run_baseline(run: Run, budget: float, interval: float, warmup: int) -> dict[
 # ---------------------------------------------------------------------------------------
 
 
-def run_easgd(run: Run, budget: float, interval: float, startup: float) -> dict[str, Any]:
+def is_easgd(method: str) -> bool:
+    """Whether ``method`` is one of easgd's (its launcher runs it), not a PyTorch baseline."""
+    return method in METHODS
+
+
+def run_easgd(run: Run, budget: float, interval: float) -> dict[str, Any]:
     from easgd.config import TrainConfig
     from easgd.launch import launch_local
-    from easgd.runlog import iter_jsonl
+    from easgd.runlog import EVAL_FILE, Event, RunPaths, iter_jsonl, training_span
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = TrainConfig(
-            method="eamsgd",
+            method=run.method,
             workers=WORKERS,
             tau=TAU,
             lr=run.lr,
             batch_size=BATCH,
             weight_decay=WEIGHT_DECAY,
             seed=run.seed,
-            time_budget=budget + startup,
+            time_budget=budget,  # counted by each worker from its first step
             eval_interval=interval,
             eval_deferred=True,
             out=os.path.join(tmp, "run"),
         )
         with ProcessSampler() as sampler:
             summary = launch_local(cfg)
-        root = Path(cfg.out)
-        events = list(iter_jsonl(root / "metrics.jsonl"))
-        first = min(e["wall"] for e in events if e.get("event") in ("exchange", "step"))
+        paths = RunPaths(cfg.out)
+        events = list(iter_jsonl(paths.metrics))
+        first, _ = training_span(events)
+        if first is None:
+            return {
+                "curve": [],
+                "steps": summary.get("local_steps", 0),
+                "wall": 0.0,
+                "startup_s": math.nan,
+                "cores_by_role": {},
+                "no_samples": f"no worker started training ({paths.metrics.name} has no "
+                f"{Event.TRAIN_START} event)",
+            }
         # The server's start event holds both clocks: launch time = time - wall.
-        start = next(e["time"] - e["wall"] for e in events if e.get("event") == "start")
-        cores = by_role(cfg, sampler.cores_between(start + first, start + first + budget))
+        server = (e for e in events if e.get("event") == Event.SERVER_START)
+        start = next((e["time"] - e["wall"] for e in server), None)
+        cores = (
+            {}
+            if start is None
+            else by_role(cfg, sampler.cores_between(start + first, start + first + budget))
+        )
         curve = [
             {"wall": e["wall"] - first, "test_error": e["test_error"], "test_loss": e["test_loss"]}
-            for e in iter_jsonl(root / "eval.jsonl")
+            for e in iter_jsonl(paths.eval)
         ]
     last = max((c["wall"] for c in curve), default=0.0)
     return {
@@ -261,6 +291,7 @@ def run_easgd(run: Run, budget: float, interval: float, startup: float) -> dict[
         "wall": last,
         "startup_s": first,
         "cores_by_role": cores,
+        "no_samples": None if curve else f"the evaluator wrote no evaluation to {EVAL_FILE}",
     }
 
 
@@ -286,18 +317,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="(0 1 2)")
     parser.add_argument("--interval", type=float, default=0.1, help="evaluation interval (s)")
     parser.add_argument("--warmup", type=int, default=50, help="post-local SGD warm-up steps")
-    parser.add_argument(
-        "--startup",
-        type=float,
-        default=None,
-        help="easgd start-up allowance (s) added to its "
-        "time budget, since its budget counts from the launch (6; quick 4)",
-    )
     parser.add_argument("--methods", nargs="+", default=list(GRIDS), choices=list(GRIDS))
     args = parser.parse_args(argv)
     single_thread()
     budget = args.budget or (3.0 if args.quick else 5.0)
-    startup = args.startup or (4.0 if args.quick else 6.0)
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     grids = {m: (QUICK_LR[m],) if args.quick else GRIDS[m] for m in args.methods}
     info = machine_info()
@@ -305,14 +328,19 @@ def main(argv: list[str] | None = None) -> int:
     # Interleave: each seed runs every (method, lr) once, in a rotating order.
     todo = [Run(m, lr, s) for s in seeds for m in grids for lr in grids[m]]
     records = []
+    missing = Missing()
     for i, run in enumerate(_rotate(todo, len(seeds))):
         with CpuMeter() as meter:
-            if run.method == "eamsgd":
-                result = run_easgd(run, budget, args.interval, startup)
+            if is_easgd(run.method):
+                result = run_easgd(run, budget, args.interval)
             else:
                 result = run_baseline(run, budget, args.interval, args.warmup)
+        label = f"[{i + 1}/{len(todo)}] {run.method:<9} lr={run.lr:<7g} seed={run.seed}"
+        if result["no_samples"]:
+            missing.add(label, result["no_samples"])
         tta = time_to_target(result["curve"], args.target, budget)
-        best = min((c["test_error"] for c in result["curve"] if c["wall"] <= budget), default=1.0)
+        in_budget = [c["test_error"] for c in result["curve"] if c["wall"] <= budget]
+        best = min(in_budget, default=1.0)
         record = {
             "method": run.method,
             "lr": run.lr,
@@ -323,17 +351,18 @@ def main(argv: list[str] | None = None) -> int:
             "trained_s": result["wall"],
             "load": meter.as_dict(),
             "cores_by_role": result.get("cores_by_role"),
+            "no_samples": result["no_samples"],
             "curve": result["curve"],
         }
         records.append(record)
-        print(
-            f"[{i + 1}/{len(todo)}] {run.method:<9} lr={run.lr:<7g} seed={run.seed}: "
-            f"time to {args.target:g} = {_s(tta)}, best {best:.4f}, "
-            f"background {meter.background_cores:.2f} cores",
-            flush=True,
-        )
+        if not result["no_samples"]:
+            print(
+                f"{label}: time to {args.target:g} = {_s(tta)}, best {best:.4f}, "
+                f"background {meter.background_cores:.2f} cores",
+                flush=True,
+            )
 
-    grid_rows, best_rows = _tables(records, grids, seeds)
+    grid_rows, best_rows = _tables(records, grids, missing)
     print()
     print_table(
         f"Grid: median time (s) to test error <= {args.target:g} over seeds {seeds} "
@@ -360,7 +389,6 @@ def main(argv: list[str] | None = None) -> int:
             for r in grid_rows
         ],
     )
-    winner = min(best_rows, key=lambda r: r["median_s"])
     print_table(
         "Best learning rate per method",
         ["method", "lr", "median_s", "vs_best_baseline", "steps_per_s", "ksamples_to_target"],
@@ -376,14 +404,23 @@ def main(argv: list[str] | None = None) -> int:
             for r in best_rows
         ],
     )
-    baselines = [r for r in best_rows if r["method"] != "eamsgd"]
-    eamsgd = [r for r in best_rows if r["method"] == "eamsgd"]
+    ours = _fastest([r for r in best_rows if is_easgd(r["method"])])
+    base = _fastest([r for r in best_rows if not is_easgd(r["method"])])
     met = None
-    if eamsgd and baselines:
-        best_base = min(r["median_s"] for r in baselines)
-        met = eamsgd[0]["median_s"] <= best_base
-        print(f"target (EAMSGD no slower than the best baseline): {'met' if met else 'MISSED'}")
-    print(f"fastest: {winner['method']} (lr {winner['lr']:g})")
+    label = "target (EAMSGD no slower than the best baseline)"
+    if ours is not None and base is not None:
+        if math.isnan(ours["median_s"]) or math.isnan(base["median_s"]):
+            print(f"{label}: no figure (see 'no samples' above)")
+        elif math.isinf(ours["median_s"]) and math.isinf(base["median_s"]):
+            print(f"{label}: no figure (neither reached {args.target:g} within {budget:g} s)")
+        else:
+            met = bool(ours["median_s"] <= base["median_s"])
+            print(f"{label}: {'met' if met else 'MISSED'}")
+    winner = _fastest(best_rows)
+    if winner is None or not math.isfinite(winner["median_s"]):
+        print(f"fastest: none (no method reached {args.target:g} within {budget:g} s)")
+    else:
+        print(f"fastest: {winner['method']} (lr {winner['lr']:g})")
     write_json(
         args.json,
         {
@@ -405,10 +442,11 @@ def main(argv: list[str] | None = None) -> int:
             "grid": grid_rows,
             "best": best_rows,
             "target_met": met,
+            "missing": missing.rows,
             "runs": records,
         },
     )
-    return 0
+    return missing.exit_code(args.quick)
 
 
 def _rotate(todo: list[Run], seeds: int) -> list[Run]:
@@ -426,16 +464,30 @@ def _s(value: float) -> str:
     return "never" if math.isinf(value) else f"{value:.2f} s"
 
 
+def _fastest(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The row with the smallest median time (then the smallest lr); rows without a figure
+    (nan: no run had samples) come last."""
+    if not rows:
+        return None
+    return min(rows, key=lambda r: (math.isnan(r["median_s"]), r["median_s"], r["lr"]))
+
+
 def _tables(
-    records: list[dict[str, Any]], grids: dict[str, tuple[float, ...]], seeds: list[int]
+    records: list[dict[str, Any]], grids: dict[str, tuple[float, ...]], missing: Missing
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The grid (one row per method and lr, medians over the seeds' runs with samples) and
+    the best lr per method. A grid point whose runs all lack samples keeps its row, with nan
+    figures, and is reported."""
     grid_rows = []
     for method, lrs in grids.items():
         for lr in lrs:
-            rs = [r for r in records if r["method"] == method and r["lr"] == lr]
-            if not rs:
+            ran = [r for r in records if r["method"] == method and r["lr"] == lr]
+            if not ran:
                 continue
-            rs.sort(key=lambda r: r["seed"])
+            rs = sorted((r for r in ran if not r["no_samples"]), key=lambda r: r["seed"])
+            if not rs:
+                missing.add(f"{method} lr={lr:g}", f"none of its {len(ran)} run(s) has samples")
+            rates = [ratio(r["local_steps"], r["trained_s"]) for r in rs]
             grid_rows.append(
                 {
                     "method": method,
@@ -443,25 +495,26 @@ def _tables(
                     "median_s": median([r["time_to_target_s"] for r in rs]),
                     "per_seed": " ".join(_s(r["time_to_target_s"]).replace(" s", "") for r in rs),
                     "per_seed_s": [r["time_to_target_s"] for r in rs],
+                    "seeds": [r["seed"] for r in rs],
                     "median_best_error": median([r["best_error_in_budget"] for r in rs]),
-                    "steps_per_s": median([r["local_steps"] / r["trained_s"] for r in rs]),
+                    "steps_per_s": median(rates),
                     # Samples all workers drew before the target: throughput x time.
                     "ksamples_to_target": median(
                         [
-                            r["time_to_target_s"] * r["local_steps"] / r["trained_s"] * BATCH / 1e3
-                            for r in rs
+                            r["time_to_target_s"] * rate * BATCH / 1e3
+                            for r, rate in zip(rs, rates, strict=True)
                         ]
                     ),
                 }
             )
     best_rows = []
     for method in grids:
-        rows = [g for g in grid_rows if g["method"] == method]
-        if rows:
-            best_rows.append(dict(min(rows, key=lambda g: (g["median_s"], g["lr"]))))
-    base = [r["median_s"] for r in best_rows if r["method"] != "eamsgd"]
+        best = _fastest([g for g in grid_rows if g["method"] == method])
+        if best is not None:
+            best_rows.append(dict(best))
+    base = _fastest([r for r in best_rows if not is_easgd(r["method"])])
     for r in best_rows:
-        r["vs_best_baseline"] = r["median_s"] / min(base) if base and min(base) > 0 else math.nan
+        r["vs_best_baseline"] = math.nan if base is None else ratio(r["median_s"], base["median_s"])
     return grid_rows, best_rows
 
 

@@ -13,7 +13,9 @@ from torch.testing import assert_close
 from easgd.algorithms import (
     METHODS,
     Center,
+    Evaluated,
     Hyperparams,
+    Mode,
     Op,
     Request,
     StabilityWarning,
@@ -24,6 +26,7 @@ from easgd.algorithms import (
     mdownpour_center_,
     run_step,
 )
+from easgd.sim import Quadratic, simulate
 
 
 @pytest.fixture(autouse=True)
@@ -264,6 +267,12 @@ BAD: list[tuple[dict[str, Any], str]] = [
     ({"weight_decay": -1e-4}, "weight_decay=-0.0001 is outside [0, inf)"),
     ({"lr_decay": -1.0}, "lr_decay=-1.0 is outside [0, inf)"),
     ({"moving_rate": 0.0, "method": "mvadownpour"}, "moving_rate=0.0 is outside (0, 1]"),
+    # A hyperparameter the method does not use is refused, never silently dropped.
+    ({"method": "downpour", "momentum": 0.9}, "which has no momentum; use method"),
+    ({"method": "adownpour", "beta": 0.5}, "beta=0.5 with method='adownpour', which has no"),
+    ({"method": "allreduce", "alpha": 0.1}, "alpha=0.1 with method='allreduce'"),
+    ({"method": "easgd", "moving_rate": 0.01}, "keeps no moving average; use method"),
+    ({"method": "adownpour", "moving_rate": 0.01}, "use method mvadownpour"),
 ]
 
 
@@ -292,3 +301,59 @@ def test_worker_rejects_a_mode_the_method_lacks() -> None:
         Worker(Hyperparams(method="downpour", workers=2), torch.zeros(2), "sync")
     with pytest.raises(ValueError, match="flat 1-D"):
         Worker(Hyperparams(method="easgd", workers=2), torch.zeros(2, 2), "async")
+
+
+def test_every_method_uses_exactly_the_hyperparameters_its_spec_names() -> None:
+    # Given with a non-trivial value, each optional hyperparameter is taken by the methods
+    # whose spec uses it and refused by every other method.
+    values = {"momentum": 0.5, "alpha": 0.2, "beta": 0.4, "moving_rate": 0.01}
+    for name, spec in METHODS.items():
+        for field, value in values.items():
+            kwargs: dict[str, Any] = {"method": name, field: value}
+            if spec.uses(field):
+                assert getattr(Hyperparams(**kwargs), field) == value
+            else:
+                with pytest.raises(ValueError, match=f"{field}={value} with method='{name}'"):
+                    Hyperparams(**kwargs)
+
+
+def test_to_dict_round_trips_and_replace_keeps_the_method_valid() -> None:
+    for name in METHODS:
+        hp = Hyperparams(method=name, lr=0.1)
+        assert Hyperparams.from_dict(hp.to_dict()) == hp
+        assert hp.replace(lr=0.2).lr == 0.2
+    # An older file that lists every field (beta for downpour) still loads.
+    old = {**Hyperparams(method="easgd").to_dict(), "method": "downpour"}
+    assert Hyperparams.from_dict(old).method == "downpour"
+    assert Hyperparams(method="eamsgd").replace(method="easgd").momentum == 0.0
+
+
+@pytest.mark.parametrize("method", ["allreduce", "localsgd"])
+def test_all_reduce_and_local_sgd_take_nesterov_momentum_for_real(method: str) -> None:
+    # Noise-free, every worker sees the same gradient: all-reduce SGD (and local SGD) with
+    # momentum delta is sequential MSGD with delta, step for step; without the momentum it
+    # would be SGD (the momentum used to be validated and then silently dropped).
+    problem = Quadratic(h=1.0, sigma=0.0, x0=1.0)
+    kw: dict[str, Any] = {"lr": 0.1, "momentum": 0.9}
+    tau = {"tau": 3} if method == "localsgd" else {}
+    dist = simulate(problem, Hyperparams(method=method, workers=3, **kw, **tau), steps=12,
+                    trajectory=True)  # fmt: skip
+    msgd = simulate(problem, Hyperparams(method="msgd", **kw), steps=12, trajectory=True)
+    sgd = simulate(problem, Hyperparams(method="sgd", lr=0.1), steps=12)
+    for a, b in zip(dist.center_trajectory, msgd.center_trajectory, strict=True):
+        assert_close(a, b, rtol=0, atol=1e-15)
+    assert not torch.allclose(dist.center, sgd.center)
+
+
+def test_method_table_answers_what_other_modules_ask() -> None:
+    spec = METHODS["localsgd"]
+    assert spec.evaluated is Evaluated.MEAN_X and not spec.evaluated_on_server(Mode.SYNC)
+    assert [spec.result_is_current(Mode.SYNC, t, 3) for t in range(4)] == [1, 0, 0, 1]
+    assert METHODS["adownpour"].evaluated is Evaluated.AVERAGE
+    assert METHODS["easgd"].evaluated_on_server(Mode.ASYNC)
+    assert METHODS["easgd"].resolve_mode("auto") is Mode.ASYNC
+    assert METHODS["msgd"].resolve_mode("sync") is Mode.SEQUENTIAL
+    assert METHODS["downpour"].resolve_mode(Mode.SYNC, strict=False) is Mode.ASYNC
+    assert METHODS["downpour"].server_op is Op.PUSH_PULL
+    assert METHODS["allreduce"].server_op is None
+    assert {m: s.to_dict()["evaluated"] for m, s in METHODS.items()}["asgd"] == "average"

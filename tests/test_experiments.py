@@ -10,14 +10,24 @@ from typing import Any
 
 import pytest
 
-from easgd import experiments
+from easgd.algorithms import METHODS
 from easgd.cli import main
 from easgd.experiments import (
     EXPERIMENTS,
+    Experiment,
+    MethodPlan,
     RunSpec,
+    SimRuntime,
     get_experiment,
     run_sweep,
     select_best,
+)
+from easgd.runlog import (
+    RunPaths,
+    eval_problems,
+    event_problems,
+    summary_problems,
+    write_summary,
 )
 
 pytestmark = pytest.mark.timeout(60)
@@ -72,6 +82,35 @@ def test_every_experiment_is_versioned_and_its_configs_validate(tmp_path: Path) 
             hp = cfg.hyperparams()  # validates the method's hyperparameters
             assert hp.momentum == (0.99 if hp.spec.momentum_default else 0.0)
             assert cfg.seed == run.seed and cfg.weight_decay == exp.weight_decay
+
+
+def _toy(*plans: MethodPlan, **kw: Any) -> Experiment:
+    fields: dict[str, Any] = {
+        "name": "toy", "version": "1", "description": "a test", "dataset": "digits",
+        "model": "digits-cnn", "plans": plans, "taus": (4,), "workers": (2,), "panel": "tau",
+        "time_budget": 0.12, "eval_interval": 0.05, "batch_size": 32,
+    }  # fmt: skip
+    return Experiment(**{**fields, **kw})
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_a_method_gets_only_the_hyperparameters_it_uses(method: str, tmp_path: Path) -> None:
+    exp = _toy(MethodPlan(method, lrs=(0.01,), lr=0.01, taus=(1,)))
+    (run,) = exp.runs()
+    cfg = exp.train_config(run, tmp_path, steps=3)
+    spec = METHODS[method]
+    for name in ("beta", "moving_rate", "momentum"):
+        assert (getattr(cfg, name) is not None) == (
+            spec.uses(name) and (name != "momentum" or spec.momentum_default > 0)
+        ), name
+    assert cfg.alpha is None  # alpha follows from beta / p
+    cfg.hyperparams()  # a refused hyperparameter would raise here
+
+
+def test_a_method_with_a_fixed_period_refuses_another() -> None:
+    plan = MethodPlan("mdownpour", lrs=(0.001,), lr=0.001, taus=(4,))
+    with pytest.raises(ValueError, match="toy: mdownpour runs with tau = 1 only"):
+        _toy(plan)
 
 
 def test_unknown_experiment_and_only() -> None:
@@ -180,7 +219,10 @@ def test_cli_exit_status_counts_failures(
 ) -> None:
     calls: list[str] = []
     bad = {"easgd_tau1_p4_lr0.03_s0", "easgd_tau64_p4_lr0.1_s0"}
-    monkeypatch.setitem(experiments._RUNNERS, "sim", _fake_runner(calls, bad))
+    fake = _fake_runner(calls, bad)
+    monkeypatch.setattr(
+        SimRuntime, "__call__", lambda self, ctx, run, folder: fake(ctx, run, folder)
+    )
     rc = main(["experiment", "digits-fig2", "--runtime", "sim", "--only", "easgd",
                "--out", str(tmp_path), "--step-time", "0.01"])  # fmt: skip
     captured = capsys.readouterr()
@@ -232,38 +274,56 @@ def test_sim_runtime_writes_a_run_directory(tmp_path: Path) -> None:
     config = json.loads((run / "config.json").read_text())
     assert (config["tau"], config["workers"], config["steps"]) == (4, 4, 12)
     assert json.loads((run / "run.json").read_text())["train_budget"] == pytest.approx(0.12)
+    # The simulated run directory holds to the run directory's schema, as a real one does.
+    assert summary_problems(summary) == []
+    assert [p for e in evals for p in eval_problems(e)] == []
+    assert [p for e in steps for p in event_problems(e)] == []
 
 
-def test_real_run_is_repeated_when_start_up_eats_into_training(
+def test_sim_runtime_runs_a_synchronous_only_method_on_the_synchronous_schedule(
+    tmp_path: Path,
+) -> None:
+    exp = _toy(MethodPlan("localsgd", lrs=(0.05,), lr=0.05))
+    res = run_sweep(exp, tmp_path, runtime="sim", step_time=0.01)
+    assert not res.failed, res.failed
+    summary = json.loads((tmp_path / "localsgd_tau4_p2_lr0.05_s0" / "summary.json").read_text())
+    assert summary["mode"] == "sync" and summary["runtime"] == "sim"
+    assert summary["local_steps"] == 2 * 12
+
+
+def test_real_run_gets_the_budget_and_start_up_is_reported_apart(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The launcher counts start-up in its budget: a run that trained too little runs again."""
+    """The budget counts from the first training step: no allowance, no second launch."""
     import easgd.launch
 
-    budgets: list[float] = []
+    budgets: list[float | None] = []
 
     def fake_launch(cfg: Any, progress: Any = None) -> dict[str, Any]:
         budgets.append(cfg.time_budget)
-        start = 20.0 if len(budgets) == 1 else 2.0  # a slow first start-up, then a fast one
-        end = max(start, cfg.time_budget)
-        events = [{"event": "join", "wall": start, "worker": 0},
-                  {"event": "worker_done", "wall": end, "worker": 0}]  # fmt: skip
-        Path(cfg.out).mkdir(parents=True, exist_ok=True)
-        with open(Path(cfg.out) / "metrics.jsonl", "w") as f:
-            f.writelines(json.dumps(e) + "\n" for e in events)
-        return {"method": cfg.method, "tau": cfg.tau, "workers": cfg.workers, "lr": cfg.lr,
-                "best_center_test_error": 0.1, "center_test_error": 0.1}  # fmt: skip
+        startup = 20.0  # a slow start-up: it must not change the budget
+        return write_summary(
+            RunPaths(cfg.out), cfg, runtime="real", center={"loss": 0.3, "error": 0.1},
+            curve=[0.5, 0.1], wall_seconds=startup + cfg.time_budget,
+            startup_seconds=startup, train_seconds=cfg.time_budget, exchanges=0,
+            bytes_sent=0, bytes_received=0, local_steps=0,
+        )  # fmt: skip
 
     monkeypatch.setattr(easgd.launch, "launch_local", fake_launch)
     exp = get_experiment("digits-fig2")
     res = run_sweep(exp, tmp_path, only=["easgd"], lr_grid=False, seeds=1)
     assert not res.failed and len(res.done) == 4
-    # First run: default allowance 3 + 6 processes = 9 s, too short for a 20 s start-up; the
-    # second attempt gets 1.5 * 20 + 2 = 32 s. Later runs start from 1.25 * 20 + 1 = 26 s.
-    assert budgets[:2] == [9.0 + 6.0, 32.0 + 6.0]
-    assert budgets[2:] == [26.0 + 6.0] * 3
-    summary = json.loads((tmp_path / "easgd_tau1_p4_lr0.03_s0" / "summary.json").read_text())
-    assert summary["attempts"] == 2 and summary["runtime"] == "real"
-    assert summary["train_seconds"] == pytest.approx(36.0)
-    info = json.loads((tmp_path / "easgd_tau1_p4_lr0.03_s0" / "run.json").read_text())
-    assert info["startup_allowance"] == 32.0 and info["train_budget"] == 6.0
+    assert budgets == [exp.time_budget] * 4
+    run = RunPaths(tmp_path / "easgd_tau1_p4_lr0.03_s0")
+    summary = json.loads(run.summary.read_text())
+    assert summary["runtime"] == "real" and summary["experiment"] == "digits-fig2"
+    assert (summary["startup_seconds"], summary["train_seconds"]) == (20.0, 6.0)
+    info = json.loads(run.run_info.read_text())
+    assert info["train_budget"] == 6.0 and "startup_allowance" not in info
+
+
+def test_a_startup_allowance_is_ignored_with_a_warning(tmp_path: Path) -> None:
+    exp = get_experiment("digits-fig2")
+    with pytest.warns(FutureWarning, match="startup_allowance=5.0 is ignored"):
+        run_sweep(exp, tmp_path, runtime="sim", only=["msgd"], step_time=0.01,
+                  startup_allowance=5.0, runner=_fake_runner([]))  # fmt: skip

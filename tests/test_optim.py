@@ -108,3 +108,30 @@ def test_synchronous_wrapper_needs_a_process_group() -> None:
     with pytest.raises(ValueError, match="method='downpour'"):
         ElasticAveraging(torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=0.1),
                          method="downpour", enabled=False)  # fmt: skip
+
+
+def test_asynchronous_wrapper_takes_p_and_alpha_from_the_server() -> None:
+    # The wrapper used to read client.workers, which PSClient does not have: it believed
+    # p = 1 and alpha = 0.9 while the server applied beta/p = 0.225.
+    from easgd.comm.ps import ParameterServer, PSClient
+
+    model = torch.nn.Linear(3, 2)
+    n = sum(p.numel() for p in model.parameters())
+    server_hp = Hyperparams(method="easgd", workers=4, tau=2)
+    with ParameterServer(server_hp, torch.zeros(n)) as server:
+        client = PSClient([server.address], n, worker_id=0, heartbeat=0)
+        opt = ElasticAveraging(torch.optim.SGD(model.parameters(), lr=0.1), tau=2, client=client)
+        assert (opt.hp.workers, opt.hp.alpha, opt.hp.beta) == (4, 0.225, 0.9)
+        assert opt.state_dict()["easgd"]["alpha"] == 0.225
+        for _ in range(4):
+            opt.zero_grad()
+            model(torch.ones(5, 3)).square().sum().backward()
+            opt.step()
+        assert server.stats()["exchanges"] == 2
+        client.close()
+        # A value that disagrees with the server's is an error naming both.
+        other = PSClient([server.address], n, worker_id=1, heartbeat=0)
+        with pytest.raises(ValueError, match="alpha=0.5 but the parameter server applies"):
+            ElasticAveraging(torch.optim.SGD(model.parameters(), lr=0.1), alpha=0.5,
+                             client=other)  # fmt: skip
+        other.close(clean=False)

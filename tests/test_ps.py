@@ -1,5 +1,6 @@
 """The asynchronous parameter server: parity with an in-process Center, sharding, atomicity,
-real SIGKILLs of workers and servers, checkpoints, authentication, bad input, benchmark."""
+real SIGKILLs of workers and servers, checkpoints, authentication, bad input, the client as
+a Transport and the hyperparameters it learns at JOIN, benchmark."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ import torch
 from torch import Tensor
 from torch.testing import assert_close
 
-from easgd.algorithms import Center, Hyperparams, Op, Request, Worker, run_step
+from easgd.algorithms import METHODS, Center, Hyperparams, Mode, Op, Request, Worker, run_step
+from easgd.comm.base import Traffic, Transport
 from easgd.comm.ps import (
     AuthenticationError,
     ParameterServer,
@@ -29,10 +31,11 @@ from easgd.comm.ps import (
     shard_ranges,
 )
 from easgd.comm.wire import Cmd
+from easgd.runlog import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "scripts" / "ps_worker.py"
-METHODS = ["easgd", "eamsgd", "downpour", "mdownpour", "adownpour", "mvadownpour"]
+SERVED = [name for name, spec in METHODS.items() if spec.server_op is not None]
 STEPS = 25
 DOWNPOUR = Hyperparams(method="downpour", lr=0.1, tau=1, workers=3)
 
@@ -40,11 +43,12 @@ torch.set_num_threads(1)
 
 
 def make_hp(method: str) -> Hyperparams:
+    spec = METHODS[method]
     kw: dict[str, Any] = {"method": method, "lr": 0.05, "workers": 4}
-    kw.update(tau=1 if method == "mdownpour" else 3, lr_decay=0.01, lr_power=0.5)
-    if method in ("eamsgd", "mdownpour"):
+    kw.update(tau=spec.fixed_tau or 3, lr_decay=0.01, lr_power=0.5)
+    if spec.uses("momentum"):
         kw["momentum"] = 0.9
-    if method == "mvadownpour":
+    if spec.uses("moving_rate"):
         kw["moving_rate"] = 0.1
     return Hyperparams(**kw)
 
@@ -65,7 +69,12 @@ class QuadraticGrad:
         return float(0.5 * (self.h * x * x).sum())
 
 
-def wait_until(pred: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
+# How long a test waits for an event before it fails. Only a failing test waits that long,
+# so it is generous: a loaded machine starts a process in tens of seconds.
+PATIENCE = 60.0
+
+
+def wait_until(pred: Callable[[], bool], timeout: float = PATIENCE, interval: float = 0.02) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if pred():
@@ -97,7 +106,7 @@ def clients() -> Iterator[Callable[..., PSClient]]:
 
     yield make
     for client in made:
-        client.close()
+        client.close(clean=False)
 
 
 @pytest.fixture
@@ -129,17 +138,17 @@ def sessions_of(server: ParameterServer, worker_id: int) -> list[dict[str, Any]]
 
 def reference(hp: Hyperparams, c0: Tensor) -> tuple[Tensor, Center]:
     center = Center(hp, c0.clone())
-    worker = Worker(hp, c0.clone(), "async")
+    worker = Worker(hp, c0.clone(), Mode.ASYNC)
     grad = QuadraticGrad(c0.numel())
     for _ in range(STEPS):
         run_step(worker, grad, lambda r: center.handle(r.op, r.payload, r.reply))
     return worker.x, center
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(120)
 @pytest.mark.parametrize(
     ("method", "shards"),
-    [(m, 1) for m in METHODS] + [(m, s) for m in METHODS[1:3] + METHODS[4:] for s in (2, 3)],
+    [(m, 1) for m in SERVED] + [(m, s) for m in SERVED[1:3] + SERVED[4:] for s in (2, 3)],
 )
 def test_parity_with_in_process_center(method: str, shards: int, servers: Any, clients: Any):
     hp, n = make_hp(method), 65
@@ -151,7 +160,7 @@ def test_parity_with_in_process_center(method: str, shards: int, servers: Any, c
     x = torch.empty(n)
     client.join(x)
     assert_close(x, c0, rtol=0, atol=0)
-    worker = Worker(hp, x, "async")
+    worker = Worker(hp, x, Mode.ASYNC)
     grad = QuadraticGrad(n)
     for _ in range(STEPS):
         run_step(worker, grad, client.serve)
@@ -184,7 +193,7 @@ def test_shard_ranges_are_contiguous_and_balanced():
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(120)
 def test_concurrent_exchanges_from_threads_lose_nothing(servers: Any):
     n, k, m = 20_000, 4, 100
     server = servers(DOWNPOUR, torch.full((n,), 0.5)).start()
@@ -207,7 +216,7 @@ def test_concurrent_exchanges_from_threads_lose_nothing(servers: Any):
     for t in threads:
         t.start()
     for t in threads:
-        t.join(timeout=50)
+        t.join(timeout=PATIENCE)
     assert not errors
     assert_close(server.snapshot(), torch.full((n,), 0.5 + k * m), rtol=0, atol=0)
     stats = server.stats()
@@ -215,7 +224,7 @@ def test_concurrent_exchanges_from_threads_lose_nothing(servers: Any):
     assert all(s["exchanges"] == m for s in stats["sessions"])
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(300)
 def test_concurrent_exchanges_from_processes_lose_nothing(servers: Any, procs: Any):
     n, k, m = 20_000, 3, 100
     server = servers(DOWNPOUR, torch.zeros(n)).start()
@@ -226,7 +235,7 @@ def test_concurrent_exchanges_from_processes_lose_nothing(servers: Any, procs: A
         )
         for i in range(k)
     ]
-    assert [p.wait(timeout=50) for p in workers] == [0] * k
+    assert [p.wait(timeout=PATIENCE) for p in workers] == [0] * k
     assert_close(server.snapshot(), torch.full((n,), float(k * m)), rtol=0, atol=0)
     stats = server.stats()
     assert (stats["exchanges"], stats["left"], stats["died"]) == (k * m, k, 0)
@@ -237,7 +246,7 @@ def test_concurrent_exchanges_from_processes_lose_nothing(servers: Any, procs: A
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.timeout(90)
+@pytest.mark.timeout(300)
 def test_killed_worker_blocks_no_one_and_a_replacement_rejoins(
     servers: Any, procs: Any, tmp_path: Path
 ):
@@ -253,36 +262,35 @@ def test_killed_worker_blocks_no_one_and_a_replacement_rejoins(
         procs("worker", "--port", port, "--numel", n, "--worker-id", i, "--sleep", 0.01)
         for i in range(3)
     ]
-    assert wait_until(lambda: all(exchanges(i) >= 5 for i in range(3)), 40)
+    assert wait_until(lambda: all(exchanges(i) >= 5 for i in range(3)))
 
     workers[1].send_signal(signal.SIGKILL)
-    killed = time.monotonic()
-    assert wait_until(lambda: sessions_of(server, 1)[0]["state"] == "died", 5)
-    detected = time.monotonic() - killed
-    assert detected < 3, f"death noticed after {detected:.1f} s"
+    assert wait_until(lambda: sessions_of(server, 1)[0]["state"] == "died")
     (dead,) = sessions_of(server, 1)
+    # Noticed at once, by EOF or a reset, not after a silence (that would say "silent").
+    assert not dead["reason"].startswith(("silent", "no progress")), dead["reason"]
     assert any(e["event"] == "death" and e["session"] == dead["session_id"] for e in events)
 
     # The survivors go on.
     before = {i: exchanges(i) for i in (0, 2)}
-    assert wait_until(lambda: all(exchanges(i) >= before[i] + 5 for i in (0, 2)), 10)
+    assert wait_until(lambda: all(exchanges(i) >= before[i] + 5 for i in (0, 2)))
 
     # A replacement joins with a new session, starts from the center and contributes.
     out = tmp_path / "join.pt"
     replacement = procs("worker", "--port", port, "--numel", n, "--worker-id", 1, "--out", out)
-    assert wait_until(out.exists, 40)
+    assert wait_until(out.exists)
     joined = torch.load(out, weights_only=True)
     # Every exchange adds 1 everywhere, so the center at the join is t * ones.
     assert_close(joined["x"], torch.full((n,), float(joined["t"])), rtol=0, atol=0)
-    assert wait_until(lambda: exchanges(1) >= 5, 10)
+    assert wait_until(lambda: exchanges(1) >= 5)
     rejoin = [e for e in events if e["event"] == "join" and e["worker"] == 1][-1]
     assert rejoin["rejoin"] == [dead["session_id"]]
 
     # Clean exits are goodbyes, not deaths.
     for proc in (workers[0], workers[2], replacement):
         proc.send_signal(signal.SIGTERM)
-    assert [p.wait(timeout=20) for p in (workers[0], workers[2], replacement)] == [0, 0, 0]
-    assert wait_until(lambda: server.stats()["left"] == 3, 5)
+    assert [p.wait(timeout=PATIENCE) for p in (workers[0], workers[2], replacement)] == [0, 0, 0]
+    assert wait_until(lambda: server.stats()["left"] == 3)
     stats = server.stats()
     assert (stats["died"], stats["left"], stats["active"]) == (1, 3, 0)
     # The killed worker's cut-off request was never half applied.
@@ -290,29 +298,34 @@ def test_killed_worker_blocks_no_one_and_a_replacement_rejoins(
     assert stats["t"] == stats["exchanges"] == sum(s["exchanges"] for s in stats["sessions"])
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(300)
 def test_killed_server_is_a_clear_error_and_restarts_from_its_checkpoint(
     procs: Any, servers: Any, clients: Any, tmp_path: Path
 ):
     n = 1000
-    address, ckpt = tmp_path / "server.json", tmp_path / "ps.pt"
-    server_proc = procs("server", "--numel", n, "--address-file", address, "--checkpoint", ckpt)
-    assert wait_until(address.exists, 40)
-    port = json.loads(address.read_text())["port"]
+    address, ckpt, events = tmp_path / "server.json", tmp_path / "ps.pt", tmp_path / "ev.jsonl"
+    server_proc = procs(
+        "server", "--numel", n, "--address-file", address, "--checkpoint", ckpt, "--events", events
+    )
+    assert wait_until(address.exists)
+    info = json.loads(address.read_text())
+    port = info["port"]
+    assert info["pid"] == server_proc.pid
     client = clients([("127.0.0.1", port)], n, worker_id=0)
     x, ones = torch.empty(n), torch.ones(n)
     client.join(x)
     for _ in range(5):
         client.serve(Request(Op.PUSH_PULL, ones, x))
-    assert wait_until(lambda: ckpt.exists() and read_checkpoint(ckpt)["t"] == 5, 10)
+    assert wait_until(lambda: ckpt.exists() and read_checkpoint(ckpt)["t"] == 5)
+    logged = [e["event"] for e in read_jsonl(events)[0]]
+    assert logged[:2] == ["start", "join"] and "checkpoint" in logged
 
     server_proc.kill()
-    server_proc.wait(timeout=10)
-    start = time.monotonic()
-    with pytest.raises(ConnectionError, match=f"127.0.0.1:{port}") as info:
+    server_proc.wait(timeout=PATIENCE)
+    # At once, by EOF or a reset ("did not answer within" would be the 30 s timeout).
+    with pytest.raises(ConnectionError, match=f"127.0.0.1:{port} closed the connection") as err:
         client.serve(Request(Op.PUSH_PULL, ones, x))
-    assert time.monotonic() - start < 5
-    assert isinstance(info.value, PSConnectionError) and info.value.address[1] == port
+    assert isinstance(err.value, PSConnectionError) and err.value.address[1] == port
 
     # A restarted server loses nothing that was saved.
     server = ParameterServer.from_checkpoint(ckpt)
@@ -326,32 +339,34 @@ def test_killed_server_is_a_clear_error_and_restarts_from_its_checkpoint(
         server.stop()
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.timeout(120)
 def test_silent_worker_is_declared_dead_and_heartbeats_keep_the_others(servers: Any, clients: Any):
     n = 100
-    server = servers(DOWNPOUR, torch.zeros(n), timeout=1.5).start()
-    quiet = clients([server.address], n, worker_id=0, heartbeat=0)
-    alive = clients([server.address], n, worker_id=1, heartbeat=0.1)
+    server = servers(DOWNPOUR, torch.zeros(n), timeout=2.0).start()
+    alive = clients([server.address], n, worker_id=0, heartbeat=0.1)
     x = torch.empty(n)
-    quiet.join(x)
     alive.join(x)
-    assert wait_until(lambda: sessions_of(server, 0)[0]["state"] == "died", 5)
-    assert "silent" in sessions_of(server, 0)[0]["reason"]
-    time.sleep(1.5)
-    assert sessions_of(server, 1)[0]["state"] == "active"
+    # Two quiet workers in turn, each joined after the previous one died: the pinging one,
+    # joined before both, outlives two full timeouts without a single request.
+    for worker_id in (1, 2):
+        quiet = clients([server.address], n, worker_id=worker_id, heartbeat=0)
+        quiet.join(x)
+        assert wait_until(lambda w=worker_id: sessions_of(server, w)[0]["state"] == "died")
+        assert "silent" in sessions_of(server, worker_id)[0]["reason"]
+    assert sessions_of(server, 0)[0]["state"] == "active"
     alive.serve(Request(Op.PUSH_PULL, torch.ones(n), x))
     with pytest.raises(ConnectionError, match="closed the connection"):
         quiet.serve(Request(Op.PUSH_PULL, torch.ones(n), x))
-    assert server._silence(0) == 1.5  # an explicit timeout wins over the heartbeat
+    assert server.silence(0) == 2.0  # an explicit timeout wins over the heartbeat
 
 
 def test_default_silence_follows_the_clients_heartbeat(servers: Any):
     # 5 missed heartbeats, and at least 5 s; no heartbeat: only EOF and keepalive.
     server = servers(DOWNPOUR, torch.zeros(4))
-    assert (server._silence(200), server._silence(3000), server._silence(0)) == (5.0, 15.0, None)
+    assert (server.silence(200), server.silence(3000), server.silence(0)) == (5.0, 15.0, None)
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.timeout(120)
 def test_crash_and_bye_are_told_apart(servers: Any):
     n = 10
     server = servers(DOWNPOUR, torch.zeros(n)).start()
@@ -360,9 +375,75 @@ def test_crash_and_bye_are_told_apart(servers: Any):
         raise RuntimeError("boom")
     with PSClient([server.address], n, worker_id=1) as c:
         c.join(torch.empty(n))
-    assert wait_until(lambda: server.stats()["active"] == 0, 5)
+    crashed = PSClient([server.address], n, worker_id=2)
+    crashed.start(torch.empty(n))
+    crashed.close(clean=False)
+    for worker_id, end in ((3, PSClient.close), (4, PSClient.bye)):
+        client = PSClient([server.address], n, worker_id=worker_id)
+        client.start(torch.empty(n))
+        end(client)
+        client.close()  # idempotent: no second goodbye, no error
+    assert wait_until(lambda: server.stats()["active"] == 0)
     states = {s["worker_id"]: (s["state"], s["reason"]) for s in server.stats()["sessions"]}
-    assert states == {0: ("died", "connection closed without BYE"), 1: ("left", "bye")}
+    died, left = ("died", "connection closed without BYE"), ("left", "bye")
+    assert states == {0: died, 1: left, 2: died, 3: left, 4: left}
+
+
+@pytest.mark.timeout(120)
+def test_client_is_a_transport_whose_traffic_is_counted(servers: Any):
+    n = 10
+    server = servers(DOWNPOUR, torch.zeros(n)).start()
+    client = PSClient([server.address], n, worker_id=0, heartbeat=0)
+    assert isinstance(client, Transport) and client.mode is Mode.ASYNC
+    x = torch.empty(n)
+    client.start(x)
+    client.serve(Request(Op.PUSH_PULL, torch.ones(n), x))
+    traffic = client.traffic
+    assert isinstance(traffic, Traffic) and traffic.exchanges == client.exchanges == 1
+    assert (client.bytes_sent, client.bytes_received) == (
+        traffic.bytes_sent,
+        traffic.bytes_received,
+    )
+    assert client.last_exchange_seconds == traffic.last_exchange_seconds > 0
+    # Both ends count the same bytes (the handshake aside).
+    stats = server.stats()
+    assert (stats["bytes_in"], stats["bytes_out"]) == (traffic.bytes_sent, traffic.bytes_received)
+    client.close()
+    assert wait_until(lambda: server.stats()["left"] == 1)
+    with pytest.raises(RuntimeError, match="closed"):
+        client.serve(Request(Op.PUSH_PULL, torch.ones(n), x))
+
+
+# ---------------------------------------------------------------------------------------
+# The server's hyperparameters, learnt at JOIN
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_join_carries_the_servers_hyperparameters(servers: Any, clients: Any):
+    # The asynchronous wrapper must use the server's p (and alpha = beta/p), not p = 1.
+    hp, n = Hyperparams(method="easgd", workers=4), 10
+    shards = [servers(hp, torch.zeros(b - a), offset=a).start() for a, b in shard_ranges(n, 2)]
+    client = clients([s.address for s in shards], n, worker_id=0)
+    with pytest.raises(RuntimeError, match="after join"):
+        client.server_hp  # noqa: B018
+    client.join(torch.empty(n))
+    assert isinstance(client.server_hp, Hyperparams)
+    assert client.server_hp.workers == 4 and client.server_hp.alpha == 0.225
+    assert client.server_hp == hp
+
+
+@pytest.mark.timeout(120)
+def test_shards_that_disagree_on_the_hyperparameters_are_refused(servers: Any, clients: Any):
+    n = 10
+    (a, b), (c, d) = shard_ranges(n, 2)
+    first = servers(DOWNPOUR, torch.zeros(b - a)).start()
+    second = servers(DOWNPOUR.replace(workers=4), torch.zeros(d - c), offset=c).start()
+    client = clients([first.address, second.address], n, worker_id=0)
+    with pytest.raises(ValueError, match=r"disagree on the hyperparameters \(workers=3 vs 4 on"):
+        client.join(torch.empty(n))
+    with pytest.raises(ValueError, match="disagree"):  # the client stays broken
+        client.serve(Request(Op.PUSH_PULL, torch.ones(n), torch.empty(n)))
 
 
 # ---------------------------------------------------------------------------------------
@@ -370,7 +451,7 @@ def test_crash_and_bye_are_told_apart(servers: Any):
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.timeout(120)
 @pytest.mark.parametrize("method", ["mdownpour", "adownpour"])
 def test_checkpoint_restores_center_clock_and_state(
     method: str, servers: Any, clients: Any, tmp_path: Path
@@ -387,12 +468,12 @@ def test_checkpoint_restores_center_clock_and_state(
     client = clients([first.address, ("127.0.0.1", server.address[1])], n, worker_id=0)
     x = torch.empty(n)
     client.join(x)
-    worker, grad = Worker(hp, x, "async"), QuadraticGrad(n)
+    worker, grad = Worker(hp, x, Mode.ASYNC), QuadraticGrad(n)
     for _ in range(STEPS):
         run_step(worker, grad, client.serve)
     t = server.t
     # The periodic save catches up by itself.
-    assert wait_until(lambda: any(e["event"] == "checkpoint" and e["t"] == t for e in events), 5)
+    assert wait_until(lambda: any(e["event"] == "checkpoint" and e["t"] == t for e in events))
     client.bye()
     server.stop()
 
@@ -455,7 +536,7 @@ def test_non_loopback_requires_a_secret(servers: Any, monkeypatch: Any):
     servers(DOWNPOUR, torch.zeros(4), host="0.0.0.0")
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.timeout(120)
 @pytest.mark.parametrize(
     ("server_secret", "client_secret", "match"),
     [
@@ -479,10 +560,10 @@ def test_wrong_secret_is_refused(
         PSClient([server.address], 4, worker_id=0, secret=client_secret)
     assert server.stats()["sessions"] == []
     if server_secret is not None:
-        assert wait_until(lambda: any(e["event"] == "auth_failure" for e in events), 5)
+        assert wait_until(lambda: any(e["event"] == "auth_failure" for e in events))
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.timeout(120)
 def test_right_secret_exchanges(servers: Any, clients: Any, monkeypatch: Any):
     monkeypatch.setenv("EASGD_SECRET", "shared")
     server = servers(DOWNPOUR, torch.zeros(4)).start()
@@ -493,7 +574,7 @@ def test_right_secret_exchanges(servers: Any, clients: Any, monkeypatch: Any):
     assert_close(x, torch.ones(4))
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.timeout(120)
 def test_bad_input_is_a_clear_error(servers: Any, clients: Any):
     server = servers(DOWNPOUR, torch.zeros(100)).start()
     with pytest.raises(ValueError, match="do all workers build the same model"):
@@ -517,17 +598,17 @@ def test_bad_input_is_a_clear_error(servers: Any, clients: Any):
     with pytest.raises(ValueError, match="payload of 50 floats, the center shard has 100"):
         rogue._recv(conn, None)
     assert server.t == 0
-    assert wait_until(lambda: server.stats()["rejected"] == 1, 5)
+    assert wait_until(lambda: server.stats()["rejected"] == 1)
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.timeout(120)
 def test_evaluator_pulls_without_joining(servers: Any, clients: Any):
     hp, n = make_hp("adownpour"), 16
     server = servers(hp, torch.randn(n)).start()
     worker_client = clients([server.address], n, worker_id=0)
     x = torch.empty(n)
     worker_client.join(x)
-    worker, grad = Worker(hp, x, "async"), QuadraticGrad(n)
+    worker, grad = Worker(hp, x, Mode.ASYNC), QuadraticGrad(n)
     for _ in range(6):
         run_step(worker, grad, worker_client.serve)
     evaluator = clients([server.address], n, worker_id=-1)
@@ -544,13 +625,13 @@ def test_evaluator_pulls_without_joining(servers: Any, clients: Any):
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)
 def test_benchmark_quick_runs(tmp_path: Path):
     out = tmp_path / "exchange.json"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "exchange.py"), "--quick", "--json", str(out)],
-        capture_output=True, text=True, timeout=110, env=env, cwd=ROOT,
+        [sys.executable, "-m", "benchmarks.exchange", "--quick", "--json", str(out)],
+        capture_output=True, text=True, timeout=280, env=env, cwd=ROOT,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -312,19 +311,8 @@ def test_analyze_rejects_bad_inputs(kwargs: dict[str, Any], message: str) -> Non
         (lambda: easgd_mixing_matrix(3, -0.1), "alpha=-0.1"),
         (lambda: mixing_zeta(np.array([[0.5, 0.5], [0.0, 1.0]])), "not symmetric"),
         (lambda: mixing_zeta(np.array([[0.5, 0.2], [0.2, 0.5]])), "not doubly stochastic"),
-        (lambda: st.write_figures("unused", resolution=3), "resolution=3"),
     ],
 )
 def test_library_rejects_bad_inputs(call: Any, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         call()
-
-
-def test_write_figures_leaves_no_temporary_files(tmp_path: Path) -> None:
-    paths = st.write_figures(tmp_path / "figs", resolution=12)
-    assert sorted(p.suffix for p in paths) == [".png"] * 3 + [".svg"] * 3
-    assert all(p.stat().st_size > 0 for p in paths)
-    assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == sorted(p.name for p in paths)
-    (tmp_path / "file").write_text("x")
-    with pytest.raises(ValueError, match="not a directory"):
-        st.write_figures(tmp_path / "file", resolution=12)

@@ -93,13 +93,18 @@ class TrainConfig:
     def resolved_mode(self) -> Mode:
         return METHODS[self.method].resolve_mode(self.mode)
 
+    @property
+    def servers_used(self) -> int:
+        """Parameter-server processes the run starts (0 unless the mode is asynchronous)."""
+        return self.servers if self.resolved_mode() is Mode.ASYNC else 0
+
     def world_size(self) -> int:
         """Ranks of the run: servers first (asynchronous mode), then workers."""
-        return self.workers + (self.servers if self.resolved_mode() is Mode.ASYNC else 0)
+        return self.workers + self.servers_used
 
     def role_of(self, rank: int) -> tuple[str, int]:
         """``("server", shard)`` or ``("worker", index)`` for a global rank."""
-        servers = self.servers if self.resolved_mode() is Mode.ASYNC else 0
+        servers = self.servers_used
         if rank < servers:
             return "server", rank
         return "worker", rank - servers

@@ -33,10 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, NoReturn
 
-from easgd.algorithms import Mode
 from easgd.config import TrainConfig
+from easgd.roles.context import RoleContext
 from easgd.runlog import JsonlWriter, RunPaths, atomic_write_json, read_jsonl
-from easgd.train import RoleContext
 
 __all__ = ["RunFailed", "launch_local", "role_main", "run_torchrun"]
 
@@ -82,15 +81,15 @@ def _context(cfg: TrainConfig, store: Any, start: float) -> RoleContext:
 
 def _run_role(cfg: TrainConfig, ctx: RoleContext, role: str, index: int) -> None:
     if role == "server":
-        from easgd.train import run_server
+        from easgd.roles.server import run_server
 
         run_server(cfg, ctx, index)
     elif role == "worker":
-        from easgd.train import run_worker
+        from easgd.roles.worker import run_worker
 
         run_worker(cfg, ctx, index)
     elif role == "evaluator":
-        from easgd.evaluator import run_evaluator
+        from easgd.roles.evaluator import run_evaluator
 
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -235,7 +234,8 @@ class _Launcher:
 
     def watch(self, display: _Display) -> None:
         """Wait for the workers, restarting or failing as the module docstring says."""
-        mode = self.cfg.resolved_mode()
+        # A worker whose result lives on the servers can die alone; a synchronous rank cannot.
+        restartable = bool(self.cfg.servers_used)
         last_draw = 0.0
         while True:
             for proc in list(self.procs):
@@ -251,7 +251,7 @@ class _Launcher:
                     continue
                 if rc == 0:
                     continue  # a worker that finished, or a server whose workers all did
-                if proc.role == "worker" and mode is Mode.ASYNC:
+                if proc.role == "worker" and restartable:
                     self._worker_died(proc, rc)
                     continue
                 raise self.fail(proc, rc)
@@ -325,7 +325,7 @@ def run_torchrun(cfg: TrainConfig) -> dict[str, Any] | None:
     """
     world = int(os.environ["WORLD_SIZE"])
     if world != cfg.world_size():
-        servers = f"{cfg.servers} servers + " if cfg.resolved_mode() is Mode.ASYNC else ""
+        servers = f"{cfg.servers} servers + " if cfg.servers_used else ""
         raise ValueError(
             f"torchrun started WORLD_SIZE={world} processes but the run needs "
             f"{servers}{cfg.workers} workers = {cfg.world_size()}; set --nproc-per-node "
@@ -355,7 +355,7 @@ def run_torchrun(cfg: TrainConfig) -> dict[str, Any] | None:
         # Rank 0 waits for every worker (and server) before summarizing.
         while int(store.add("easgd/workers_done", 0)) < cfg.workers:
             time.sleep(0.1)
-        if cfg.resolved_mode() is Mode.ASYNC:
+        if cfg.servers_used:
             keys = [f"easgd/server_saved/{s}" for s in range(cfg.servers)]
             store.wait(keys, datetime.timedelta(seconds=cfg.timeout))
         from easgd.evaluator import finalize

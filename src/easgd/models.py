@@ -1,9 +1,4 @@
-"""Networks for the experiments, built by name, and a flat view of a model's parameters.
-
-EASGD moves whole parameter vectors around (the elastic difference ``x^i - x~``, one
-collective per averaging), so besides the networks this module provides
-:func:`parameters_to_flat_views`, which puts every parameter of a model into one contiguous
-buffer that the optimizer and the communication layer share without copies.
+"""The networks of the experiments, registered by name and built by :func:`build_model`.
 
 Registered networks (``MODELS``; ``easgd models`` lists them with their sizes):
 
@@ -14,9 +9,11 @@ Registered networks (``MODELS``; ``easgd models`` lists them with their sizes):
 - ``lenet5-report``: the LeNet-5 variant of the KTH student report (MNIST, C++ libtorch).
 
 Every network is an ``nn.Sequential`` with named layers and returns logits (the softmax of
-the paper's ``S`` layer lives in the cross-entropy loss), so :func:`feature_shapes` can walk
-it and report the map size after every layer. Example::
+the paper's ``S`` layer lives in the cross-entropy loss), so
+:func:`easgd.shapes.feature_shapes` can walk it and report the map size after every layer.
+A model's parameters as one flat vector are :mod:`easgd.flat`'s. Example::
 
+    >>> from easgd.shapes import feature_shapes
     >>> model = build_model("cifar-paper", seed=0)
     >>> [s for n, s in feature_shapes(model, (3, 28, 28)) if n.startswith("pool")]
     [(64, 12, 12), (128, 4, 4)]
@@ -24,25 +21,23 @@ it and report the map size after every layer. Example::
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from easgd.shapes import accepted_image_sizes, feature_shapes, size_ranges
+
 __all__ = [
     "MODELS",
-    "FlatParams",
     "ModelSpec",
     "build_model",
     "count_parameters",
     "describe_models",
-    "feature_shapes",
-    "parameters_to_flat_views",
 ]
 
 Shape3 = tuple[int, int, int]
@@ -84,8 +79,8 @@ def _digits_cnn(shape: Shape3, num_classes: int) -> nn.Sequential:
     """conv3x3(8, pad 1) - ReLU - conv3x3(16, pad 1) - ReLU - maxpool 2 - FC 64 - ReLU - FC.
 
     He (Kaiming-normal) weights and zero biases: with PyTorch's default init this small net
-    needs several times more SGD steps to leave the initial plateau (300 steps of lr 0.05
-    reach about 0.85 test accuracy on digits instead of 0.95).
+    needs several times more SGD steps to leave the initial plateau (measured: see
+    ``benchmarks/RESULTS.md``).
     """
     c, h, w = shape
     if h < 2 or w < 2:
@@ -233,109 +228,6 @@ MODELS: dict[str, ModelSpec] = {
 }
 
 
-def _pair(value: int | tuple[int, ...]) -> tuple[int, int]:
-    if isinstance(value, int):
-        return value, value
-    return int(value[0]), int(value[1])
-
-
-def _window_out(size: int, kernel: int, stride: int, pad: int, dilation: int, ceil: bool) -> int:
-    span = size + 2 * pad - dilation * (kernel - 1) - 1
-    out = (-(-span // stride) if ceil else span // stride) + 1
-    # PyTorch drops a last ceil-mode window that would start inside the right padding.
-    if ceil and (out - 1) * stride >= size + pad:
-        out -= 1
-    return out
-
-
-def _layer_output(layer: nn.Module, shape: tuple[int, ...]) -> tuple[int, ...]:
-    if isinstance(layer, nn.Conv2d | nn.MaxPool2d):
-        if len(shape) != 3:
-            raise ValueError(f"expects a (C, H, W) input, got {shape}")
-        if isinstance(layer, nn.Conv2d):
-            if shape[0] != layer.in_channels:
-                raise ValueError(f"expects {layer.in_channels} channels, got {shape[0]}")
-            channels, ceil = layer.out_channels, False
-        else:
-            channels, ceil = shape[0], layer.ceil_mode
-        padding = layer.padding
-        if isinstance(padding, str):
-            raise TypeError(f"feature_shapes cannot follow padding={padding!r}")
-        args = zip(
-            shape[1:],
-            _pair(layer.kernel_size),
-            _pair(layer.stride),
-            _pair(padding),
-            _pair(layer.dilation),
-            strict=True,
-        )
-        h, w = (_window_out(s, k, st, p, d, ceil) for s, k, st, p, d in args)
-        if h < 1 or w < 1:
-            raise ValueError(f"gets a {shape[1]}x{shape[2]} map, too small for its window")
-        return (channels, h, w)
-    if isinstance(layer, nn.Linear):
-        if shape[-1] != layer.in_features:
-            raise ValueError(f"expects {layer.in_features} features, got {shape[-1]}")
-        return (*shape[:-1], layer.out_features)
-    if isinstance(layer, nn.modules.batchnorm._BatchNorm):
-        if shape[0] != layer.num_features:
-            raise ValueError(f"expects {layer.num_features} channels, got {shape[0]}")
-        return shape
-    if isinstance(layer, nn.Flatten) and layer.start_dim == 1 and layer.end_dim == -1:
-        return (math.prod(shape),)
-    if isinstance(layer, nn.ReLU | nn.Dropout | nn.Identity):
-        return shape
-    raise TypeError(f"feature_shapes cannot follow a {type(layer).__name__} layer")
-
-
-def feature_shapes(
-    model: nn.Module, input_shape: Sequence[int]
-) -> list[tuple[str, tuple[int, ...]]]:
-    """The output shape (without the batch dimension) of every layer of a sequential model.
-
-    Computed by arithmetic from the layers' hyper-parameters, without running the model, so it
-    is instant even for ``imagenet-paper``. Follows ``Conv2d``, ``MaxPool2d``, ``Linear``,
-    ``BatchNorm``, ``Flatten``, ``ReLU``, ``Dropout`` and ``Identity`` (else ``TypeError``).
-
-    Raises:
-        ValueError: a layer cannot take what the previous one produces; the message names it.
-    """
-    shape = tuple(int(s) for s in input_shape)
-    out: list[tuple[str, tuple[int, ...]]] = []
-    for name, layer in model.named_children():
-        try:
-            shape = _layer_output(layer, shape)
-        except ValueError as exc:
-            raise ValueError(f"layer {name!r} ({type(layer).__name__}) {exc}") from None
-        out.append((name, shape))
-    return out
-
-
-def _size_ranges(sizes: Sequence[int]) -> str:
-    """``[28, 29, 30, 31, 40]`` -> ``"28-31, 40"``."""
-    parts: list[str] = []
-    start = prev = sizes[0]
-    for s in [*sizes[1:], None]:
-        if s is not None and s == prev + 1:
-            prev = s
-            continue
-        parts.append(str(start) if start == prev else f"{start}-{prev}")
-        if s is not None:
-            start = prev = s
-    return ", ".join(parts)
-
-
-def _accepted_sizes(model: nn.Module, channels: int, largest: int) -> list[int]:
-    accepted = []
-    for size in range(1, largest + 1):
-        try:
-            feature_shapes(model, (channels, size, size))
-        except ValueError:
-            continue
-        accepted.append(size)
-    return accepted
-
-
 def _lookup(name: str) -> ModelSpec:
     try:
         return MODELS[name]
@@ -393,8 +285,8 @@ def build_model(
     try:
         feature_shapes(skeleton, shape)
     except ValueError as exc:
-        sizes = _accepted_sizes(skeleton, shape[0], _SCAN_FACTOR * h)
-        accepts = f"image sizes {_size_ranges(sizes)}" if sizes else f"input {spec.input_shape}"
+        sizes = accepted_image_sizes(skeleton, shape[0], _SCAN_FACTOR * h)
+        accepts = f"image sizes {size_ranges(sizes)}" if sizes else f"input {spec.input_shape}"
         raise ValueError(
             f"model {name!r} cannot take input {shape}: {exc}; it accepts {accepts} "
             f"(default {spec.input_shape})"
@@ -429,109 +321,3 @@ def describe_models() -> list[dict[str, Any]]:
         }
         for name, spec in MODELS.items()
     ]
-
-
-def _is_view_of(t: torch.Tensor, buffer: torch.Tensor, offset: int, shape: torch.Size) -> bool:
-    return (
-        t.device == buffer.device
-        and t.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
-        and t.storage_offset() == buffer.storage_offset() + offset
-        and t.shape == shape
-        and t.is_contiguous()
-    )
-
-
-@dataclass
-class FlatParams:
-    """A model's parameters and gradients as views into two flat buffers.
-
-    ``params[offsets[i] : offsets[i] + shapes[i].numel()]`` is the storage of the i-th
-    parameter (in ``model.parameters()`` order) and likewise for ``grads``, so an optimizer
-    stepping the parameters updates ``params`` in place, ``loss.backward()`` accumulates into
-    ``grads``, and a collective on ``params`` updates the model, all without copies.
-
-    Keeping the views:
-
-    - ``optimizer.zero_grad(set_to_none=False)`` zeroes ``grads`` in place and keeps them.
-    - ``set_to_none=True`` (the default of ``zero_grad``) drops them: the next backward
-      allocates fresh gradients. Call :meth:`ensure_grad_views_` (or :meth:`zero_grad_`)
-      after it; it re-attaches every gradient that is ``None`` or not a view.
-    - Replacing ``p.data`` (``model.to(other dtype)``, ``load_state_dict(assign=True)``)
-      detaches the parameters; ``load_state_dict`` without ``assign`` copies in place and is
-      safe. Buffers (BatchNorm running statistics) are not parameters and are not included.
-    """
-
-    params: torch.Tensor
-    grads: torch.Tensor
-    shapes: tuple[torch.Size, ...]
-    offsets: tuple[int, ...]
-    parameters: tuple[nn.Parameter, ...] = field(repr=False, compare=False)
-
-    @property
-    def numel(self) -> int:
-        """Total number of scalar parameters."""
-        return self.params.numel()
-
-    def copy_from_(self, flat: torch.Tensor) -> FlatParams:
-        """Copy a flat vector (any dtype/device, ``numel`` values) into the parameters."""
-        if flat.numel() != self.numel:
-            raise ValueError(f"flat has {flat.numel()} values, the model has {self.numel}")
-        self.params.copy_(flat.reshape(-1))
-        return self
-
-    def ensure_grad_views_(self) -> int:
-        """Re-attach gradients that are ``None`` or not views of ``grads``; returns how many.
-
-        A detached gradient keeps its value (copied into ``grads``); a missing one becomes 0.
-        """
-        reattached = 0
-        for p, shape, offset in zip(self.parameters, self.shapes, self.offsets, strict=True):
-            if p.grad is not None and _is_view_of(p.grad, self.grads, offset, shape):
-                continue
-            view = self.grads[offset : offset + shape.numel()].view(shape)
-            if p.grad is None:
-                view.zero_()
-            else:
-                view.copy_(p.grad.detach())
-            p.grad = view
-            reattached += 1
-        return reattached
-
-    def zero_grad_(self) -> None:
-        """Zero all gradients in place, re-attaching any view that was lost."""
-        self.ensure_grad_views_()
-        self.grads.zero_()
-
-
-def parameters_to_flat_views(model: nn.Module) -> FlatParams:
-    """Move ``model``'s parameters (and gradients) into flat buffers; see :class:`FlatParams`.
-
-    Current values and any existing gradients are preserved. All parameters must share one
-    dtype and device. Example::
-
-        >>> model = build_model("mlp", seed=0)
-        >>> flat = parameters_to_flat_views(model)
-        >>> _ = flat.params.mul_(0.5)  # halves the model's weights in place
-    """
-    params = tuple(model.parameters())
-    kinds = {(p.dtype, p.device) for p in params}
-    if len(kinds) > 1:
-        raise ValueError(
-            f"parameters must share one dtype and device, got {sorted(map(str, kinds))}"
-        )
-    dtype, device = kinds.pop() if kinds else (torch.get_default_dtype(), torch.device("cpu"))
-    shapes = tuple(p.shape for p in params)
-    sizes = [s.numel() for s in shapes]
-    offsets = tuple(itertools.accumulate(sizes[:-1], initial=0)) if sizes else ()
-    total = sum(sizes)
-    flat = torch.empty(total, dtype=dtype, device=device)
-    flat_grad = torch.zeros(total, dtype=dtype, device=device)
-    with torch.no_grad():
-        for p, shape, offset in zip(params, shapes, offsets, strict=True):
-            n = shape.numel()
-            flat[offset : offset + n].copy_(p.reshape(-1))
-            p.data = flat[offset : offset + n].view(shape)
-            if p.grad is not None:
-                flat_grad[offset : offset + n].copy_(p.grad.reshape(-1))
-            p.grad = flat_grad[offset : offset + n].view(shape)
-    return FlatParams(flat, flat_grad, shapes, offsets, params)

@@ -31,14 +31,21 @@ Notes:
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
-from easgd.algorithms import Hyperparams, Op, Request, Worker
+from easgd.algorithms import METHODS, Hyperparams, Mode, Request, Worker, drive, run_settle
+from easgd.comm.base import Transport
+from easgd.comm.staging import Staged
+
+if TYPE_CHECKING:
+    from easgd.comm.ps_client import PSClient
 
 __all__ = ["EAMSGD", "EASGD", "ElasticAveraging", "LocalSGD"]
 
@@ -50,9 +57,11 @@ class ElasticAveraging(torch.optim.Optimizer):
         optimizer: the local optimizer (any ``torch.optim.Optimizer``).
         tau: communication period in calls of ``step()`` (default 1).
         alpha, beta: moving rates; ``alpha = beta/p`` unless given (default beta = 0.9).
+            Asynchronously the server's values rule: given ones must agree with them.
         method: ``"easgd"`` (default) or ``"localsgd"`` (periodic parameter averaging).
         client: an :class:`easgd.comm.ps.PSClient` for the asynchronous mode; ``None`` means
-            synchronous over ``process_group``.
+            synchronous over ``process_group``. p, alpha and beta then come from the server
+            (its JOIN reply carries its hyperparameters).
         process_group: group of the synchronous mode (default: the default group).
         enabled: ``False`` turns every exchange off (the local optimizer alone): for
             measuring the wrapper's overhead.
@@ -66,48 +75,67 @@ class ElasticAveraging(torch.optim.Optimizer):
         alpha: float | None = None,
         beta: float | None = None,
         method: str = "easgd",
-        client: Any = None,
-        process_group: Any = None,
+        client: PSClient | None = None,
+        process_group: dist.ProcessGroup | None = None,
         enabled: bool = True,
     ) -> None:
-        import torch.distributed as dist
+        from easgd.flat import parameters_to_flat_views
 
-        from easgd.models import parameters_to_flat_views
-
-        if method not in ("easgd", "localsgd"):
+        spec = METHODS.get(method)
+        if spec is None or not spec.wraps_optimizer or spec.sequential:
             raise ValueError(f"method={method!r}; the wrapper supports easgd and localsgd")
         self.optimizer = optimizer
         self.client = client
         self.process_group = process_group
         self.enabled = enabled
-        mode = "async" if client is not None else "sync"
-        if mode == "sync" and method == "easgd" and enabled and not dist.is_initialized():
+        mode = Mode.ASYNC if client is not None else Mode.SYNC
+        spec.resolve_mode(mode)  # localsgd has no asynchronous form: say so
+        synchronous = mode is Mode.SYNC
+        if synchronous and spec.elastic and enabled and not dist.is_initialized():
             raise RuntimeError(
                 "the synchronous EASGD wrapper needs torch.distributed: call "
                 "init_process_group first (torchrun sets the variables), or pass client= for "
                 "the asynchronous parameter server"
             )
-        p = 1
-        if mode == "sync" and dist.is_initialized():
-            p = dist.get_world_size(process_group)
-        if mode == "async":
-            p = int(getattr(client, "workers", p) or p)
-        hp_fields: dict[str, Any] = {"method": method, "tau": tau, "workers": p, "lr": 1.0}
-        if alpha is not None:
-            hp_fields["alpha"] = alpha
-        if beta is not None:
-            hp_fields["beta"] = beta
-        self.hp = Hyperparams(**hp_fields)
         params = [q for group in optimizer.param_groups for q in group["params"]]
         self.flat = parameters_to_flat_views(torch.nn.ParameterList(params))
         x = self.flat.params
-        if enabled and mode == "sync" and dist.is_initialized():
-            dist.broadcast(x, src=dist.get_global_rank(process_group, 0) if process_group
-                           else 0, group=process_group)  # fmt: skip
-        if enabled and mode == "async":
-            client.join(x)  # start from the center, like every worker
+        self._transport: Transport | None = None
+        self._loss: Any = None  # the local optimizer's last return value
+        if enabled and (client is not None or dist.is_initialized()):
+            self._transport = self._open_transport(client, x.device)
+            self._transport.start(x)  # start from the center (or rank 0), like every worker
+        requested: dict[str, Any] = {"alpha": alpha, "beta": beta}
+        fields: dict[str, Any] = {"method": method, "tau": tau, "workers": 1, "lr": 1.0}
+        if client is not None and enabled:
+            fields.update(self._server_fields(client, requested))
+        else:
+            if synchronous and dist.is_initialized():
+                fields["workers"] = dist.get_world_size(process_group)
+            fields.update({k: v for k, v in requested.items() if v is not None})
+        self.hp = Hyperparams(**fields)
         self.worker = Worker(self.hp, x, mode, grad=self.flat.grads, external_local=True)
-        self._transport: Any = None
+
+    def _open_transport(self, client: PSClient | None, device: torch.device) -> Transport:
+        if client is not None:
+            return Staged(client, device) if device.type == "cuda" else client
+        from easgd.comm.allreduce import AllReduceTransport
+
+        return AllReduceTransport(self.process_group)
+
+    @staticmethod
+    def _server_fields(client: PSClient, requested: dict[str, Any]) -> dict[str, Any]:
+        """p, alpha and beta as the server applies them; given values must agree."""
+        server = client.server_hp
+        for name, value in requested.items():
+            theirs = getattr(server, name)
+            if value is not None and not math.isclose(value, theirs, rel_tol=1e-12):
+                raise ValueError(
+                    f"{name}={value} but the parameter server applies {name}={theirs:g} "
+                    f"(method {server.method}, p={server.workers}); leave {name} unset to use "
+                    "the server's, or start the server with the value you want"
+                )
+        return {"workers": server.workers, "alpha": server.alpha, "beta": server.beta}
 
     # torch.optim.Optimizer surface: delegate to the local optimizer.
     @property
@@ -129,16 +157,16 @@ class ElasticAveraging(torch.optim.Optimizer):
     def center(self) -> Tensor:
         """The center variable as this worker knows it (synchronous: exact; async: pulled).
 
-        Synchronous EASGD first completes the exchange still in flight (a local wait).
+        Synchronous EASGD first completes the exchange still in flight (a local wait);
+        local SGD's center is the parameters (right after an average, the workers' mean).
         """
-        if self.worker.center is not None:
-            self.settle()
-            return self.worker.center
-        if self.client is not None:
+        if self.worker.spec.evaluated_on_server(self.worker.mode):
+            assert self.client is not None
             out = torch.empty_like(self.flat.params)
             self.client.pull(out)
             return out
-        return self.flat.params
+        self.settle()
+        return self.worker.evaluation_vector()
 
     def settle(self) -> None:
         """Complete the synchronous exchange still in flight, if any (a local wait).
@@ -146,8 +174,8 @@ class ElasticAveraging(torch.optim.Optimizer):
         Synchronous EASGD overlaps its all-reduce with the next ``tau`` local steps;
         ``center``, ``state_dict`` and ``finish`` settle by themselves.
         """
-        for req in self.worker.settle():
-            self._serve(req)
+        if self.worker.in_flight:
+            run_settle(self.worker, self._serve)
 
     def finish(self) -> None:
         """End of training: complete every exchange in flight (call it on every rank)."""
@@ -155,44 +183,36 @@ class ElasticAveraging(torch.optim.Optimizer):
 
     def center_model_(self, model: torch.nn.Module) -> None:
         """Copy the center into ``model`` (a replica of the wrapped one) to evaluate it."""
-        from easgd.models import parameters_to_flat_views
+        from easgd.flat import parameters_to_flat_views
 
         parameters_to_flat_views(model).params.copy_(self.center)
 
     def _serve(self, req: Request) -> None:
-        if self.client is not None:
-            self.client.serve(req)
-            return
         if self._transport is None:
-            from easgd.comm.allreduce import AllReduceTransport
-
-            self._transport = AllReduceTransport(self.process_group)
+            raise RuntimeError(
+                "the wrapper has no process group to exchange with: call "
+                "torch.distributed.init_process_group before constructing it (torchrun "
+                "sets the variables), or pass client= for the parameter server"
+            )
         self._transport.serve(req)
+
+    def _local_step(self, closure: Callable[[], float] | None) -> float:
+        if closure is None:
+            loss = self.optimizer.step()
+        else:
+            with torch.enable_grad():
+                loss = self.optimizer.step(closure)
+        self._loss = loss
+        return float("nan") if loss is None else float(loss)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """The local optimizer's step, with an exchange every ``tau`` calls."""
         if not self.enabled:
             return self.optimizer.step(closure)
-        loss: Any = None
-        gen = self.worker.step()
-        reply: Any = None
-        try:
-            while True:
-                req = gen.send(reply)
-                reply = None
-                if req.op is Op.LOCAL:
-                    if closure is not None:
-                        with torch.enable_grad():
-                            loss = self.optimizer.step(closure)
-                    else:
-                        loss = self.optimizer.step()
-                    reply = float("nan") if loss is None else float(loss)
-                else:
-                    self._serve(req)
-        except StopIteration:
-            pass
-        return loss
+        self._loss = None
+        drive(self.worker.step(), lambda _req: self._local_step(closure), self._serve)
+        return self._loss
 
     def state_dict(self) -> dict[str, Any]:
         self.settle()

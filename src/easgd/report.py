@@ -8,11 +8,11 @@ center test error against time, one panel per tau or per p, the sequential refer
 panel) and writes ``table.md`` and ``report.json``.
 
 Time axis. A real run's clock starts when the launcher starts, process start-up included; the
-report puts time zero at the first training event in ``metrics.jsonl`` (a worker joining the
-server or finishing its first step) and cuts the curves at the run's training budget
-(``run.json``, written by ``easgd experiment``). Simulated runs are on their virtual clock.
-The training loss is the workers' mini-batch loss, averaged in time bins (all workers
-together); test loss and error are the center's.
+report puts time zero at the first training step (the first ``train_start`` event in
+``metrics.jsonl``; in runs older than that event, the first join, step or exchange) and cuts
+the curves at the run's training budget (``run.json``, written by ``easgd experiment``).
+Simulated runs are on their virtual clock. The training loss is the workers' mini-batch loss,
+averaged in time bins (all workers together); test loss and error are the center's.
 """
 
 from __future__ import annotations
@@ -28,11 +28,20 @@ from typing import Any
 
 from easgd.algorithms import METHODS
 from easgd.experiments import select_best
-from easgd.runlog import atomic_write_bytes, atomic_write_json, iter_jsonl
+from easgd.runlog import (
+    PROGRESS_EVENTS,
+    SUMMARY_FILE,
+    ReportPaths,
+    RunPaths,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    iter_jsonl,
+    training_span,
+)
 
 __all__ = ["Line", "Report", "Run", "build_report", "detect_panel", "load_runs", "write_report"]
 
-_TRAIN_EVENTS = ("join", "step", "exchange")
 _COLORS = {
     "eamsgd": "#d62728", "easgd": "#1f77b4", "downpour": "#2ca02c", "adownpour": "#9467bd",
     "mvadownpour": "#8c564b", "mdownpour": "#17becf", "msgd": "#000000", "sgd": "#7f7f7f",
@@ -99,17 +108,17 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _load_run(root: Path) -> Run:
-    summary = _read_json(root / "summary.json")
-    config = _read_json(root / "config.json") if (root / "config.json").exists() else summary
-    info = _read_json(root / "run.json") if (root / "run.json").exists() else {}
+    paths = RunPaths(root)
+    summary = _read_json(paths.summary)
+    config = _read_json(paths.config) if paths.config.exists() else summary
+    info = _read_json(paths.run_info) if paths.run_info.exists() else {}
     runtime = str(summary.get("runtime", info.get("runtime", "real")))
-    events = list(iter_jsonl(root / "metrics.jsonl"))
-    evals = list(iter_jsonl(root / "eval.jsonl"))
-    starts = [float(e["wall"]) for e in events if e.get("event") in _TRAIN_EVENTS]
-    t0 = 0.0 if runtime == "sim" else min(starts, default=0.0)
+    events = list(iter_jsonl(paths.metrics))
+    evals = list(iter_jsonl(paths.eval))
+    start, last_end = training_span(events)
+    t0 = 0.0 if runtime == "sim" or start is None else start
     horizon = info.get("train_budget") if runtime == "real" else None
-    ends = [float(e["wall"]) - t0 for e in events if e.get("event") == "worker_done"]
-    end = max(ends) if ends else float(summary.get("wall_seconds", 0.0)) - t0
+    end = (last_end if last_end is not None else float(summary.get("wall_seconds", 0.0))) - t0
 
     def keep(t: float) -> bool:
         return horizon is None or t <= horizon + 1e-9
@@ -134,7 +143,7 @@ def _load_run(root: Path) -> Run:
     loss_times: list[float] = []
     losses: list[float] = []
     for e in events:
-        if e.get("event") in ("step", "exchange") and "loss" in e:
+        if e.get("event") in PROGRESS_EVENTS and "loss" in e:
             t = float(e["wall"]) - t0
             if t >= 0 and keep(t):
                 loss_times.append(t)
@@ -149,7 +158,7 @@ def load_runs(dirs: Iterable[str | Path]) -> list[Run]:
     for d in roots:
         if not d.is_dir():
             raise FileNotFoundError(f"{d} is not a folder of run directories")
-    found = sorted({p.parent for d in roots for p in d.rglob("summary.json")})
+    found = sorted({p.parent for d in roots for p in d.rglob(SUMMARY_FILE)})
     if not found:
         where = ", ".join(str(d) for d in roots)
         raise ValueError(
@@ -420,15 +429,15 @@ def report_json(report: Report) -> dict[str, Any]:
 
 def write_report(report: Report, out: str | Path, title: str | None = None) -> list[Path]:
     """Write figure.png, figure.svg, table.md and report.json into ``out`` (atomically)."""
-    out = Path(out)
+    paths = ReportPaths(out)
     fig = draw_figure(report, title)
     written = []
-    for fmt in ("png", "svg"):
+    for fmt in ReportPaths.FIGURE_FORMATS:
         buf = io.BytesIO()
         fig.savefig(buf, format=fmt, dpi=110, metadata={"Date": None} if fmt == "svg" else None)
-        atomic_write_bytes(out / f"figure.{fmt}", buf.getvalue())
-        written.append(out / f"figure.{fmt}")
-    atomic_write_bytes(out / "table.md", table_markdown(report, title).encode())
-    atomic_write_json(out / "report.json", report_json(report))
-    written += [out / "table.md", out / "report.json"]
+        atomic_write_bytes(paths.figure(fmt), buf.getvalue())
+        written.append(paths.figure(fmt))
+    atomic_write_text(paths.table, table_markdown(report, title))
+    atomic_write_json(paths.report, report_json(report))
+    written += [paths.table, paths.report]
     return written

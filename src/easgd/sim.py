@@ -140,7 +140,7 @@ class TorchProblem:
         transform: Callable[[Tensor, torch.Generator], Tensor] | None = None,
         eval_batch_size: int = 1024,
     ) -> None:
-        from easgd.models import parameters_to_flat_views
+        from easgd.flat import parameters_to_flat_views
 
         self._build = build
         self._flat = parameters_to_flat_views

@@ -4,7 +4,8 @@ worker: joins, writes what it pulled (``--out``), then PUSH_PULLs a payload of o
 ``--exchanges`` are done or SIGTERM arrives, then says BYE. Every reply must be a consistent
 center (all entries equal, since every update adds 1 everywhere); a torn read exits 3.
 
-server: runs :func:`easgd.comm.ps.serve` for a DOWNPOUR center of zeros.
+server: runs :func:`easgd.comm.ps.serve` for a DOWNPOUR center of zeros (``--events``: its
+events as JSON lines).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def worker(args: argparse.Namespace) -> int:
             return 3
         done += 1
         time.sleep(args.sleep)
-    client.bye()
+    client.close()  # clean: a goodbye
     return 0
 
 
@@ -56,6 +57,7 @@ def server(args: argparse.Namespace) -> int:
         address_file=args.address_file,
         checkpoint_path=args.checkpoint,
         checkpoint_every=0.2,
+        events_path=args.events,
     )
     return 0
 
@@ -72,6 +74,7 @@ def main() -> int:
     parser.add_argument("--out", default=None)
     parser.add_argument("--address-file", default=None)
     parser.add_argument("--checkpoint", default=None)
+    parser.add_argument("--events", default=None)
     args = parser.parse_args()
     return worker(args) if args.role == "worker" else server(args)
 

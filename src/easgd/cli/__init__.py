@@ -18,8 +18,7 @@ from easgd import __version__
 
 __all__ = ["build_parser", "main"]
 
-# Subcommand modules, in the order `easgd --help` lists them. A module that is missing
-# (a feature not installed yet) is skipped rather than breaking the whole command line.
+# Subcommand modules, in the order `easgd --help` lists them.
 _SUBCOMMANDS = ("train", "simulate", "stability", "experiment", "report", "models")
 
 
@@ -40,13 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in _SUBCOMMANDS:
-        try:
-            module = importlib.import_module(f"easgd.cli.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"easgd.cli.{name}":
-                raise
-            continue
-        module.register(subparsers)
+        importlib.import_module(f"easgd.cli.{name}").register(subparsers)
     return parser
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from easgd.cli._table import format_table
 from easgd.experiments import EXPERIMENTS, RUNTIMES, SweepEvent, get_experiment, run_sweep
+from easgd.runlog import SUMMARY_FILE, SweepPaths, SweepStatus
 
 __all__ = ["register", "run"]
 
@@ -88,9 +89,8 @@ def register(subparsers: Any) -> None:
         type=float,
         default=None,
         metavar="SECONDS",
-        help="real: seconds added to each run's budget for process start-up, which the "
-        "launcher counts (default: 3 + 1 per process, then 1.25 x the longest start-up seen "
-        "+ 1; a run that still trained less than its budget runs once more)",
+        help="ignored, with a warning (kept so that old commands still run): a real run's "
+        "time budget counts from its first training step, so start-up needs no allowance",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     parser.set_defaults(func=run)
@@ -101,10 +101,10 @@ def _print_runs(args: argparse.Namespace, out: str) -> int:
     only = args.only.split(",") if args.only else None
     runs = exp.runs(lr_grid=args.lr_grid, seeds=args.seeds, only=only)
     budget = exp.time_budget * args.scale
+    sweep = SweepPaths(out)
     rows = [
         {"#": i, "run": r.name, "method": r.method, "tau": r.tau, "p": r.workers, "lr": r.lr,
-         "seed": r.seed,
-         "status": "done" if os.path.exists(os.path.join(out, r.name, "summary.json")) else "todo"}
+         "seed": r.seed, "status": "done" if sweep.run(r.name).summary.exists() else "todo"}
         for i, r in enumerate(runs, 1)
     ]  # fmt: skip
     print(format_table(rows))
@@ -118,11 +118,11 @@ def _print_runs(args: argparse.Namespace, out: str) -> int:
 
 def _progress(event: SweepEvent) -> None:
     head = f"[{event.index}/{event.total}] {event.run.name}"
-    if event.status == "start":
+    if event.status == SweepStatus.START:
         print(f"{head} ...", file=sys.stderr, flush=True)
-    elif event.status == "skipped":
-        print(f"{head} skipped (summary.json exists)", file=sys.stderr, flush=True)
-    elif event.status == "failed":
+    elif event.status == SweepStatus.SKIPPED:
+        print(f"{head} skipped ({SUMMARY_FILE} exists)", file=sys.stderr, flush=True)
+    elif event.status == SweepStatus.FAILED:
         print(f"{head} FAILED after {event.seconds:.1f} s: {event.error}", file=sys.stderr)
     else:
         s = event.summary or {}

@@ -9,6 +9,7 @@ import sys
 from typing import Any
 
 from easgd.algorithms import METHODS, Hyperparams
+from easgd.cli._help import HelpFormatter
 from easgd.cli._progress import Progress
 from easgd.cli._table import format_table
 from easgd.sim import SCHEDULES, CostModel, Problem, Quadratic, SimResult, simulate
@@ -16,8 +17,14 @@ from easgd.sim import SCHEDULES, CostModel, Problem, Quadratic, SimResult, simul
 __all__ = ["add_hyperparam_args", "hyperparams_from_args", "register", "run"]
 
 
-def add_hyperparam_args(parser: argparse.ArgumentParser, *, workers_flag: str = "--p") -> None:
-    """The flags of :class:`easgd.algorithms.Hyperparams`, shared with ``easgd train``."""
+def add_hyperparam_args(
+    parser: argparse.ArgumentParser, *, workers_aliases: tuple[str, ...] = ()
+) -> None:
+    """The flags of :class:`easgd.algorithms.Hyperparams`, shared with ``easgd train``.
+
+    ``workers_aliases``: other spellings of ``--workers`` (``easgd simulate`` keeps ``--p``,
+    the paper's name, as one).
+    """
     g = parser.add_argument_group("method and hyperparameters")
     g.add_argument(
         "--method",
@@ -26,7 +33,8 @@ def add_hyperparam_args(parser: argparse.ArgumentParser, *, workers_flag: str = 
         help="update rule. " + "; ".join(f"{m.name}: {m.description}" for m in METHODS.values()),
     )
     g.add_argument(
-        workers_flag,
+        "--workers",
+        *workers_aliases,
         dest="workers",
         type=int,
         default=4,
@@ -115,7 +123,7 @@ def register(subparsers: Any) -> None:
             "(one worker per global step, the paper's analysis) and async (event-driven on a "
             "virtual clock with a cost model). All replicas start at the center."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     prob = parser.add_argument_group("problem")
     prob.add_argument(
@@ -147,7 +155,7 @@ def register(subparsers: Any) -> None:
     prob.add_argument("--model", default=None, help="network for a dataset problem")
     prob.add_argument("--batch-size", type=int, default=32, help="mini-batch size per worker")
     prob.add_argument("--data-dir", default=None, help="folder holding the dataset's files")
-    add_hyperparam_args(parser)
+    add_hyperparam_args(parser, workers_aliases=("--p",))
     run_g = parser.add_argument_group("schedule and run")
     run_g.add_argument(
         "--schedule",

@@ -13,7 +13,7 @@ import argparse
 import json
 from typing import Any
 
-from easgd.analysis import stability
+from easgd.analysis import figures, stability
 from easgd.cli._table import format_table
 
 __all__ = ["register", "run"]
@@ -39,7 +39,9 @@ def register(subparsers: Any) -> None:
         choices=stability.MAPS,
         help="which linear map to analyse (required unless --figure is given)",
     )
-    parser.add_argument("--p", type=int, help="number of workers (integer >= 1)")
+    parser.add_argument(
+        "--workers", "--p", dest="p", type=int, metavar="P", help="number of workers p (>= 1)"
+    )
     parser.add_argument(
         "--eta", type=float, help="learning rate times curvature, eta*h (h = 1), > 0"
     )
@@ -83,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
             args.map_name, args.p, args.eta, alpha=args.alpha, rho=args.rho, beta=args.beta
         )
     paths = (
-        [str(p) for p in stability.write_figures(args.figure, resolution=args.resolution)]
+        [str(p) for p in figures.write_figures(args.figure, resolution=args.resolution)]
         if args.figure is not None
         else []
     )

@@ -5,20 +5,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
+from easgd.cli._help import HelpFormatter
 from easgd.cli._progress import Progress
 from easgd.cli._table import format_table
 from easgd.cli.simulate import add_hyperparam_args
 from easgd.config import MODES, TrainConfig
+from easgd.runlog import CONFIG_FILE, RunPaths
 
-__all__ = ["config_from_args", "register", "run"]
+__all__ = ["DEFAULT_EPOCHS", "config_from_args", "register", "run"]
 
 _DEFAULTS = TrainConfig(epochs=1)  # where the flags take their defaults from
+#: The budget of a run given none of --epochs, --time-budget and --steps.
+DEFAULT_EPOCHS = 60.0
 
 
 def register(subparsers: Any) -> None:
@@ -33,9 +35,9 @@ def register(subparsers: Any) -> None:
             "takes its role from RANK (servers first). With no arguments: digits, 4 workers, "
             "1 server, EAMSGD."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
-    add_hyperparam_args(parser, workers_flag="--workers")
+    add_hyperparam_args(parser)
     g = parser.add_argument_group("run")
     g.add_argument("--mode", default="auto", choices=MODES,
                    help="auto: asynchronous for the elastic and DOWNPOUR methods (the paper's), "
@@ -54,14 +56,16 @@ def register(subparsers: Any) -> None:
         "--epochs",
         type=float,
         default=None,
-        help="passes over the training set per worker (default: 6)",
+        help=f"passes over the training set per worker (default: {DEFAULT_EPOCHS:g} when "
+        "neither --time-budget nor --steps is given)",
     )
     budget.add_argument(
         "--time-budget",
         type=float,
         default=None,
         metavar="SECONDS",
-        help="stop after this many wall-clock seconds",
+        help="train for this many wall-clock seconds, counted from each worker's first "
+        "step (start-up is not counted; the summary reports it as startup_seconds)",
     )
     budget.add_argument(
         "--steps",
@@ -130,7 +134,7 @@ def register(subparsers: Any) -> None:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     epochs = args.epochs
     if epochs is None and args.time_budget is None and args.steps is None:
-        epochs = 60.0
+        epochs = DEFAULT_EPOCHS
     out = args.out or os.path.join("runs", f"{args.method}-{time.strftime('%Y%m%d-%H%M%S')}")
     fields: dict[str, Any] = {
         "method": args.method, "mode": args.mode, "workers": args.workers,
@@ -148,17 +152,14 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def _prepare_out(cfg: TrainConfig, overwrite: bool) -> None:
-    root = Path(cfg.out)
-    if (root / "config.json").exists():
+    paths = RunPaths(cfg.out)
+    if paths.holds_run():
         if not overwrite:
             raise ValueError(
-                f"--out {root} already holds a run (config.json); choose another --out or "
-                "pass --overwrite to replace it"
+                f"--out {paths.root} already holds a run ({CONFIG_FILE}); choose another "
+                "--out or pass --overwrite to replace it"
             )
-        for name in ("metrics.jsonl", "eval.jsonl", "summary.json", "config.json"):
-            (root / name).unlink(missing_ok=True)
-        for name in ("snapshots", "checkpoints", "logs"):
-            shutil.rmtree(root / name, ignore_errors=True)
+        paths.clear()
 
 
 def _under_torchrun() -> bool:
@@ -192,7 +193,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     keys = ("method", "mode", "workers", "servers", "tau", "lr", "dataset",
             "center_test_error", "center_test_loss", "best_center_test_error", "wall_seconds",
-            "local_steps", "exchanges", "bytes_sent", "bytes_received", "evaluations")  # fmt: skip
+            "startup_seconds", "train_seconds", "local_steps", "exchanges", "bytes_sent",
+            "bytes_received", "evaluations")  # fmt: skip
     print(format_table([{"quantity": k, "value": summary[k]} for k in keys if k in summary]))
     print(f"run directory: {cfg.out}")
     if _under_torchrun():

@@ -25,8 +25,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 
-from easgd.algorithms import Op, Request
+from easgd.algorithms import Mode, Op, Request
+from easgd.comm.base import Traffic, Transport
 
 __all__ = ["AllReduceTransport", "default_backend", "init_group"]
 
@@ -45,7 +47,7 @@ def init_group(backend: str, *, timeout: float = 120.0) -> None:
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
 
 
-class AllReduceTransport:
+class AllReduceTransport(Transport):
     """Fulfils the synchronous requests of :class:`easgd.algorithms.Worker` with collectives.
 
     Args:
@@ -56,18 +58,31 @@ class AllReduceTransport:
             (at its next exchange, or when it settles). Exact: the local steps in between
             use only the worker's own difference, never the sum. ``MEAN`` (all-reduce SGD's
             gradients, local SGD's parameters) is needed at once and always blocks.
+        owns_group: ``close()`` destroys the default group (the transport created it).
     """
 
-    def __init__(self, group: dist.ProcessGroup | None = None, *, overlap: bool = True) -> None:
+    mode = Mode.SYNC
+
+    def __init__(
+        self,
+        group: dist.ProcessGroup | None = None,
+        *,
+        overlap: bool = True,
+        owns_group: bool = False,
+    ) -> None:
         self.group = group
         self.overlap = overlap
+        self.owns_group = owns_group
         self.world = dist.get_world_size(group)
-        self.exchanges = 0
-        self.bytes_sent = 0
-        self.bytes_received = 0
-        #: Seconds the caller was blocked by its last exchange (start + wait when deferred).
-        self.last_exchange_seconds = 0.0
+        self.traffic = Traffic()
         self._in_flight: dict[int, tuple[Any, float]] = {}  # payload data_ptr -> (work, s)
+        self._vote = torch.zeros(1)
+        self._vote_work: Any = None  # the time-budget vote in flight
+
+    def start(self, x: Tensor) -> None:
+        """Every rank starts from rank 0's parameters (the group's first rank)."""
+        src = dist.get_global_rank(self.group, 0) if self.group is not None else 0
+        dist.broadcast(x, src=src, group=self.group)
 
     def serve(self, req: Request) -> None:
         if req.op is Op.WAIT:
@@ -92,19 +107,57 @@ class AllReduceTransport:
             dist.all_reduce(req.payload, op=dist.ReduceOp.SUM, group=self.group)
             if req.op is Op.MEAN:
                 req.payload.div_(self.world)
-            self.last_exchange_seconds = time.perf_counter() - started
-        self.exchanges += 1
+            self.traffic.last_exchange_seconds = time.perf_counter() - started
+        self.traffic.exchanges += 1
         # A ring all-reduce sends and receives 2(p-1)/p of the buffer per rank.
         nbytes = req.payload.numel() * req.payload.element_size()
         moved = 2 * (self.world - 1) * nbytes // max(self.world, 1)
-        self.bytes_sent += moved
-        self.bytes_received += moved
+        self.traffic.bytes_sent += moved
+        self.traffic.bytes_received += moved
 
-    def _wait(self, payload: torch.Tensor) -> None:
+    def _wait(self, payload: Tensor) -> None:
         entry = self._in_flight.pop(payload.data_ptr(), None)
         if entry is None:
             raise RuntimeError("WAIT for a buffer with no SUM in flight")
         work, start_seconds = entry
         started = time.perf_counter()
         work.wait()
-        self.last_exchange_seconds = start_seconds + time.perf_counter() - started
+        self.traffic.last_exchange_seconds = start_seconds + time.perf_counter() - started
+
+    def stop_vote(self, over: bool) -> bool:
+        """Agree on a time budget: MAX over the ranks of "my budget is over", one call late.
+
+        Each call reads the vote started by the previous call and starts the next one,
+        asynchronously, so the vote never blocks a step (nor the exchange in flight) and every
+        rank stops at the same call.
+        """
+        stop = False
+        if self._vote_work is not None:
+            self._vote_work.wait()
+            self._vote_work = None
+            stop = bool(self._vote.item() > 0)
+        if stop:
+            return True
+        self._vote.fill_(1.0 if over else 0.0)
+        self._vote_work = dist.all_reduce(
+            self._vote, op=dist.ReduceOp.MAX, group=self.group, async_op=True
+        )
+        return False
+
+    def settle(self) -> None:
+        """Wait for every collective still in flight (sums nobody waited for, the vote)."""
+        for work, _ in self._in_flight.values():
+            work.wait()
+        self._in_flight.clear()
+        if self._vote_work is not None:
+            self._vote_work.wait()
+            self._vote_work = None
+
+    def close(self, *, clean: bool = True) -> None:
+        """Clean: settle, meet every rank at a barrier, and leave the group if it is ours."""
+        if not clean:
+            return  # a peer may be gone: waiting for it would hang until the timeout
+        self.settle()
+        dist.barrier(group=self.group)
+        if self.owns_group:
+            dist.destroy_process_group()

@@ -65,8 +65,12 @@ class Transport(abc.ABC):
     def settle(self) -> None:  # noqa: B027 - a no-op unless something can be in flight
         """Complete everything this transport still has in flight."""
 
-    def stop_vote(self, over: bool, step: int) -> bool:
-        """Whether to stop on a time budget; synchronous ranks must agree (default: ``over``)."""
+    def stop_vote(self, over: bool) -> bool:
+        """Whether to stop on a time budget, given whether this process's budget is ``over``.
+
+        Synchronous ranks must stop at the same step: the all-reduce transport agrees on it
+        with a non-blocking vote (one call late). Everyone else stops when it is over.
+        """
         return over
 
     @abc.abstractmethod
@@ -131,9 +135,12 @@ def make_transport(
         client = PSClient(addresses, numel, worker_id=worker_id, secret=secret, timeout=timeout)
         return Staged(client, device) if device.type == "cuda" else client
     if mode is Mode.SYNC:
+        from torch.distributed import is_initialized
+
         from easgd.comm.allreduce import AllReduceTransport, default_backend, init_group
 
+        owns = group is None and not is_initialized()
         if group is None:
             init_group(default_backend(device), timeout=timeout)
-        return AllReduceTransport(group)
+        return AllReduceTransport(group, owns_group=owns)
     return LocalTransport()

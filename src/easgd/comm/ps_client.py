@@ -1,11 +1,12 @@
 """The worker's side of the asynchronous parameter server (see :mod:`easgd.comm.ps`).
 
-:class:`PSClient` holds one TCP connection per server shard and fulfils the exchange
-requests of :class:`easgd.algorithms.Worker`; payloads go out of and replies come back
-into the caller's own tensors, without copies. A background thread pings the servers while
-the trainer computes, so a long local phase is not mistaken for a dead worker. Every
-failure of a server becomes a :class:`PSConnectionError` naming its address; after any
-error the client is closed.
+:class:`PSClient` is the asynchronous :class:`easgd.comm.base.Transport`: it holds one TCP
+connection per server shard and fulfils the exchange requests of
+:class:`easgd.algorithms.Worker`; payloads go out of and replies come back into the
+caller's own tensors, without copies. A background thread pings the servers while the
+trainer computes, so a long local phase is not mistaken for a dead worker. Every failure of
+a server becomes a :class:`PSConnectionError` naming its address; after any error the
+client is closed.
 """
 
 from __future__ import annotations
@@ -16,15 +17,17 @@ import socket
 import threading
 import time
 from collections.abc import Sequence
-from types import TracebackType
 from typing import Any, NoReturn
 
 import torch
 from torch import Tensor
 
-from easgd.algorithms import Request
+from easgd.algorithms import Hyperparams, Mode, Request
+from easgd.comm.base import Traffic, Transport
 from easgd.comm.wire import (
     CMD_OP,
+    DEFAULT_HEARTBEAT,
+    DEFAULT_TIMEOUT,
     ERRORS,
     HEADER,
     OP_CMD,
@@ -38,6 +41,7 @@ from easgd.comm.wire import (
     recv_error_text,
     recv_exact,
     recv_header,
+    recv_json,
     resolve_secret,
     send_all,
     send_header,
@@ -48,9 +52,6 @@ from easgd.comm.wire import (
 __all__ = ["DEFAULT_HEARTBEAT", "DEFAULT_TIMEOUT", "PSClient", "PSConnectionError"]
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_HEARTBEAT = 1.0  # seconds between the client's pings while it is idle
-DEFAULT_TIMEOUT = 30.0  # seconds without progress before a client gives up on a server
 
 
 class PSConnectionError(ConnectionError):
@@ -104,15 +105,19 @@ class _Conn:
         self.t = 0
 
 
-class PSClient:
+class PSClient(Transport):
     """A worker's connection to the S parameter servers that hold the center's shards.
 
-    ``serve`` is the ``serve`` callable of :func:`easgd.algorithms.run_step`: it fulfils
-    ``Op.ELASTIC``, ``Op.PUSH_PULL`` and ``Op.GRAD_PULL`` over all shards, sending every
-    shard's slice first and then receiving the replies, so the servers work in parallel.
+    ``start(x)`` (or ``join(x)``) opens a session on every server and pulls the center into
+    ``x``; ``serve`` is the ``serve`` callable of :func:`easgd.algorithms.run_step`: it
+    fulfils ``Op.ELASTIC``, ``Op.PUSH_PULL`` and ``Op.GRAD_PULL`` over all shards, sending
+    every shard's slice first and then receiving the replies, so the servers work in
+    parallel. ``close()`` says goodbye (the servers record ``left``); ``close(clean=False)``
+    just drops the connections (the servers record a death), as after a crash.
     Errors: :class:`PSConnectionError` when a server is gone, ``ValueError`` when a server
-    refuses the input (another model size, dtype or method), :class:`AuthenticationError`
-    for a wrong secret. After any of them the client is closed.
+    refuses the input (another model size, dtype or method) or the servers disagree on the
+    hyperparameters, :class:`AuthenticationError` for a wrong secret. After any of them the
+    client is closed.
 
     Args:
         addresses: ``(host, port)`` of every server, in shard order.
@@ -125,14 +130,19 @@ class PSClient:
             (default 10).
 
     Attributes:
-        bytes_sent, bytes_received, exchanges, last_exchange_seconds: for the metrics.
+        traffic: the counters for the metrics (:class:`easgd.comm.base.Traffic`; also as
+            the properties ``exchanges``, ``bytes_sent``, ``bytes_received``,
+            ``last_exchange_seconds``).
+        server_hp: the servers' hyperparameters, after :meth:`join` (p, alpha, beta, tau).
         server_t: each server's clock after the last reply; join_t: at JOIN.
 
     Example:
         >>> with PSClient([("127.0.0.1", port)], x.numel(), worker_id=0) as client:
-        ...     client.join(x)
+        ...     client.start(x)
         ...     run_step(worker, grad_fn, client.serve)
     """
+
+    mode = Mode.ASYNC
 
     def __init__(
         self,
@@ -156,13 +166,11 @@ class PSClient:
         self.worker_id = worker_id
         self.timeout = timeout
         self.heartbeat = heartbeat
-        self.bytes_sent = 0
-        self.bytes_received = 0
-        self.exchanges = 0
-        self.last_exchange_seconds = 0.0
+        self.traffic = Traffic()
         self.join_t: list[int] = []
         self._dtype: torch.dtype | None = None
         self._exchange_cmd: Cmd | None = None
+        self._server_hp: Hyperparams | None = None
         self._broken: BaseException | None = None
         self._closed = False
         self._lock = threading.Lock()
@@ -184,6 +192,29 @@ class PSClient:
             self._hb_thread.start()
 
     @property
+    def exchanges(self) -> int:
+        return self.traffic.exchanges
+
+    @property
+    def bytes_sent(self) -> int:
+        return self.traffic.bytes_sent
+
+    @property
+    def bytes_received(self) -> int:
+        return self.traffic.bytes_received
+
+    @property
+    def last_exchange_seconds(self) -> float:
+        return self.traffic.last_exchange_seconds
+
+    @property
+    def server_hp(self) -> Hyperparams:
+        """The hyperparameters every server runs with (sent in the reply to JOIN)."""
+        if self._server_hp is None:
+            raise RuntimeError("server_hp is known after join(x)")
+        return self._server_hp
+
+    @property
     def server_t(self) -> list[int]:
         return [c.t for c in self._conns]
 
@@ -193,8 +224,12 @@ class PSClient:
 
     # -- requests -------------------------------------------------------------------------
 
+    def start(self, x: Tensor) -> None:
+        """The :class:`Transport` start: :meth:`join`."""
+        self.join(x)
+
     def join(self, x: Tensor) -> None:
-        """Start a session on every server and pull the full center into ``x``."""
+        """Start a session on every server, pull the full center into ``x``, learn ``server_hp``."""
         self._check_vector("x", x)
         with self._lock:
             self._check_usable()
@@ -203,16 +238,45 @@ class PSClient:
             code = dtype_code(x.dtype)
             for conn, (a, b) in zip(self._conns, self.ranges, strict=True):
                 self._send(conn, Cmd.JOIN, None, dtype=code, numel=b - a, aux=a)
-            flags = set()
+            hps = []
             for conn, (a, b) in zip(self._conns, self.ranges, strict=True):
                 h = self._recv(conn, x[a:b])
                 conn.session = h.session
-                flags.add(h.flags)
+                hps.append(self._recv_hp(conn))
             self.join_t = self.server_t
             self._dtype = x.dtype
-            self._exchange_cmd = Cmd(flags.pop()) if len(flags) == 1 else None
-            if self._exchange_cmd is None:
-                self._fail_value("the servers run different methods; start them with one hp")
+            self._server_hp = self._agreed(hps)
+
+    def _recv_hp(self, conn: _Conn) -> Hyperparams:
+        """The JSON trailer of a JOIN reply: the server's hyperparameters."""
+        try:
+            trailer, nbytes = recv_json(conn.sock)
+        except (OSError, ConnectionError) as exc:
+            self._fail_connection(conn, exc)
+        self.traffic.bytes_received += nbytes
+        try:
+            return Hyperparams.from_dict(trailer["hp"])
+        except (KeyError, TypeError, ValueError) as exc:
+            self._fail_value(f"{conn.where} sent hyperparameters this client cannot read: {exc}")
+
+    def _agreed(self, hps: list[Hyperparams]) -> Hyperparams:
+        """The one ``hp`` of all shards (a ValueError when they differ)."""
+        first = hps[0].to_dict()
+        for conn, hp in zip(self._conns[1:], hps[1:], strict=True):
+            theirs = hp.to_dict()
+            if theirs != first:
+                diff = ", ".join(
+                    f"{k}={first[k]!r} vs {theirs[k]!r}" for k in first if first[k] != theirs[k]
+                )
+                self._fail_value(
+                    f"the parameter servers disagree on the hyperparameters ({diff} on "
+                    f"{self._conns[0].where} and {conn.where}); start every server with one hp"
+                )
+        op = hps[0].spec.server_op
+        if op is None:
+            self._fail_value(f"the servers run {hps[0].method}, which has no server exchange")
+        self._exchange_cmd = OP_CMD[op]
+        return hps[0]
 
     def serve(self, request: Request) -> None:
         """Fulfil one exchange request of :class:`easgd.algorithms.Worker` on every shard."""
@@ -239,8 +303,8 @@ class PSClient:
                 self._send(conn, cmd, request.payload[a:b])
             for conn, (a, b) in zip(self._conns, self.ranges, strict=True):
                 self._recv(conn, request.reply[a:b])
-            self.last_exchange_seconds = time.perf_counter() - start
-            self.exchanges += 1
+            self.traffic.last_exchange_seconds = time.perf_counter() - start
+            self.traffic.exchanges += 1
 
     def pull(self, out: Tensor, *, evaluation: bool = False) -> None:
         """Copy the center (or, with ``evaluation``, the evaluated average) into ``out``.
@@ -260,19 +324,16 @@ class PSClient:
 
     def bye(self) -> None:
         """End the sessions cleanly (recorded as a goodbye, not a death) and close."""
-        with self._lock:
-            if self._broken is None and not self._closed:
-                try:
-                    for conn in self._conns:
-                        self._send(conn, Cmd.BYE, None)
-                    for conn in self._conns:
-                        self._recv(conn, None)
-                except (ConnectionError, ValueError, RuntimeError) as exc:
-                    logger.warning("worker %d: goodbye failed: %s", self.worker_id, exc)
-        self.close()
+        self.close(clean=True)
 
-    def close(self) -> None:
-        """Close the connections without a goodbye (the servers record a death)."""
+    def close(self, *, clean: bool = True) -> None:
+        """Close the connections. Idempotent.
+
+        ``clean``: say goodbye first, when joined and no server failed (the servers record
+        ``left``); ``clean=False`` just drops the connections (the servers record a death).
+        """
+        if clean:
+            self._goodbye()
         self._closed = True
         if self._hb_thread is not None:
             self._hb_stop.set()
@@ -282,21 +343,23 @@ class PSClient:
             self._close_sockets()
 
     def __enter__(self) -> PSClient:
+        # Leaving the block closes it: clean (a goodbye) unless an exception escapes,
+        # which is a crash and is recorded as one (Transport.__exit__).
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        # A clean exit says goodbye; an exception is a crash and is recorded as one.
-        if exc_type is None:
-            self.bye()
-        else:
-            self.close()
-
     # -- internals ------------------------------------------------------------------------
+
+    def _goodbye(self) -> None:
+        with self._lock:
+            if self._broken is not None or self._closed or self._dtype is None:
+                return
+            try:
+                for conn in self._conns:
+                    self._send(conn, Cmd.BYE, None)
+                for conn in self._conns:
+                    self._recv(conn, None)
+            except (ConnectionError, ValueError, RuntimeError) as exc:
+                logger.warning("worker %d: goodbye failed: %s", self.worker_id, exc)
 
     def _check_vector(self, name: str, t: Tensor) -> None:
         if t.dim() != 1 or t.numel() != self.numel:
@@ -326,12 +389,12 @@ class PSClient:
     def _send(self, conn: _Conn, cmd: Cmd, payload: Tensor | None, **fields: Any) -> None:
         try:
             if payload is None:
-                self.bytes_sent += send_header(
+                self.traffic.bytes_sent += send_header(
                     conn.sock, cmd, worker_id=self.worker_id, session=conn.session, **fields
                 )
             else:
                 view = tensor_bytes(payload)
-                self.bytes_sent += send_header(
+                self.traffic.bytes_sent += send_header(
                     conn.sock,
                     cmd,
                     dtype=dtype_code(payload.dtype),
@@ -340,7 +403,7 @@ class PSClient:
                     numel=payload.numel(),
                 )
                 send_all(conn.sock, view)
-                self.bytes_sent += len(view)
+                self.traffic.bytes_sent += len(view)
         except (OSError, ConnectionError) as exc:
             # A refused payload is answered with an error before the server closes.
             with contextlib.suppress(OSError, ConnectionError):
@@ -352,7 +415,7 @@ class PSClient:
         try:
             conn.sock.settimeout(self.timeout if timeout is None else timeout)
             h = recv_header(conn.sock)
-            self.bytes_received += HEADER.size
+            self.traffic.bytes_received += HEADER.size
             if h.cmd == Cmd.ERROR:
                 text = recv_error_text(conn.sock, h)
                 err = ERRORS.get(h.aux, RuntimeError)(f"{conn.where}: {text}")
@@ -365,7 +428,7 @@ class PSClient:
             if into is not None:
                 view = tensor_bytes(into)
                 recv_exact(conn.sock, view)
-                self.bytes_received += len(view)
+                self.traffic.bytes_received += len(view)
         except (AuthenticationError, ValueError, RuntimeError):
             raise
         except (OSError, ConnectionError) as exc:

@@ -5,6 +5,13 @@ of raw tensor bytes (or, for :attr:`Cmd.ERROR`, ``numel`` bytes of UTF-8 text). 
 travel without copies: :func:`tensor_bytes` is a ``memoryview`` of the tensor's own memory,
 sent with :func:`send_all` and received with ``socket.recv_into``.
 
+The reply to JOIN is the only message with a trailer: after the center shard comes the
+server's configuration as length-prefixed JSON (:func:`pack_json`: a little-endian
+``uint32`` byte count, then UTF-8 JSON ``{"hp": Hyperparams.to_dict()}``), so that a
+worker learns p, alpha, beta and tau from the server it exchanges with::
+
+    server -> client   OK header (session, numel, aux = t) + shard bytes + JSON trailer
+
 Handshake, on every new connection, before anything else::
 
     server -> client   MAGIC, version, auth_required, nonce_s (32 bytes)
@@ -22,10 +29,11 @@ from __future__ import annotations
 import enum
 import hashlib
 import hmac
+import json
 import os
 import socket
 import struct
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -34,6 +42,8 @@ from easgd.algorithms import Op
 
 __all__ = [
     "CMD_OP",
+    "DEFAULT_HEARTBEAT",
+    "DEFAULT_TIMEOUT",
     "ERRORS",
     "HEADER",
     "MAGIC",
@@ -48,9 +58,11 @@ __all__ = [
     "configure_socket",
     "dtype_code",
     "dtype_from_code",
+    "pack_json",
     "recv_error_text",
     "recv_exact",
     "recv_header",
+    "recv_json",
     "resolve_secret",
     "send_all",
     "send_error",
@@ -61,18 +73,22 @@ __all__ = [
 ]
 
 MAGIC = b"EAPS"
-VERSION = 1
+VERSION = 2  # 2: the JOIN reply carries the server's hyperparameters (a JSON trailer)
 
-# magic, version, cmd, dtype, flags, worker_id, session, numel, aux
+# magic, version, cmd, dtype, flags (reserved, 0), worker_id, session, numel, aux
 HEADER = struct.Struct("<4sBBBBiqqq")
 _SERVER_HELLO = struct.Struct("<4sBB32s")
 _CLIENT_HELLO = struct.Struct("<4sBBI32s32s")
 _MAC_LEN = 32
+_JSON_LEN = struct.Struct("<I")
+MAX_JSON = 1 << 20  # bytes; a longer trailer is not from an easgd server
+DEFAULT_HEARTBEAT = 1.0  # seconds between the client's pings while it is idle
+DEFAULT_TIMEOUT = 30.0  # seconds without progress before either side gives up on a message
 SECRET_ENV = "EASGD_SECRET"
 
 
 class Cmd(enum.IntEnum):
-    JOIN = 1  # header only; reply: the center shard (header.session = new session id)
+    JOIN = 1  # header only; reply: the center shard + JSON trailer (header.session = new id)
     ELASTIC = 2  # payload x -> reply d = alpha*(x - center)
     PUSH_PULL = 3  # payload acc -> reply center
     GRAD_PULL = 4  # payload g -> reply center
@@ -247,6 +263,30 @@ def recv_error_text(sock: socket.socket, header: Header) -> str:
     buf = bytearray(min(header.numel, 1 << 16))
     recv_exact(sock, memoryview(buf))
     return buf.decode(errors="replace")
+
+
+def pack_json(obj: Any) -> bytes:
+    """``obj`` as length-prefixed UTF-8 JSON, ready to send (see :func:`recv_json`)."""
+    data = json.dumps(obj, sort_keys=True).encode()
+    if len(data) > MAX_JSON:
+        raise ValueError(f"a JSON message of {len(data)} bytes exceeds {MAX_JSON}")
+    return _JSON_LEN.pack(len(data)) + data
+
+
+def recv_json(sock: socket.socket) -> tuple[Any, int]:
+    """Receive what :func:`pack_json` packed; returns the object and the bytes received."""
+    head = bytearray(_JSON_LEN.size)
+    recv_exact(sock, memoryview(head))
+    (size,) = _JSON_LEN.unpack(head)
+    if size > MAX_JSON:
+        raise ConnectionError(f"a JSON message of {size} bytes; is this an easgd server?")
+    data = bytearray(size)
+    recv_exact(sock, memoryview(data))
+    try:
+        obj = json.loads(data)
+    except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError
+        raise ConnectionError(f"malformed JSON message: {exc}") from exc
+    return obj, _JSON_LEN.size + size
 
 
 def _mac(secret: bytes, role: bytes, nonce_s: bytes, nonce_c: bytes) -> bytes:

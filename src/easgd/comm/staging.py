@@ -1,0 +1,68 @@
+"""CUDA workers and a CPU parameter server: requests staged through pinned host memory.
+
+The parameter server keeps the center on the CPU (as the paper's servers did) and its wire
+format is raw host bytes; a worker whose parameters live on a GPU copies each payload into
+a pinned host buffer, exchanges it, and copies the reply back without blocking the host.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from easgd.algorithms import Request
+from easgd.comm.base import Traffic, Transport
+
+__all__ = ["Staged"]
+
+
+class Staged(Transport):
+    """Wraps a host-memory transport for a worker on ``device`` (a no-op on the CPU)."""
+
+    def __init__(self, inner: Transport, device: torch.device) -> None:
+        self.inner = inner
+        self.device = device
+        self.mode = inner.mode  # type: ignore[misc]
+        self.traffic: Traffic = inner.traffic  # the inner transport's counters, shared
+        self._buffers: dict[int, tuple[Tensor, Tensor]] = {}  # payload data_ptr -> host pair
+
+    def _host(self, like: Tensor) -> tuple[Tensor, Tensor]:
+        key = like.data_ptr()
+        if key not in self._buffers:
+            pinned = self.device.type == "cuda"
+            pay = torch.empty(like.shape, dtype=like.dtype, pin_memory=pinned)
+            self._buffers[key] = (pay, torch.empty_like(pay))
+        return self._buffers[key]
+
+    def start(self, x: Tensor) -> None:
+        if x.device.type == "cpu":
+            self.inner.start(x)
+            return
+        host, _ = self._host(x)
+        self.inner.start(host)
+        x.copy_(host)
+
+    def serve(self, request: Request) -> None:
+        if request.payload.device.type == "cpu":
+            self.inner.serve(request)
+            return
+        pay, rep = self._host(request.payload)
+        pay.copy_(request.payload)
+        self.inner.serve(Request(request.op, pay, rep if request.reply is not None else None))
+        if request.reply is not None:
+            request.reply.copy_(rep, non_blocking=True)
+        else:
+            request.payload.copy_(pay, non_blocking=True)
+
+    def settle(self) -> None:
+        self.inner.settle()
+
+    def stop_vote(self, over: bool) -> bool:
+        return self.inner.stop_vote(over)
+
+    def close(self, *, clean: bool = True) -> None:
+        self.inner.close(clean=clean)
+
+    def __getattr__(self, name: str) -> object:
+        # Everything else (server_hp, pull, session ids...) is the inner transport's.
+        return getattr(self.inner, name)
