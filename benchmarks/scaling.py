@@ -129,10 +129,10 @@ def _independent_worker(index: int, steps: int, path: str) -> None:
 
     import torch
 
-    from easgd.problem import build_problem_parts
+    from easgd.task import build_task
 
     torch.set_num_threads(1)
-    parts = build_problem_parts("digits")
+    parts = build_task("digits")
     model = parts.build()
     opt = torch.optim.SGD(model.parameters(), lr=0.005, momentum=0.99, nesterov=True)
     from easgd.data.loader import BatchStream
@@ -197,11 +197,11 @@ def _allreduce_rank(rank: int, port: int, case: str, numel: int, rounds: int, ou
     import torch.distributed as dist
 
     from easgd.data.loader import BatchStream
-    from easgd.problem import build_problem_parts
+    from easgd.task import build_task
 
     torch.set_num_threads(1)
     init_gloo(rank, port, 2)
-    parts = build_problem_parts("digits")
+    parts = build_task("digits")
     model = parts.build()
     opt = torch.optim.SGD(model.parameters(), lr=0.005, momentum=0.99, nesterov=True)
     stream = BatchStream(

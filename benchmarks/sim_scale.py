@@ -6,7 +6,7 @@ Two questions, answered with :func:`easgd.sim.simulate`:
    messages are 5M float32 (20 MB; ``CostModel(numel=5_000_000)``), local steps of 0.1 s
    (virtual), 50 us latency, at 1 Gbit/s. Measured on two compute problems: a
    ``Quadratic`` (1000 coordinates: the simulator's own overhead, events and update rules)
-   and the ``digits`` ``TorchProblem`` (64 real CNN replicas: the gradients dominate).
+   and the ``digits`` ``ModelObjective`` (64 real CNN replicas: the gradients dominate).
 2. **Simulated time to accuracy**: virtual seconds until the center (all-reduce: the model)
    first reaches a test error on digits, for EAMSGD (tau = 10, asynchronous) against
    synchronous all-reduce SGD, each with its best learning rate of a small grid:
@@ -123,11 +123,11 @@ def cost_model(bandwidth: float, servers: float = math.inf) -> Any:
 
 
 def digits_problem() -> Any:
-    from easgd.problem import build_problem_parts
-    from easgd.sim import TorchProblem
+    from easgd.sim import ModelObjective
+    from easgd.task import build_task
 
-    parts = build_problem_parts("digits")
-    return TorchProblem(parts.build, parts.train, parts.test, BATCH, parts.transform)
+    parts = build_task("digits")
+    return ModelObjective(parts.build, parts.train, parts.test, BATCH, parts.transform)
 
 
 # ---------------------------------------------------------------------------------------

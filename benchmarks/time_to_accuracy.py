@@ -195,7 +195,7 @@ def _evaluate_snapshots(
 ) -> list[dict[str, float]]:
     import torch
 
-    from easgd.evaluate import evaluate_model
+    from easgd.evaluation import evaluate_model
 
     curve = []
     with torch.no_grad():

@@ -24,9 +24,9 @@ from easgd.experiments import (
 )
 from easgd.runlog import (
     RunPaths,
-    eval_problems,
-    event_problems,
-    summary_problems,
+    eval_errors,
+    event_errors,
+    summary_errors,
     write_summary,
 )
 
@@ -275,9 +275,9 @@ def test_sim_runtime_writes_a_run_directory(tmp_path: Path) -> None:
     assert (config["tau"], config["workers"], config["steps"]) == (4, 4, 12)
     assert json.loads((run / "run.json").read_text())["train_budget"] == pytest.approx(0.12)
     # The simulated run directory holds to the run directory's schema, as a real one does.
-    assert summary_problems(summary) == []
-    assert [p for e in evals for p in eval_problems(e)] == []
-    assert [p for e in steps for p in event_problems(e)] == []
+    assert summary_errors(summary) == []
+    assert [p for e in evals for p in eval_errors(e)] == []
+    assert [p for e in steps for p in event_errors(e)] == []
 
 
 def test_sim_runtime_runs_a_synchronous_only_method_on_the_synchronous_schedule(
@@ -320,10 +320,3 @@ def test_real_run_gets_the_budget_and_start_up_is_reported_apart(
     assert (summary["startup_seconds"], summary["train_seconds"]) == (20.0, 6.0)
     info = json.loads(run.run_info.read_text())
     assert info["train_budget"] == 6.0 and "startup_allowance" not in info
-
-
-def test_a_startup_allowance_is_ignored_with_a_warning(tmp_path: Path) -> None:
-    exp = get_experiment("digits-fig2")
-    with pytest.warns(FutureWarning, match="startup_allowance=5.0 is ignored"):
-        run_sweep(exp, tmp_path, runtime="sim", only=["msgd"], step_time=0.01,
-                  startup_allowance=5.0, runner=_fake_runner([]))  # fmt: skip

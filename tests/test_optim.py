@@ -131,7 +131,7 @@ def test_asynchronous_wrapper_takes_p_and_alpha_from_the_server() -> None:
         client.close()
         # A value that disagrees with the server's is an error naming both.
         other = PSClient([server.address], n, worker_id=1, heartbeat=0)
-        with pytest.raises(ValueError, match="alpha=0.5 but the parameter server applies"):
+        with pytest.raises(ValueError, match=r"alpha=0\.5 but the parameter server applies"):
             ElasticAveraging(torch.optim.SGD(model.parameters(), lr=0.1), alpha=0.5,
                              client=other)  # fmt: skip
         other.close(clean=False)

@@ -37,13 +37,13 @@ from easgd.runlog import (
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
+    eval_errors,
     eval_line,
-    eval_problems,
-    event_problems,
+    event_errors,
     iter_jsonl,
     read_jsonl,
     snapshot_wall,
-    summary_problems,
+    summary_errors,
     training_span,
     update_summary,
     write_summary,
@@ -244,18 +244,18 @@ def test_jsonl_default_and_a_half_written_last_line(tmp_path: Path) -> None:
 
 def test_event_problems_name_what_is_wrong() -> None:
     good = {"event": "worker_done", "wall": 1.5, "worker": 0, "pid": 7, "step": 10}
-    assert event_problems(good) == []
-    assert event_problems({**good, "pid": None}) == [
+    assert event_errors(good) == []
+    assert event_errors({**good, "pid": None}) == [
         "event 'worker_done': field 'pid'=None is not of type int"
     ]
     assert (
         "required field 'step' is missing"
-        in event_problems({k: v for k, v in good.items() if k != "step"})[0]
+        in event_errors({k: v for k, v in good.items() if k != "step"})[0]
     )
-    assert "unknown field 'color'" in event_problems({**good, "color": "red"})[0]
-    assert "unknown event 'dance'" in event_problems({"event": "dance", "wall": 0.0})[0]
-    assert event_problems({**good, "worker": True}) != []  # a bool is not an int
-    assert eval_problems(eval_line(2, {"loss": 1.0, "error": 0.5})) == []
+    assert "unknown field 'color'" in event_errors({**good, "color": "red"})[0]
+    assert "unknown event 'dance'" in event_errors({"event": "dance", "wall": 0.0})[0]
+    assert event_errors({**good, "worker": True}) != []  # a bool is not an int
+    assert eval_errors(eval_line(2, {"loss": 1.0, "error": 0.5})) == []
     assert Event.STEP == "step" and json.dumps(Event.STEP) == '"step"' and f"{Event.STEP}" == "step"
 
 
@@ -272,7 +272,7 @@ def test_write_summary_computes_checks_and_writes(tmp_path: Path) -> None:
         local_steps=20, restarts=1, lost_workers=[1],
     )  # fmt: skip
     assert json.loads(paths.summary.read_text()) == summary
-    assert summary_problems(summary) == []
+    assert summary_errors(summary) == []
     assert summary["best_center_test_error"] == 0.08 and summary["evaluations"] == 3
     assert (summary["mode"], summary["servers"], summary["runtime"]) == ("async", 3, "real")
     sim = write_summary(
@@ -356,10 +356,10 @@ def test_a_real_run_conforms_to_the_schema(
 ) -> None:
     paths = RunPaths(request.getfixturevalue(fixture))
     events = list(iter_jsonl(paths.metrics))
-    problems = [p for e in events for p in event_problems(e)]
-    problems += [p for e in iter_jsonl(paths.eval) for p in eval_problems(e)]
+    problems = [p for e in events for p in event_errors(e)]
+    problems += [p for e in iter_jsonl(paths.eval) for p in eval_errors(e)]
     summary = json.loads(paths.summary.read_text())
-    problems += summary_problems(summary)
+    problems += summary_errors(summary)
     assert problems == []
     missing = REQUIRED[mode] - {e["event"] for e in events}
     assert not missing, f"a {mode} run wrote no {sorted(m.value for m in missing)} event"

@@ -18,10 +18,10 @@ from torch.testing import assert_close
 
 from easgd.algorithms import Hyperparams
 from easgd.config import TrainConfig
-from easgd.evaluator import final_center
-from easgd.problem import build_problem_parts
+from easgd.finalize import final_center
 from easgd.runlog import RunPaths, iter_jsonl
-from easgd.sim import TorchProblem, simulate
+from easgd.sim import ModelObjective, simulate
+from easgd.task import build_task
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(240)
@@ -39,8 +39,8 @@ def train(out: Path, *args: str, timeout: float = 180, check: bool = True) -> An
 
 def simulated_center(cfg: TrainConfig, schedule: str) -> torch.Tensor:
     torch.set_num_threads(1)
-    parts = build_problem_parts(cfg.dataset, cfg.model, seed=cfg.seed)
-    problem = TorchProblem(parts.build, parts.train, parts.test, cfg.batch_size, parts.transform)
+    parts = build_task(cfg.dataset, cfg.model, seed=cfg.seed)
+    problem = ModelObjective(parts.build, parts.train, parts.test, cfg.batch_size, parts.transform)
     assert cfg.steps is not None
     res = simulate(problem, cfg.hyperparams(), schedule=schedule, steps=cfg.steps, seed=cfg.seed)
     return res.center

@@ -35,7 +35,14 @@ from typing import IO, Any, NoReturn
 
 from easgd.config import TrainConfig
 from easgd.roles.context import RoleContext
-from easgd.runlog import JsonlWriter, RunPaths, atomic_write_json, read_jsonl
+from easgd.runlog import (
+    PROGRESS_EVENTS,
+    Event,
+    JsonlWriter,
+    RunPaths,
+    atomic_write_json,
+    read_jsonl,
+)
 
 __all__ = ["RunFailed", "launch_local", "role_main", "run_torchrun"]
 
@@ -101,7 +108,7 @@ def _run_role(cfg: TrainConfig, ctx: RoleContext, role: str, index: int) -> None
 def role_main() -> int:
     """Entry point of every process the local launcher starts (``python -m easgd.launch``)."""
     run_dir = Path(os.environ["EASGD_RUN_DIR"])
-    cfg = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+    cfg = TrainConfig.from_dict(json.loads(RunPaths(run_dir).config.read_text()))
     start = float(os.environ["EASGD_START_TIME"])
     try:
         store = _env_store(cfg.timeout)
@@ -151,7 +158,7 @@ class _Display:
     def poll(self) -> None:
         events, self.offsets[0] = read_jsonl(self.paths.metrics, self.offsets[0])
         for e in events:
-            if e.get("event") not in ("exchange", "step"):
+            if e.get("event") not in PROGRESS_EVENTS:
                 continue
             self.steps[e["worker"]] = max(self.steps.get(e["worker"], 0), e["step"])
             if "exchanges" in e:
@@ -198,8 +205,7 @@ class _Launcher:
         return env
 
     def spawn(self, role: str, index: int, rank: int, restarts: int = 0) -> _Proc:
-        suffix = f".{restarts}" if restarts else ""
-        log_path = self.paths.logs / f"{role}-{index}{suffix}.log"
+        log_path = self.paths.log(role, index, restarts)
         log_file = open(log_path, "wb")  # noqa: SIM115 - closed when the process ends
         popen = subprocess.Popen(
             [sys.executable, "-m", "easgd.launch"],
@@ -271,18 +277,18 @@ class _Launcher:
         wall = time.time() - self.start
         if proc.restarts < self.cfg.max_restarts:
             self.restarts += 1
-            self.events.write({"event": "worker_restart", "wall": wall, "worker": proc.index,
+            self.events.write({"event": Event.WORKER_RESTART, "wall": wall, "worker": proc.index,
                                "status": rc, "restart": proc.restarts + 1})  # fmt: skip
             log.warning("worker %d died (status %s); restarting it", proc.index, rc)
             self.spawn("worker", proc.index, proc.rank, proc.restarts + 1)
         else:
             self.lost_workers.append(proc.index)
-            self.events.write({"event": "worker_lost", "wall": wall, "worker": proc.index,
+            self.events.write({"event": Event.WORKER_LOST, "wall": wall, "worker": proc.index,
                                "status": rc})  # fmt: skip
             log.warning("worker %d died (status %s); the run goes on without it", proc.index, rc)
 
     def run(self) -> dict[str, Any]:
-        from easgd.evaluator import finalize
+        from easgd.finalize import finalize
 
         cfg = self.cfg
         atomic_write_json(self.paths.config, cfg.to_dict())
@@ -344,7 +350,7 @@ def run_torchrun(cfg: TrainConfig) -> dict[str, Any] | None:
     if rank == 0:
         env = dict(os.environ, EASGD_ROLE="evaluator", EASGD_RUN_DIR=str(ctx.paths.root),
                    EASGD_START_TIME=repr(start), OMP_NUM_THREADS="1")  # fmt: skip
-        log_file = open(ctx.paths.logs / "evaluator-0.log", "wb")  # noqa: SIM115
+        log_file = open(ctx.paths.log("evaluator", 0), "wb")  # noqa: SIM115
         evaluator = subprocess.Popen([sys.executable, "-m", "easgd.launch"], env=env,
                                      stdout=log_file, stderr=subprocess.STDOUT)  # fmt: skip
     role, index = cfg.role_of(rank)
@@ -358,7 +364,7 @@ def run_torchrun(cfg: TrainConfig) -> dict[str, Any] | None:
         if cfg.servers_used:
             keys = [f"easgd/server_saved/{s}" for s in range(cfg.servers)]
             store.wait(keys, datetime.timedelta(seconds=cfg.timeout))
-        from easgd.evaluator import finalize
+        from easgd.finalize import finalize
 
         return finalize(cfg, ctx.paths, time.time() - start)
     finally:

@@ -17,8 +17,8 @@ Schedules:
   from :class:`CostModel`, each message a latency plus size/bandwidth, and the center serves
   one request at a time with a service time. Deterministic for a seed.
 
-Problems: :class:`Quadratic` (``F(x) = h/2 * |x|^2`` with Gaussian gradient noise, the
-setting of the stability and variance analysis) or :class:`TorchProblem` (a real model on real
+Objectives: :class:`Quadratic` (``F(x) = h/2 * |x|^2`` with Gaussian gradient noise, the
+setting of the stability and variance analysis) or :class:`ModelObjective` (a real model on real
 data: per-worker replicas whose parameters are views of the worker's flat vector).
 """
 
@@ -42,10 +42,10 @@ __all__ = [
     "SCHEDULES",
     "CostModel",
     "GradFn",
-    "Problem",
+    "ModelObjective",
+    "Objective",
     "Quadratic",
     "SimResult",
-    "TorchProblem",
     "resolve_mode",
     "simulate",
 ]
@@ -55,7 +55,7 @@ SCHEDULES = ("sync", "round-robin", "async")
 GradFn = Callable[[Tensor, Tensor], float]
 
 
-class Problem(Protocol):
+class Objective(Protocol):
     """What the simulator needs of an objective."""
 
     def initial_point(self) -> Tensor: ...
@@ -118,7 +118,7 @@ class Quadratic:
         return {"loss": 0.5 * self.h * float(x.dot(x)) / self.dim}
 
 
-class TorchProblem:
+class ModelObjective:
     """A real model on real data: each worker a replica whose parameters view its flat x.
 
     Args:
@@ -166,7 +166,7 @@ class TorchProblem:
 
     def grad_fn(self, rank: int, seed: int) -> GradFn:
         from easgd.data.loader import BatchStream
-        from easgd.problem import model_grad_fn
+        from easgd.task import model_grad_fn
 
         model, flat = self._replica(rank)
         stream = BatchStream(
@@ -183,7 +183,7 @@ class TorchProblem:
         return self._replica(rank)[1].params
 
     def evaluate(self, x: Tensor) -> dict[str, float]:
-        from easgd.evaluate import evaluate_center
+        from easgd.evaluation import evaluate_center
 
         return evaluate_center(
             self.eval_model, self.eval_flat, x, self.test, self.train[0], self.eval_batch_size
@@ -203,8 +203,8 @@ class CostModel:
         bandwidth: link bandwidth in bytes/s (default infinite).
         server_time: the center's service time per request (default 0).
         bytes_per_param: bytes of one parameter on the wire (default 4, float32).
-        numel: parameters counted for message sizes; None means the problem's own size
-            (set it to model a large network while computing on a small problem).
+        numel: parameters counted for message sizes; None means the objective's own size
+            (set it to model a large network while computing on a small objective).
     """
 
     step_time: float = 1.0
@@ -288,11 +288,11 @@ def resolve_mode(hp: Hyperparams, schedule: str) -> Mode:
 
 class _Sim:
     def __init__(
-        self, problem: Problem, hp: Hyperparams, schedule: str, seed: int, cost: CostModel
+        self, objective: Objective, hp: Hyperparams, schedule: str, seed: int, cost: CostModel
     ) -> None:
-        self.problem, self.hp, self.schedule, self.cost = problem, hp, schedule, cost
+        self.objective, self.hp, self.schedule, self.cost = objective, hp, schedule, cost
         self.mode = resolve_mode(hp, schedule)
-        x0 = problem.initial_point()
+        x0 = objective.initial_point()
         self.p = hp.workers
         self.numel = cost.numel if cost.numel is not None else x0.numel()
         self.msg_bytes = self.numel * cost.bytes_per_param
@@ -300,11 +300,11 @@ class _Sim:
         self.workers: list[Worker] = []
         self.grads: list[GradFn] = []
         for r in range(self.p):
-            vec = getattr(problem, "worker_vector", None)
+            vec = getattr(objective, "worker_vector", None)
             x = vec(r) if vec is not None else torch.empty_like(x0)
             x.copy_(x0)
-            self.workers.append(Worker(hp, x, self.mode, grad=problem.grad_buffer(r)))
-            self.grads.append(problem.grad_fn(r, seed))
+            self.workers.append(Worker(hp, x, self.mode, grad=objective.grad_buffer(r)))
+            self.grads.append(objective.grad_fn(r, seed))
         self.rng = random.Random(seed)
         self.exchanges = 0
         self.bytes = 0
@@ -461,7 +461,7 @@ class _Sim:
 
 
 def simulate(
-    problem: Problem,
+    objective: Objective,
     hp: Hyperparams,
     *,
     schedule: str = "sync",
@@ -472,7 +472,7 @@ def simulate(
     trajectory: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> SimResult:
-    """Run ``hp.workers`` replicas of ``problem`` for ``steps`` steps on ``schedule``.
+    """Run ``hp.workers`` replicas of ``objective`` for ``steps`` steps on ``schedule``.
 
     ``steps`` counts global steps for ``sync`` and ``round-robin`` (in round-robin each
     global step is one worker's local step) and local steps per worker for ``async``.
@@ -484,7 +484,7 @@ def simulate(
         raise ValueError(f"steps={steps!r} must be an integer >= 0")
     if eval_interval is not None and not eval_interval > 0:
         raise ValueError(f"eval_interval={eval_interval!r} must be > 0 virtual seconds")
-    sim = _Sim(problem, hp, schedule, seed, cost or CostModel())
+    sim = _Sim(objective, hp, schedule, seed, cost or CostModel())
     result = SimResult(center=sim.center_vector())
     started = time.perf_counter()
     next_eval = [0.0]
@@ -492,7 +492,7 @@ def simulate(
     def record(now: float, force: bool = False) -> None:
         if force or (eval_interval is not None and now >= next_eval[0]):
             result.times.append(now)
-            result.metrics.append(problem.evaluate(sim.center_vector()))
+            result.metrics.append(objective.evaluate(sim.center_vector()))
             if eval_interval is not None:
                 while next_eval[0] <= now:
                     next_eval[0] += eval_interval

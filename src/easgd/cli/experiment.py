@@ -84,14 +84,6 @@ def register(subparsers: Any) -> None:
         metavar="SECONDS",
         help="sim: virtual seconds of one local step (default: measured on this machine)",
     )
-    parser.add_argument(
-        "--startup-allowance",
-        type=float,
-        default=None,
-        metavar="SECONDS",
-        help="ignored, with a warning (kept so that old commands still run): a real run's "
-        "time budget counts from its first training step, so start-up needs no allowance",
-    )
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     parser.set_defaults(func=run)
 
@@ -157,7 +149,6 @@ def run(args: argparse.Namespace) -> int:
         only=args.only.split(",") if args.only else None,
         data_dir=args.data_dir,
         step_time=args.step_time,
-        startup_allowance=args.startup_allowance,
         progress=None if args.quiet else _progress,
     )
     rows = [

@@ -12,7 +12,7 @@ from easgd.algorithms import METHODS, Hyperparams
 from easgd.cli._help import HelpFormatter
 from easgd.cli._progress import Progress
 from easgd.cli._table import format_table
-from easgd.sim import SCHEDULES, CostModel, Problem, Quadratic, SimResult, simulate
+from easgd.sim import SCHEDULES, CostModel, Objective, Quadratic, SimResult, simulate
 
 __all__ = ["add_hyperparam_args", "hyperparams_from_args", "register", "run"]
 
@@ -208,14 +208,14 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(func=run)
 
 
-def _problem(args: argparse.Namespace) -> Problem:
+def _objective(args: argparse.Namespace) -> Objective:
     if args.problem == "quadratic":
         return Quadratic(h=args.h, sigma=args.noise, x0=args.x0, dim=args.dim)
-    from easgd.problem import build_problem_parts
-    from easgd.sim import TorchProblem
+    from easgd.sim import ModelObjective
+    from easgd.task import build_task
 
-    parts = build_problem_parts(args.problem, args.model, seed=args.seed, data_dir=args.data_dir)
-    return TorchProblem(parts.build, parts.train, parts.test, args.batch_size, parts.transform)
+    parts = build_task(args.problem, args.model, seed=args.seed, data_dir=args.data_dir)
+    return ModelObjective(parts.build, parts.train, parts.test, args.batch_size, parts.transform)
 
 
 def _scalarize(v: Any) -> Any:
@@ -265,7 +265,7 @@ def run(args: argparse.Namespace) -> int:
         server_time=args.server_time,
         numel=args.numel,
     )
-    problem = _problem(args)
+    problem = _objective(args)
     progress = Progress("simulate", args.steps, enabled=not (args.quiet or args.json))
     res = simulate(
         problem,

@@ -452,18 +452,6 @@ class ParameterServer:
 # ---------------------------------------------------------------------------------------
 
 
-class _LockedJsonl:
-    """A :class:`easgd.runlog.JsonlWriter` shared by the server's threads."""
-
-    def __init__(self, writer: JsonlWriter) -> None:
-        self.writer = writer
-        self._lock = threading.Lock()
-
-    def __call__(self, event: dict[str, Any]) -> None:
-        with self._lock:
-            self.writer.write(event)
-
-
 def serve(
     hp: Hyperparams,
     center_shard: Tensor,
@@ -492,7 +480,7 @@ def serve(
     with contextlib.ExitStack() as stack:
         on_event = None
         if events_path is not None:
-            on_event = _LockedJsonl(stack.enter_context(JsonlWriter(events_path)))
+            on_event = stack.enter_context(JsonlWriter(events_path, default=str)).write
         common: dict[str, Any] = {
             "host": host,
             "port": port,

@@ -52,7 +52,7 @@ logger = logging.getLogger(__name__)
 HANDSHAKE_TIMEOUT = 10.0
 
 
-class SessionState(enum.StrEnum):
+class SessionState(str, enum.Enum):
     """How a session stands (the strings are those of the server's stats and events)."""
 
     ACTIVE = "active"
@@ -60,6 +60,9 @@ class SessionState(enum.StrEnum):
     DIED = "died"  # EOF, reset or silence without BYE
     CLOSED = "closed"  # the server stopped
     REJECTED = "rejected"  # bad input, or the server failed on its request
+
+    def __str__(self) -> str:
+        return self.value
 
 
 @dataclass
@@ -231,9 +234,9 @@ class Session:
         srv = self.server
         if self.stats is not None:
             return self._reject(h, "JOIN twice on one connection")
-        problem = srv.check_request(h, offset=h.aux)
-        if problem:
-            return self._reject(h, problem)
+        refusal = srv.check_request(h, offset=h.aux)
+        if refusal:
+            return self._reject(h, refusal)
         _, reply = self._buffers()
         trailer = pack_json({"hp": srv.hp.to_dict()})
         self.stats, t = srv.open_session(h.worker_id, self.peer, reply)
@@ -249,16 +252,16 @@ class Session:
 
     def _exchange(self, h: Header) -> bool:
         srv = self.server
-        problem = srv.check_request(h)
-        if not problem and h.cmd != self._exchange_cmd:
-            problem = (
+        refusal = srv.check_request(h)
+        if not refusal and h.cmd != self._exchange_cmd:
+            refusal = (
                 f"this server runs {srv.hp.method}, which answers "
                 f"{srv.exchange_op.value!r} exchanges, not {CMD_OP[h.cmd].value!r}; "
                 "do all workers and servers use the same method?"
             )
-        if problem:
+        if refusal:
             self._drain(h)
-            return self._reject(h, problem)
+            return self._reject(h, refusal)
         assert self.stats is not None
         payload, reply = self._buffers()
         recv_exact(self.sock, tensor_bytes(payload))
@@ -274,9 +277,9 @@ class Session:
 
     def _reply_center(self, h: Header, *, evaluation: bool) -> bool:
         srv = self.server
-        problem = srv.check_request(h)
-        if problem:
-            return self._reject(h, problem)
+        refusal = srv.check_request(h)
+        if refusal:
+            return self._reject(h, refusal)
         if self.reply is None:
             self.reply = torch.empty(srv.numel, dtype=srv.dtype)
         t = srv.read_center(self.reply, evaluation=evaluation)

@@ -41,14 +41,14 @@ def measure_step_time(
     """Median seconds of one gradient step of ``model`` on one thread (the sim's step cost)."""
     import torch
 
-    from easgd.problem import build_problem_parts
-    from easgd.sim import TorchProblem
+    from easgd.sim import ModelObjective
+    from easgd.task import build_task
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        parts = build_problem_parts(dataset, model, data_dir=data_dir)
-        problem = TorchProblem(parts.build, parts.train, parts.test, batch_size, parts.transform)
+        parts = build_task(dataset, model, data_dir=data_dir)
+        problem = ModelObjective(parts.build, parts.train, parts.test, batch_size, parts.transform)
         fn, x = problem.grad_fn(0, 0), problem.worker_vector(0)
         grad = problem.grad_buffer(0)
         assert grad is not None
@@ -141,8 +141,8 @@ class SimRuntime:
     def __call__(self, ctx: SweepContext, run: RunSpec, folder: Path) -> dict[str, Any]:
         import torch
 
-        from easgd.problem import build_problem_parts
-        from easgd.sim import CostModel, TorchProblem, simulate
+        from easgd.sim import CostModel, ModelObjective, simulate
+        from easgd.task import build_task
 
         e = ctx.experiment
         paths = RunPaths(folder)
@@ -153,12 +153,12 @@ class SimRuntime:
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_json(paths.config, cfg.to_dict())
         if run.seed not in self.parts:
-            self.parts[run.seed] = build_problem_parts(
+            self.parts[run.seed] = build_task(
                 e.dataset, e.model, seed=run.seed, data_dir=ctx.data_dir
             )
         parts = self.parts[run.seed]
         problem = _LossLog(
-            TorchProblem(parts.build, parts.train, parts.test, e.batch_size, parts.transform)
+            ModelObjective(parts.build, parts.train, parts.test, e.batch_size, parts.transform)
         )
         cost = CostModel(step_time=step_time, latency=e.sim_latency, bandwidth=e.sim_bandwidth)
         mode = cfg.resolved_mode()

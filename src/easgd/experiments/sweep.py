@@ -25,7 +25,6 @@ import math
 import shutil
 import time
 import traceback
-import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,7 +146,6 @@ def run_sweep(
     only: Iterable[str] | None = None,
     data_dir: str | None = None,
     step_time: float | None = None,
-    startup_allowance: float | None = None,
     progress: Callable[[SweepEvent], None] | None = None,
     runner: Runner | None = None,
 ) -> SweepResult:
@@ -155,8 +153,8 @@ def run_sweep(
 
     ``runner(ctx, run, folder) -> summary`` replaces the runtime's call (tests inject
     failures with it). See the module docstring for resumption and failures, and the
-    runtimes' for budgets. ``startup_allowance`` is ignored, with a warning: a real run's
-    budget counts from its first training step, so start-up needs no allowance.
+    runtimes' for budgets (a real run's budget counts from its first training step, so
+    start-up needs no allowance).
     """
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime={runtime!r}; choose one of {', '.join(RUNTIMES)}")
@@ -164,13 +162,6 @@ def run_sweep(
         raise ValueError(f"scale={scale!r} must be > 0 (e.g. 0.2 for a smoke run)")
     if step_time is not None and not step_time > 0:
         raise ValueError(f"step_time={step_time!r} must be > 0 seconds")
-    if startup_allowance is not None:
-        warnings.warn(
-            f"startup_allowance={startup_allowance!r} is ignored: a real run's time budget "
-            "counts from its first training step, so start-up needs no allowance",
-            FutureWarning,
-            stacklevel=2,
-        )
     out = Path(out)
     runs = experiment.runs(lr_grid=lr_grid, seeds=seeds, only=only)
     ctx = SweepContext(experiment, out, runtime, scale, data_dir)

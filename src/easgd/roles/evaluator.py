@@ -5,7 +5,7 @@ runs) it pulls it every ``eval_interval`` seconds and saves it as a timestamped 
 otherwise worker 0 writes the snapshots and the evaluator reads them. Either way each
 snapshot's test loss and error go to ``eval.jsonl`` against the wall time at which the
 snapshot was taken, as in the paper's figures. With ``eval_deferred`` it only snapshots, and
-:func:`easgd.evaluator.finalize` evaluates the snapshots after training.
+:func:`easgd.finalize.finalize` evaluates the snapshots after training.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 from easgd.config import TrainConfig
-from easgd.evaluator import _eval_event, _Evaluation, snapshot_wall
+from easgd.finalize import CenterEvaluation
 from easgd.roles.context import RoleContext, server_addresses
-from easgd.runlog import JsonlWriter, atomic_torch_save
+from easgd.runlog import JsonlWriter, atomic_torch_save, eval_line, snapshot_wall
 
 __all__ = ["run_evaluator"]
 
@@ -35,7 +35,7 @@ def run_evaluator(cfg: TrainConfig, ctx: RoleContext, stop: threading.Event) -> 
     if cfg.eval_deferred and not cfg.servers_used:
         stop.wait()  # worker 0 writes the snapshots; finalize evaluates them
         return
-    evaluate = _Evaluation(cfg)
+    evaluate = CenterEvaluation(cfg)
     source = _ServerSnapshots(cfg, ctx, evaluate.flat.numel) if cfg.servers_used else None
     seen: set[str] = set()
     out = JsonlWriter(ctx.paths.eval)
@@ -47,7 +47,7 @@ def run_evaluator(cfg: TrainConfig, ctx: RoleContext, stop: threading.Event) -> 
             except ConnectionError:
                 break  # the servers are gone: the run is over
             for wall, path, read in [] if cfg.eval_deferred else snapshots:
-                out.write(_eval_event(wall, evaluate(read()), path))
+                out.write(eval_line(wall, evaluate(read()), path))
                 if stop.is_set():
                     break
             stop.wait(max(0.05, cfg.eval_interval - (time.monotonic() - began)))
@@ -81,7 +81,7 @@ class _ServerSnapshots:
 
 def _new_snapshots(ctx: RoleContext, seen: set[str]) -> list[Snapshot]:
     """The snapshots worker 0 wrote since the last look, in wall order."""
-    new = sorted(p for p in ctx.paths.snapshots.glob("center-*.pt") if p.name not in seen)
+    new = [p for p in ctx.paths.snapshot_files() if p.name not in seen]
     seen.update(p.name for p in new)
     return [(snapshot_wall(p), p, functools.partial(_load, p)) for p in new]
 

@@ -11,7 +11,7 @@ import torch
 
 from easgd.config import TrainConfig
 from easgd.roles.context import RoleContext, publish_server, secret
-from easgd.runlog import JsonlWriter
+from easgd.runlog import Event, JsonlWriter
 
 __all__ = ["run_server"]
 
@@ -20,11 +20,11 @@ def run_server(cfg: TrainConfig, ctx: RoleContext, shard: int) -> None:
     """Serve shard ``shard`` of the center until every worker is done or SIGTERM arrives."""
     from easgd.comm.ps import ParameterServer, shard_ranges
     from easgd.flat import parameters_to_flat_views
-    from easgd.problem import build_problem_parts
+    from easgd.task import build_task
 
     torch.set_num_threads(1)
-    parts = build_problem_parts(cfg.dataset, cfg.model, seed=cfg.seed, data_dir=cfg.data_dir)
-    center = parameters_to_flat_views(parts.build()).params.detach().clone()
+    task = build_task(cfg.dataset, cfg.model, seed=cfg.seed, data_dir=cfg.data_dir)
+    center = parameters_to_flat_views(task.build()).params.detach().clone()
     lo, hi = shard_ranges(center.numel(), cfg.servers)[shard]
     metrics = JsonlWriter(ctx.paths.metrics)
 
@@ -46,7 +46,7 @@ def run_server(cfg: TrainConfig, ctx: RoleContext, shard: int) -> None:
                 break
     finally:
         server.stop()
-        metrics.write({"event": "server_done", "wall": ctx.wall(), "shard": shard,
+        metrics.write({"event": Event.SERVER_DONE, "wall": ctx.wall(), "shard": shard,
                        **_scalars(server.stats())})  # fmt: skip
         metrics.close()
         ctx.store.set(f"easgd/server_saved/{shard}", "1")

@@ -24,7 +24,7 @@ from easgd.algorithms import Worker, run_finish, run_settle, run_step
 from easgd.comm.base import Transport, make_transport
 from easgd.config import TrainConfig
 from easgd.roles.context import RoleContext, resolve_device, secret, server_addresses
-from easgd.runlog import JsonlWriter, atomic_torch_save
+from easgd.runlog import Event, JsonlWriter, atomic_torch_save
 
 __all__ = ["run_worker"]
 
@@ -33,18 +33,18 @@ def run_worker(cfg: TrainConfig, ctx: RoleContext, index: int) -> None:
     """Train as worker ``index`` until the budget is spent."""
     from easgd.data.loader import BatchStream
     from easgd.flat import parameters_to_flat_views
-    from easgd.problem import build_problem_parts, model_grad_fn
+    from easgd.task import build_task, model_grad_fn
 
     # Setup: the model, its flat views, the data stream, the transport, the worker.
     torch.set_num_threads(1)
     device = resolve_device(cfg.device, ctx.local_rank)
     hp, mode = cfg.hyperparams(), cfg.resolved_mode()
-    parts = build_problem_parts(cfg.dataset, cfg.model, seed=cfg.seed, data_dir=cfg.data_dir)
-    model = parts.build().to(device)
+    task = build_task(cfg.dataset, cfg.model, seed=cfg.seed, data_dir=cfg.data_dir)
+    model = task.build().to(device)
     flat = parameters_to_flat_views(model)
     stream = BatchStream(
-        parts.train[0], parts.train[1], cfg.batch_size, seed=cfg.seed + index,
-        transform=parts.transform,
+        task.train[0], task.train[1], cfg.batch_size, seed=cfg.seed + index,
+        transform=task.transform,
     )  # fmt: skip
     grad_fn = model_grad_fn(model, flat, stream, device)
     addresses = server_addresses(ctx.store, cfg.servers, cfg.timeout) if cfg.servers_used else []
@@ -54,7 +54,7 @@ def run_worker(cfg: TrainConfig, ctx: RoleContext, index: int) -> None:
     )  # fmt: skip
     transport.start(flat.params)  # every worker starts from the center
     worker = Worker(hp, flat.params, mode, grad=flat.grads)
-    budget = _Budget(cfg.steps_per_worker(len(parts.train[0])), cfg.time_budget, hp.tau)
+    budget = _Budget(cfg.steps_per_worker(len(task.train[0])), cfg.time_budget, hp.tau)
     log = _Log(ctx, index, worker, transport)
     keeper = _Keeper(cfg, ctx, worker, transport) if _keeps_result(worker, index) else None
 
@@ -121,13 +121,13 @@ class _Log:
         self.every = max(1, min(worker.hp.tau, 50))
         self.pid = os.getpid()
 
-    def _write(self, event: str, **fields: Any) -> None:
+    def _write(self, event: Event, **fields: Any) -> None:
         self.out.write({"event": event, "wall": self.ctx.wall(), "worker": self.index,
                         "pid": self.pid, **fields})  # fmt: skip
 
     def train_start(self) -> None:
         wall = self.ctx.wall()
-        self._write("train_start", step=self.worker.t, startup_seconds=wall)
+        self._write(Event.TRAIN_START, step=self.worker.t, startup_seconds=wall)
 
     def step(self, comm: bool, loss: float) -> None:
         self.losses.append(loss)
@@ -135,7 +135,7 @@ class _Log:
             return
         traffic = self.transport.traffic
         self._write(
-            "exchange" if comm else "step", step=self.worker.t,
+            Event.EXCHANGE if comm else Event.STEP, step=self.worker.t,
             loss=sum(self.losses) / len(self.losses), exchanges=traffic.exchanges,
             bytes_sent=traffic.bytes_sent, bytes_received=traffic.bytes_received,
             exchange_seconds=traffic.last_exchange_seconds if comm else 0.0,
@@ -143,7 +143,7 @@ class _Log:
         self.losses.clear()
 
     def done(self) -> None:
-        self._write("worker_done", step=self.worker.t)
+        self._write(Event.WORKER_DONE, step=self.worker.t)
         self.out.close()
 
 

@@ -1,19 +1,14 @@
-"""The evaluator role and the end of a run.
+"""The end of a run: the final center, the snapshots still to evaluate, and the summary.
 
-The evaluator lives in its own process so that evaluating the center never slows training:
-in asynchronous runs it pulls the center from the servers every ``eval_interval`` seconds and
-saves it as a timestamped snapshot; in synchronous runs rank 0 writes the snapshots and the
-evaluator reads them. Either way each snapshot's test loss and error go to ``eval.jsonl``
-against the wall time at which the snapshot was taken, as in the paper's figures.
-
-:func:`finalize` evaluates the final center (from the server checkpoints or the synchronous
-checkpoint) and writes ``summary.json``.
+:func:`finalize` evaluates every snapshot the evaluator role did not (all of them with
+``eval_deferred``), evaluates the final center (from the server checkpoints or worker 0's
+checkpoint) and writes ``summary.json`` through :func:`easgd.runlog.write_summary`.
+:class:`CenterEvaluation` is the evaluation both this and the evaluator role use.
 """
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,28 +25,26 @@ from easgd.runlog import (
     write_summary,
 )
 
-__all__ = ["final_center", "finalize", "snapshot_wall"]
+__all__ = ["CenterEvaluation", "final_center", "finalize"]
 
 log = logging.getLogger(__name__)
 
 
-class _Evaluation:
-    """The model, data and flat views used to evaluate centers, built once."""
+class CenterEvaluation:
+    """Evaluates centers: the model, data and flat views, built once per process."""
 
     def __init__(self, cfg: TrainConfig) -> None:
         from easgd.flat import parameters_to_flat_views
-        from easgd.problem import build_problem_parts
+        from easgd.task import build_task
 
-        self.parts = build_problem_parts(
-            cfg.dataset, cfg.model, seed=cfg.seed, data_dir=cfg.data_dir
-        )
-        self.model = self.parts.build()
+        self.task = build_task(cfg.dataset, cfg.model, seed=cfg.seed, data_dir=cfg.data_dir)
+        self.model = self.task.build()
         self.flat = parameters_to_flat_views(self.model)
 
     def __call__(self, center: torch.Tensor) -> dict[str, float]:
-        from easgd.evaluate import evaluate_center
+        from easgd.evaluation import evaluate_center
 
-        return evaluate_center(self.model, self.flat, center, self.parts.test, self.parts.train[0])
+        return evaluate_center(self.model, self.flat, center, self.task.test, self.task.train[0])
 
 
 def final_center(cfg: TrainConfig, paths: RunPaths) -> torch.Tensor:
@@ -78,7 +71,7 @@ def finalize(
     to ``eval.jsonl`` in the order of their wall times. ``extra``: optional summary fields
     (:data:`easgd.runlog.SUMMARY_FIELDS`), e.g. the launcher's ``restarts``.
     """
-    evaluate = _Evaluation(cfg)
+    evaluate = CenterEvaluation(cfg)
     _evaluate_remaining_snapshots(paths, evaluate)
     result = evaluate(final_center(cfg, paths))
     events = list(iter_jsonl(paths.metrics))
@@ -105,12 +98,7 @@ def finalize(
     )  # fmt: skip
 
 
-def _eval_event(wall: float, result: dict[str, float], snapshot: Path) -> dict[str, Any]:
-    """One line of ``eval.jsonl`` (:func:`easgd.runlog.eval_line`)."""
-    return eval_line(wall, result, snapshot)
-
-
-def _evaluate_remaining_snapshots(paths: RunPaths, evaluate: _Evaluation) -> None:
+def _evaluate_remaining_snapshots(paths: RunPaths, evaluate: CenterEvaluation) -> None:
     done = {e.get("snapshot") for e in iter_jsonl(paths.eval)}
     todo = [p for p in paths.snapshot_files() if p.name not in done]
     if not todo:
@@ -122,4 +110,4 @@ def _evaluate_remaining_snapshots(paths: RunPaths, evaluate: _Evaluation) -> Non
             except Exception as exc:  # a snapshot cut short by a crash: skip it, say so
                 log.warning("skipping unreadable snapshot %s: %s", path, exc)
                 continue
-            out.write(_eval_event(snapshot_wall(path), evaluate(center), path))
+            out.write(eval_line(snapshot_wall(path), evaluate(center), path))

@@ -1,4 +1,4 @@
-"""A training problem (data set + network) shared by the simulator and the real runtimes.
+"""A training task (a data set and the network trained on it), shared by every runtime.
 
 Both build the model with the same seed and draw the same batches (worker ``i`` samples with
 seed ``seed + i``), so a distributed run and the simulator see exactly the same computation.
@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["DEFAULT_MODELS", "ProblemParts", "build_problem_parts", "model_grad_fn"]
+__all__ = ["DEFAULT_MODELS", "Task", "build_task", "model_grad_fn"]
 
 #: The network trained on each data set when none is named.
 DEFAULT_MODELS = {
@@ -25,8 +25,8 @@ DEFAULT_MODELS = {
 
 
 @dataclass(frozen=True)
-class ProblemParts:
-    """What a worker needs: a model factory, the data, and the training transform."""
+class Task:
+    """A data set and its network: a model factory, the data, and the training transform."""
 
     build: Callable[[], torch.nn.Module]
     train: tuple[Tensor, Tensor]
@@ -36,14 +36,14 @@ class ProblemParts:
     dataset: str
 
 
-def build_problem_parts(
+def build_task(
     dataset: str,
     model: str | None = None,
     *,
     seed: int = 0,
     data_dir: str | None = None,
     download: bool = True,
-) -> ProblemParts:
+) -> Task:
     """Load ``dataset`` and return a factory of ``model`` initialized from ``seed``."""
     from easgd.data import load_dataset
     from easgd.models import build_model
@@ -61,7 +61,7 @@ def build_problem_parts(
         )
 
     build()  # fail here, with the model's message, if the shapes do not fit
-    return ProblemParts(
+    return Task(
         build=build,
         train=(data.train_x, data.train_y),
         test=(data.test_x, data.test_y),
@@ -76,7 +76,7 @@ def model_grad_fn(
 ) -> Callable[[Tensor, Tensor], float]:
     """A gradient oracle ``fn(x, out) -> loss`` over ``model``'s next mini-batch.
 
-    ``flat`` is the model's :class:`easgd.models.FlatParams`. When ``x`` and ``out`` are the
+    ``flat`` is the model's :class:`easgd.flat.FlatParams`. When ``x`` and ``out`` are the
     flat buffers themselves (the fast path: the worker's vector *is* the model) nothing is
     copied; otherwise ``x`` is loaded into the model and the gradient copied into ``out``.
     """

@@ -1,0 +1,330 @@
+"""The events of ``metrics.jsonl``, and the schema of every record a run writes.
+
+``docs/run-directory.md`` documents the same schema for people; the tests hold the document,
+this code and real runs to each other.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
+
+if TYPE_CHECKING:
+    pass
+
+__all__ = [
+    "EVAL_FIELDS",
+    "EVENT_FIELDS",
+    "PROGRESS_EVENTS",
+    "SUMMARY_FIELDS",
+    "Event",
+    "FieldSpec",
+    "SweepStatus",
+    "eval_errors",
+    "event_errors",
+    "summary_errors",
+]
+
+
+# ------------------------------------------------------------------------------------------
+# Events
+# ------------------------------------------------------------------------------------------
+
+
+class Event(str, enum.Enum):
+    """The ``event`` of a line of ``metrics.jsonl`` (who writes it: see EVENT_FIELDS).
+
+    A ``str`` enum: ``Event.STEP == "step"`` and ``json.dumps`` writes ``"step"``.
+    """
+
+    # A worker (easgd.roles.worker; the simulated runs of easgd experiment write STEP).
+    TRAIN_START = "train_start"
+    STEP = "step"
+    EXCHANGE = "exchange"
+    WORKER_DONE = "worker_done"
+    # The launcher (easgd.launch).
+    WORKER_RESTART = "worker_restart"
+    WORKER_LOST = "worker_lost"
+    # A parameter server (easgd.comm.ps through easgd.roles.server).
+    SERVER_START = "start"
+    CHECKPOINT = "checkpoint"
+    JOIN = "join"
+    BYE = "bye"
+    DEATH = "death"
+    CLOSED = "closed"
+    REJECTED = "rejected"
+    REJECT = "reject"
+    AUTH_FAILURE = "auth_failure"
+    SERVER_STOP = "stop"
+    SERVER_DONE = "server_done"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+#: The events that carry a worker's progress: local step, training loss and traffic.
+PROGRESS_EVENTS: Final = frozenset({Event.STEP, Event.EXCHANGE})
+
+
+class SweepStatus(str, enum.Enum):
+    """``SweepEvent.status``: what ``easgd experiment`` reports about one run of a sweep."""
+
+    START = "start"
+    DONE = "done"
+    SKIPPED = "skipped"  # its summary.json exists: a resumed sweep does not run it again
+    FAILED = "failed"  # it raised; failed.json holds the error
+
+    def __str__(self) -> str:
+        return self.value
+
+
+# ------------------------------------------------------------------------------------------
+# Schema
+# ------------------------------------------------------------------------------------------
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return _is_int(v) or isinstance(v, float)
+
+
+_TYPES: dict[str, Callable[[Any], bool]] = {
+    "int": _is_int,
+    "float": _is_number,  # JSON does not tell 2 from 2.0
+    "str": lambda v: isinstance(v, str),
+    "bool": lambda v: isinstance(v, bool),
+    "list[int]": lambda v: isinstance(v, list) and all(_is_int(x) for x in v),
+    "float or null": lambda v: v is None or _is_number(v),
+}
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """One field of a record: its JSON type, its unit ("" when it has none), what it means.
+
+    ``required=False``: the field may be absent (the meaning says when).
+    """
+
+    type: str
+    unit: str
+    doc: str
+    required: bool = True
+
+    def __post_init__(self) -> None:
+        if self.type not in _TYPES:
+            raise ValueError(f"FieldSpec type={self.type!r}; choose one of {sorted(_TYPES)}")
+
+    def accepts(self, value: Any) -> bool:
+        return _TYPES[self.type](value)
+
+
+def _f(type_: str, unit: str, doc: str, required: bool = True) -> FieldSpec:
+    return FieldSpec(type_, unit, doc, required)
+
+
+_RUN_CLOCK = "s since start"  # seconds since the run's start, on the launcher's clock
+_COMMON = {
+    "event": _f("str", "", "the event type (this table's name)"),
+    "wall": _f("float", _RUN_CLOCK, "seconds since the run's start (virtual seconds in a "
+               "simulated run)"),
+}  # fmt: skip
+_WORKER = {
+    "worker": _f("int", "", "the worker's index, 0 to P-1"),
+    "pid": _f("int", "", "the worker's process id, which tells a restarted worker's events "
+              "from its predecessor's; absent in simulated runs", required=False),
+}  # fmt: skip
+_STEP = {"step": _f("int", "steps", "the worker's local step count t")}
+_TRAFFIC = {
+    "exchanges": _f("int", "", "the worker's exchanges so far (this process)", False),
+    "bytes_sent": _f("int", "bytes", "bytes the worker has sent so far (this process)", False),
+    "bytes_received": _f("int", "bytes", "bytes the worker has received so far", False),
+    "exchange_seconds": _f("float", "s", "seconds this exchange blocked the worker (0 on a "
+                           "step event)", False),
+}  # fmt: skip
+_PROGRESS = {
+    **_COMMON, **_WORKER, **_STEP,
+    "loss": _f("float", "nats", "mean mini-batch training loss (cross-entropy) since the "
+               "worker's previous event"),
+    **_TRAFFIC,
+}  # fmt: skip
+_SERVER = {
+    **_COMMON,
+    "shard": _f("int", "", "the server's shard index, 0 to S-1"),
+    "pid": _f("int", "", "the server's process id"),
+    "time": _f("float", "s (Unix time)", "when the server emitted the event"),
+    "server": _f("str", "", "the address the server listens on, host:port"),
+}
+_CENTER_T = _f("int", "updates", "the shard's clock: center updates applied so far")
+_PEER = _f("str", "", "the connecting peer, host:port")
+_REASON = _f("str", "", "why, in words")
+_SESSION_END = {
+    **_SERVER,
+    "worker": _f("int", "", "the worker's index"),
+    "session": _f("int", "", "the session's id on this server"),
+    "reason": _REASON,
+    "exchanges": _f("int", "", "exchanges of this session"),
+}
+
+#: Every event of ``metrics.jsonl`` and its fields (docs/run-directory.md says the same).
+EVENT_FIELDS: Final[dict[Event, dict[str, FieldSpec]]] = {
+    Event.TRAIN_START: {
+        **_COMMON, **_WORKER, **_STEP,
+        "startup_seconds": _f("float", "s", "seconds from the run's start to this worker's "
+                              "first training step: process start-up, data, joining"),
+    },
+    Event.STEP: _PROGRESS,
+    Event.EXCHANGE: _PROGRESS,
+    Event.WORKER_DONE: {**_COMMON, **_WORKER, **_STEP},
+    Event.WORKER_RESTART: {
+        **_COMMON,
+        "worker": _f("int", "", "the dead worker's index"),
+        "status": _f("int", "", "its exit status (negative: killed by that signal)"),
+        "restart": _f("int", "", "the replacement's restart number, 1 to --max-restarts"),
+    },
+    Event.WORKER_LOST: {
+        **_COMMON,
+        "worker": _f("int", "", "the dead worker's index; the run goes on without it"),
+        "status": _f("int", "", "its exit status (negative: killed by that signal)"),
+    },
+    Event.SERVER_START: {
+        **_SERVER,
+        "offset": _f("int", "elements", "where the shard starts in the flat parameter vector"),
+        "numel": _f("int", "elements", "the shard's length"),
+        "t": _CENTER_T,
+    },
+    Event.CHECKPOINT: {
+        **_SERVER,
+        "path": _f("str", "", "the checkpoint file written"),
+        "t": _CENTER_T,
+        "exchanges": _f("int", "", "exchanges this server has answered so far"),
+    },
+    Event.JOIN: {
+        **_SERVER,
+        "worker": _f("int", "", "the worker's index"),
+        "session": _f("int", "", "the new session's id on this server"),
+        "peer": _PEER,
+        "t": _CENTER_T,
+        "rejoin": _f("list[int]", "", "the worker's earlier sessions (non-empty: a rejoin)"),
+    },
+    Event.BYE: _SESSION_END,
+    Event.DEATH: _SESSION_END,
+    Event.CLOSED: _SESSION_END,
+    Event.REJECTED: _SESSION_END,
+    Event.REJECT: {
+        **_SERVER,
+        "worker": _f("int", "", "the index the request claimed"),
+        "peer": _PEER,
+        "reason": _REASON,
+    },
+    Event.AUTH_FAILURE: {**_SERVER, "peer": _PEER, "reason": _REASON},
+    Event.SERVER_STOP: {
+        **_SERVER,
+        "t": _CENTER_T,
+        "exchanges": _f("int", "", "exchanges this server answered"),
+    },
+    Event.SERVER_DONE: {
+        **_COMMON,
+        "shard": _f("int", "", "the server's shard index, 0 to S-1"),
+        "address": _f("str", "", "the address the server listened on, host:port"),
+        "offset": _f("int", "elements", "where the shard starts in the flat parameter vector"),
+        "numel": _f("int", "elements", "the shard's length"),
+        "t": _CENTER_T,
+        "exchanges": _f("int", "", "exchanges this server answered"),
+        "checkpoints": _f("int", "", "checkpoints it wrote"),
+        "active": _f("int", "sessions", "sessions still open at the end"),
+        "left": _f("int", "sessions", "sessions that ended with a goodbye"),
+        "died": _f("int", "sessions", "sessions whose worker died"),
+        "closed": _f("int", "sessions", "sessions closed by the server's stop"),
+        "rejected": _f("int", "sessions", "sessions ended by a refused request"),
+        "bytes_in": _f("int", "bytes", "bytes received from every session"),
+        "bytes_out": _f("int", "bytes", "bytes sent to every session"),
+    },
+}  # fmt: skip
+
+#: The fields of a line of ``eval.jsonl``: one evaluation of the center.
+EVAL_FIELDS: Final[dict[str, FieldSpec]] = {
+    "wall": _f("float", _RUN_CLOCK, "when the evaluated center was taken: seconds since the "
+               "run's start (virtual seconds in a simulated run)"),
+    "test_loss": _f("float", "nats", "the center's mean cross-entropy on the test set"),
+    "test_error": _f("float", "fraction", "the center's test error, wrong / total"),
+    "snapshot": _f("str", "", "the snapshot's file name in snapshots/; absent in simulated "
+                   "runs", required=False),
+}  # fmt: skip
+
+#: The fields of ``summary.json`` (see :func:`write_summary`).
+SUMMARY_FIELDS: Final[dict[str, FieldSpec]] = {
+    "method": _f("str", "", "the method (config.json's method)"),
+    "mode": _f("str", "", "the resolved mode: sequential, sync or async"),
+    "runtime": _f("str", "", "real (processes) or sim (the simulator's virtual clock)"),
+    "workers": _f("int", "", "P, the number of workers"),
+    "servers": _f("int", "", "parameter-server processes that ran (0 unless a real "
+                  "asynchronous run)"),
+    "tau": _f("int", "steps", "the communication period"),
+    "lr": _f("float", "", "the learning rate"),
+    "dataset": _f("str", "", "the data set"),
+    "center_test_error": _f("float", "fraction", "the final center's test error"),
+    "center_test_loss": _f("float", "nats", "the final center's test loss"),
+    "best_center_test_error": _f("float", "fraction", "the lowest test error of the curve "
+                                 "(eval.jsonl) and the final center"),
+    "wall_seconds": _f("float", "s", "the run's length, start-up included (virtual seconds "
+                       "in a simulated run)"),
+    "startup_seconds": _f("float or null", "s", "from the run's start to the first training "
+                          "step (first train_start); null when no worker started"),
+    "train_seconds": _f("float or null", "s", "from the first training step to the last "
+                        "worker's end; null when no worker started or ended"),
+    "exchanges": _f("int", "", "exchanges of every worker, all processes"),
+    "bytes_sent": _f("int", "bytes", "bytes the workers sent"),
+    "bytes_received": _f("int", "bytes", "bytes the workers received"),
+    "local_steps": _f("int", "steps", "local steps of every worker, restarts included"),
+    "evaluations": _f("int", "", "evaluations in eval.jsonl"),
+    "lost_workers": _f("list[int]", "", "workers that died beyond --max-restarts (easgd "
+                       "train)", required=False),
+    "restarts": _f("int", "", "workers restarted (easgd train)", required=False),
+    "experiment": _f("str", "", "the experiment's name (easgd experiment)", required=False),
+    "real_seconds": _f("float", "s", "real seconds the simulation took (sim)", required=False),
+    "step_time": _f("float", "s", "the virtual seconds of one local step (sim)",
+                    required=False),
+}  # fmt: skip
+
+
+def _errors(record: Mapping[str, Any], fields: Mapping[str, FieldSpec], what: str) -> list[str]:
+    out = []
+    for name, spec in fields.items():
+        if name not in record:
+            if spec.required:
+                out.append(f"{what}: required field {name!r} is missing")
+        elif not spec.accepts(record[name]):
+            out.append(f"{what}: field {name!r}={record[name]!r} is not of type {spec.type}")
+    out.extend(
+        f"{what}: unknown field {name!r}={record[name]!r}; add it to the schema in "
+        "easgd.runlog and docs/run-directory.md, or do not write it"
+        for name in record
+        if name not in fields
+    )
+    return out
+
+
+def event_errors(event: Mapping[str, Any]) -> list[str]:
+    """What is wrong with one line of ``metrics.jsonl`` against EVENT_FIELDS ([] if nothing)."""
+    name = event.get("event")
+    try:
+        kind = Event(name)
+    except ValueError:
+        known = ", ".join(e.value for e in Event)
+        return [f"unknown event {name!r} in {dict(event)!r}; known events: {known}"]
+    return _errors(event, EVENT_FIELDS[kind], f"event {kind.value!r}")
+
+
+def eval_errors(line: Mapping[str, Any]) -> list[str]:
+    """What is wrong with one line of ``eval.jsonl`` against EVAL_FIELDS ([] if nothing)."""
+    return _errors(line, EVAL_FIELDS, "eval.jsonl line")
+
+
+def summary_errors(summary: Mapping[str, Any]) -> list[str]:
+    """What is wrong with a summary against SUMMARY_FIELDS ([] if nothing)."""
+    return _errors(summary, SUMMARY_FIELDS, "summary.json")
