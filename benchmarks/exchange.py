@@ -271,7 +271,9 @@ def _gloo_row(mode: int, body: Callable[[], None]) -> Callable[[], None]:
     return run
 
 
-def build_rows(x: torch.Tensor, d: torch.Tensor, client: PSClient, periods: int) -> list[Row]:
+def build_rows(
+    x: torch.Tensor, d: torch.Tensor, client: PSClient, recovering: PSClient, periods: int
+) -> list[Row]:
     sync = SyncExchange(x)
 
     def echo() -> None:
@@ -302,6 +304,11 @@ def build_rows(x: torch.Tensor, d: torch.Tensor, client: PSClient, periods: int)
             "ps_elastic",
             "asynchronous elastic exchange through easgd.comm.ps",
             lambda: client.serve(Request(Op.ELASTIC, x, d)),
+        ),
+        Row(
+            "ps_elastic_recovering",
+            "the same, by a client that keeps its contributions for a restarted server",
+            lambda: recovering.serve(Request(Op.ELASTIC, x, d)),
         ),
         Row(
             "allreduce_raw",
@@ -384,6 +391,8 @@ def summarize(samples: dict[str, list[float]], missing: Missing) -> list[dict[st
                 ratio=ratio(cost, raw) if name != "loop_local" else math.nan,
                 baseline="loop_allreduce_raw",
             )
+        elif name == "ps_elastic_recovering":
+            row.update(ratio=ratio(med[name], med["ps_elastic"]), baseline="ps_elastic")
         elif name.startswith(("allreduce", "sync")):
             row.update(ratio=ratio(med[name], med["allreduce_raw"]), baseline="allreduce_raw")
         else:
@@ -413,6 +422,7 @@ def run(
         server.start()
         peer.start()
         client: PSClient | None = None
+        recovering: PSClient | None = None
         gloo = False
         try:
             init_gloo(0, port, 2)
@@ -422,12 +432,16 @@ def run(
             x = torch.randn(numel, generator=torch.Generator().manual_seed(0))
             d = torch.empty(numel)
             client.join(d)
-            rows = build_rows(x, d, client, periods)
+            recovering = PSClient([(info["host"], info["port"])], numel, worker_id=1,
+                                  reconnect_timeout=60.0)  # fmt: skip
+            recovering.join(d)
+            rows = build_rows(x, d, client, recovering, periods)
             samples = measure(rows, repeats, warmup)
             profiles = {name: profile_row(rows, name) for name in profile}
         finally:
-            if client is not None:
-                client.bye()
+            for c in (client, recovering):
+                if c is not None:
+                    c.close()
             if gloo:
                 if peer.is_alive():
                     dist.send(torch.tensor([-1], dtype=torch.int64), 1)
@@ -459,7 +473,7 @@ def run(
     }
 
 
-ASYNC_TARGET, SYNC_TARGET = 1.3, 1.1
+ASYNC_TARGET, SYNC_TARGET, RECOVERY_TARGET = 1.3, 1.1, 1.02
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -507,6 +521,10 @@ def main(argv: list[str] | None = None) -> int:
     verdicts = {
         "async (ps_elastic / gloo_echo)": (by["ps_elastic"]["ratio"], ASYNC_TARGET),
         "sync back to back (sync_easgd / allreduce_raw)": (by["sync_easgd"]["ratio"], SYNC_TARGET),
+        "recovery bookkeeping (ps_elastic_recovering / ps_elastic)": (
+            by["ps_elastic_recovering"]["ratio"],
+            RECOVERY_TARGET,
+        ),
     }
     if periods:
         verdicts["sync in the loop (loop_sync_easgd / loop_allreduce_raw)"] = (

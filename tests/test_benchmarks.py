@@ -220,11 +220,12 @@ def test_exchange_quick(tmp_path: Path) -> None:
     rows = {r["name"]: r for r in result["rows"]}
     assert set(rows) == {
         "gloo_echo", "gloo_echo_elastic", "gloo_10_tensors", "gloo_100_tensors", "ps_elastic",
-        "allreduce_raw", "sync_easgd", "loop_local", "loop_allreduce_raw",
+        "ps_elastic_recovering", "allreduce_raw", "sync_easgd", "loop_local", "loop_allreduce_raw",
         "loop_sync_easgd_blocking", "loop_sync_easgd",
     }  # fmt: skip
     assert rows["gloo_echo"]["ratio"] == 1.0 and rows["allreduce_raw"]["ratio"] == 1.0
     assert rows["loop_sync_easgd"]["baseline"] == "loop_allreduce_raw"
     for r in rows.values():
         assert r["median_ms"] > 0 and len(r["samples_ms"]) == result["repeats"]
-    assert len(result["target_met"]) == 3
+    assert rows["ps_elastic_recovering"]["baseline"] == "ps_elastic"
+    assert len(result["target_met"]) == 4

@@ -92,7 +92,8 @@ def test_run_directory_and_summary(tmp_path: Path) -> None:
                 "exchange_seconds"):  # fmt: skip
         assert key in steps[0]
     assert list(iter_jsonl(paths.eval)), "the evaluator wrote no result"
-    assert sorted(p.name for p in paths.checkpoints.iterdir()) == ["server-0.pt", "server-1.pt"]
+    names = {p.name for p in paths.checkpoints.iterdir()}  # and each one's previous, if kept
+    assert names - {"server-0.prev.pt", "server-1.prev.pt"} == {"server-0.pt", "server-1.pt"}
     assert list(paths.snapshots.glob("center-*.pt"))
 
 
@@ -136,11 +137,15 @@ def _wait_for(predicate: Any, timeout: float) -> Any:
     raise AssertionError("timed out waiting")
 
 
-def _worker_pid(paths: RunPaths, worker: int) -> int | None:
-    for e in iter_jsonl(paths.metrics):
-        if e.get("event") == "exchange" and e["worker"] == worker:
-            return int(e["pid"])
-    return None
+def _exchanged(paths: RunPaths, worker: int) -> bool:
+    return any(e.get("event") == "exchange" and e["worker"] == worker
+               for e in iter_jsonl(paths.metrics))  # fmt: skip
+
+
+def _pid(paths: RunPaths, role: str, index: int) -> int:
+    """The pid of ``role`` ``index``'s current process, from processes.json."""
+    procs = json.loads(paths.processes.read_text())["processes"]
+    return int(next(p["pid"] for p in procs if (p["role"], p["index"]) == (role, index)))
 
 
 @pytest.mark.timeout(480)
@@ -155,7 +160,8 @@ def test_killed_worker_is_replaced_and_the_run_completes(tmp_path: Path) -> None
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             cwd=ROOT)  # fmt: skip
     try:
-        pid = _wait_for(lambda: _worker_pid(paths, 1), 200)
+        _wait_for(lambda: _exchanged(paths, 1), 200)
+        pid = _pid(paths, "worker", 1)
         os.kill(pid, signal.SIGKILL)
         killed_at = max(e["wall"] for e in iter_jsonl(paths.metrics))
         stdout, stderr = proc.communicate(timeout=400)
@@ -165,7 +171,8 @@ def test_killed_worker_is_replaced_and_the_run_completes(tmp_path: Path) -> None
             proc.wait()
     assert proc.returncode == 0, stderr[-3000:]
     summary = json.loads(stdout.strip().splitlines()[-1])
-    assert summary["restarts"] == 1
+    assert summary["restarts"] == 1 and summary["status"] == "completed"
+    assert summary["lost_workers"] == []
     events = list(iter_jsonl(paths.metrics))
     deaths = [e for e in events if e.get("event") == "death" and e.get("worker") == 1]
     assert deaths, "the server did not notice the dead worker"
@@ -179,24 +186,7 @@ def test_killed_worker_is_replaced_and_the_run_completes(tmp_path: Path) -> None
     assert survivors, "the survivors stopped exchanging"
 
 
-def test_dead_server_fails_the_run_with_its_error(tmp_path: Path) -> None:
-    out = tmp_path / "run"
-    paths = RunPaths(out)
-    cmd = [sys.executable, "-m", "easgd", "train", "--out", str(out), "--quiet",
-           "--workers", "2", "--steps", "1000000"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=ROOT)  # fmt: skip
-    try:
-        _wait_for(lambda: _worker_pid(paths, 0), 200)
-        server = next(e for e in iter_jsonl(paths.metrics) if e.get("event") == "start")
-        os.kill(int(server["pid"]), signal.SIGKILL)
-        _, stderr = proc.communicate(timeout=200)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 1
-    assert "exited with status" in stderr
+# A dead server: tests/test_launch.py (restarted under --max-restarts, else the run fails).
 
 
 @pytest.mark.timeout(240)

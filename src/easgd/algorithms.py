@@ -63,6 +63,7 @@ __all__ = [
     "StabilityWarning",
     "Worker",
     "average_rate",
+    "contribution",
     "downpour_accumulate_",
     "drive",
     "elastic_center_sync_",
@@ -283,6 +284,16 @@ class MethodSpec:
     def server_op(self) -> Op | None:
         """The exchange a parameter server answers for this method (None: no server)."""
         return _SERVER_OP.get(self.exchange) if Mode.ASYNC in self.modes else None
+
+    @property
+    def recoverable(self) -> bool:
+        """Whether the center is the initial one plus the sum of the workers' contributions.
+
+        EASGD/EAMSGD add ``d``, the DOWNPOUR family adds ``acc``: a restarted server can be
+        rebuilt exactly from its checkpoint and the contributions the workers re-send.
+        MDOWNPOUR's center also carries the server's momentum, which no worker holds.
+        """
+        return self.exchange in (Exchange.ELASTIC, Exchange.DOWNPOUR)
 
     @property
     def wraps_optimizer(self) -> bool:
@@ -924,6 +935,19 @@ def drive(steps: Generator[Request, Any, None], compute: Compute, serve: Serve) 
                 reply = None
     except StopIteration:
         pass
+
+
+def contribution(req: Request) -> Tensor | None:
+    """What an answered asynchronous exchange added to the center (see ``recoverable``).
+
+    ``d`` (the reply) for an elastic exchange, ``acc`` (the payload) for DOWNPOUR's push;
+    None for MDOWNPOUR, whose center update involves the server's own momentum.
+    """
+    if req.op is Op.ELASTIC:
+        return req.reply
+    if req.op is Op.PUSH_PULL:
+        return req.payload
+    return None
 
 
 def _no_compute(req: Request) -> float:

@@ -4,30 +4,76 @@
 ``eval_deferred``), evaluates the final center (from the server checkpoints or worker 0's
 checkpoint) and writes ``summary.json`` through :func:`easgd.runlog.write_summary`.
 :class:`CenterEvaluation` is the evaluation both this and the evaluator role use.
+
+Every file is read through :func:`easgd.runlog.load_checkpoint`, verified. A damaged file
+never stops the summary: a snapshot that does not verify is skipped, a checkpoint that does
+not verify is replaced by its previous one when that one verifies, and the summary's
+``skipped_files`` says which file was skipped and why. When no final center can be read at
+all, the summary is still written, with null center fields, and :func:`finalize` raises
+:class:`NoFinalCenterError` so that the caller exits non-zero.
+
+A center that verifies but holds NaN (a diverged run) is the run's true result: it is
+evaluated as it is, not replaced by an older checkpoint.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 from typing import Any
 
 import torch
 
 from easgd.config import TrainConfig
 from easgd.runlog import (
+    CheckpointError,
+    CheckpointKind,
     Event,
     JsonlWriter,
     RunPaths,
     eval_line,
     iter_jsonl,
+    load_checkpoint,
+    previous_checkpoint,
     snapshot_wall,
     training_span,
     write_summary,
 )
 
-__all__ = ["CenterEvaluation", "final_center", "finalize"]
+__all__ = [
+    "CenterEvaluation",
+    "FinalCenter",
+    "NoFinalCenterError",
+    "final_center",
+    "finalize",
+    "read_final_center",
+]
 
 log = logging.getLogger(__name__)
+
+#: A summary's ``skipped_files`` entry: ``{"file": path in the run directory, "reason": ...}``.
+Skipped = dict[str, str]
+
+
+class NoFinalCenterError(CheckpointError):
+    """No final center could be read; ``summary`` is the summary written (center fields null)."""
+
+    def __init__(self, path: str | os.PathLike[str], problem: str, summary: dict[str, Any]):
+        advice = (
+            "summary.json was written with null center fields; its skipped_files says which "
+            "files were refused and why"
+        )
+        super().__init__(path, problem, advice)
+        self.summary = summary
+
+
+@dataclasses.dataclass(frozen=True)
+class FinalCenter:
+    """The final center (None when none could be read) and the files skipped to get it."""
+
+    center: torch.Tensor | None
+    skipped: list[Skipped]
 
 
 class CenterEvaluation:
@@ -47,18 +93,67 @@ class CenterEvaluation:
         return evaluate_center(self.model, self.flat, center, self.task.test, self.task.train[0])
 
 
-def final_center(cfg: TrainConfig, paths: RunPaths) -> torch.Tensor:
-    """The center at the end of the run, from the checkpoints the run left."""
-    if cfg.servers_used:  # the result lives on the parameter servers
-        from easgd.comm.ps import read_checkpoint
+def read_final_center(
+    cfg: TrainConfig, paths: RunPaths, *, numel: int | None = None
+) -> FinalCenter:
+    """The center at the end of the run, from the verified checkpoints the run left.
 
-        shards = [read_checkpoint(paths.server_checkpoint(s)) for s in range(cfg.servers)]
-        shards.sort(key=lambda s: int(s["offset"]))
-        return torch.cat([s["evaluation"] for s in shards])
-    path = paths.sync_checkpoint
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: the run ended before its first checkpoint")
-    return torch.load(path, weights_only=True)["center"]
+    ``numel``: the model's size (each server shard must then be the one it needs). A file
+    that does not verify falls back to its previous checkpoint; what was skipped, and why,
+    is in :attr:`FinalCenter.skipped`. Never raises for a damaged or missing file.
+    """
+    if not cfg.servers_used:
+        try:
+            ckpt = load_checkpoint(
+                paths.sync_checkpoint, CheckpointKind.CENTER, method=cfg.method, numel=numel,
+                allow_nonfinite=True,
+            )  # fmt: skip
+        except CheckpointError as exc:
+            return FinalCenter(None, [_refused(paths, exc)])
+        return FinalCenter(
+            ckpt.center, [_fell_back(paths, e, ckpt.path, ckpt.t) for e in ckpt.refused]
+        )
+    from easgd.comm.ps import read_checkpoint
+    from easgd.comm.wire import shard_ranges
+
+    ranges = shard_ranges(numel, cfg.servers) if numel is not None else [None] * cfg.servers
+    skipped: list[Skipped] = []
+    shards: list[dict[str, Any]] = []
+    for shard, where in enumerate(ranges):
+        try:
+            state = read_checkpoint(
+                paths.server_checkpoint(shard), method=cfg.method,
+                offset=None if where is None else where[0],
+                numel=None if where is None else where[1] - where[0], allow_nonfinite=True,
+            )  # fmt: skip
+        except CheckpointError as exc:
+            skipped.append(_refused(paths, exc))
+            continue
+        skipped += [_fell_back(paths, e, state["file"], state["t"]) for e in state["refused"]]
+        shards.append(state)
+    if len(shards) < cfg.servers:
+        return FinalCenter(None, skipped)
+    shards.sort(key=lambda s: int(s["offset"]))
+    end = 0
+    for state in shards:  # without numel: the shards must still tile [0, n)
+        if int(state["offset"]) != end:
+            reason = f"starts at offset {state['offset']}, but the shards before it end at {end}"
+            return FinalCenter(None, [*skipped, _entry(paths, state["file"], reason)])
+        end += int(state["numel"])
+    return FinalCenter(torch.cat([s["evaluation"] for s in shards]), skipped)
+
+
+def final_center(cfg: TrainConfig, paths: RunPaths, *, numel: int | None = None) -> torch.Tensor:
+    """The center at the end of the run; raises :class:`easgd.runlog.CheckpointError` if none.
+
+    See :func:`read_final_center` (previous checkpoints are used, with a warning).
+    """
+    final = read_final_center(cfg, paths, numel=numel)
+    if final.center is None:
+        reasons = "; ".join(f"{s['file']}: {s['reason']}" for s in final.skipped)
+        raise CheckpointError(paths.checkpoints, f"no final center can be read ({reasons})",
+                              "the run left no checkpoint that verifies")  # fmt: skip
+    return final.center
 
 
 def finalize(
@@ -69,11 +164,19 @@ def finalize(
     Snapshots the evaluator did not evaluate (all of them with ``eval_deferred``; in a
     synchronous run, those written after its last look) are evaluated here first and added
     to ``eval.jsonl`` in the order of their wall times. ``extra``: optional summary fields
-    (:data:`easgd.runlog.SUMMARY_FIELDS`), e.g. the launcher's ``restarts``.
+    (:data:`easgd.runlog.SUMMARY_FIELDS`), e.g. the launcher's ``restarts``. The summary's
+    ``skipped_files`` lists every file refused, and why.
+
+    Raises :class:`NoFinalCenterError` (its ``summary`` is the summary written, with null
+    center fields) when no final center could be read: the run must not exit 0.
     """
     evaluate = CenterEvaluation(cfg)
-    _evaluate_remaining_snapshots(paths, evaluate)
-    result = evaluate(final_center(cfg, paths))
+    skipped = _evaluate_remaining_snapshots(cfg, paths, evaluate)
+    final = read_final_center(cfg, paths, numel=evaluate.flat.numel)
+    skipped += final.skipped
+    for entry in skipped:
+        log.warning("skipped %s: %s", entry["file"], entry["reason"])
+    result = None if final.center is None else evaluate(final.center)
     events = list(iter_jsonl(paths.metrics))
     # A worker's events carry its running totals; a restarted worker (new pid) starts again.
     totals: dict[tuple[int, int], dict[str, Any]] = {}
@@ -86,7 +189,7 @@ def finalize(
                 totals[key] = event
     workers = [e for e in totals.values() if "exchanges" in e]
     start, end = training_span(events)
-    return write_summary(
+    summary = write_summary(
         paths, cfg, runtime="real", center=result,
         curve=[float(e["test_error"]) for e in iter_jsonl(paths.eval)],
         wall_seconds=wall_seconds, startup_seconds=start,
@@ -94,20 +197,54 @@ def finalize(
         exchanges=sum(int(e["exchanges"]) for e in workers),
         bytes_sent=sum(int(e["bytes_sent"]) for e in workers),
         bytes_received=sum(int(e["bytes_received"]) for e in workers),
-        local_steps=sum(steps.values()), **extra,
+        local_steps=sum(steps.values()), skipped_files=skipped, **extra,
     )  # fmt: skip
+    if result is not None:
+        return summary
+    raise NoFinalCenterError(paths.checkpoints, "no final center can be read", summary)
 
 
-def _evaluate_remaining_snapshots(paths: RunPaths, evaluate: CenterEvaluation) -> None:
+def _evaluate_remaining_snapshots(
+    cfg: TrainConfig, paths: RunPaths, evaluate: CenterEvaluation
+) -> list[Skipped]:
+    """Evaluate the snapshots not in eval.jsonl yet; returns those that do not verify."""
     done = {e.get("snapshot") for e in iter_jsonl(paths.eval)}
     todo = [p for p in paths.snapshot_files() if p.name not in done]
+    skipped: list[Skipped] = []
     if not todo:
-        return
+        return skipped
     with JsonlWriter(paths.eval) as out:
         for path in todo:
             try:
-                center = torch.load(path, weights_only=True)
-            except Exception as exc:  # a snapshot cut short by a crash: skip it, say so
-                log.warning("skipping unreadable snapshot %s: %s", path, exc)
+                snapshot = load_checkpoint(
+                    path, CheckpointKind.SNAPSHOT, method=cfg.method,
+                    numel=evaluate.flat.numel, allow_nonfinite=True, fallback=False,
+                )  # fmt: skip
+            except CheckpointError as exc:  # e.g. cut short by a crash: skip it, say so
+                skipped.append(_entry(paths, path, f"{exc.problem}; not evaluated"))
                 continue
-            out.write(eval_line(snapshot_wall(path), evaluate(center), path))
+            out.write(eval_line(snapshot_wall(path), evaluate(snapshot.center), path))
+    return skipped
+
+
+def _entry(paths: RunPaths, path: str | os.PathLike[str], reason: str) -> Skipped:
+    """A ``skipped_files`` entry; ``file`` relative to the run directory."""
+    try:
+        name = os.path.relpath(path, paths.root)
+    except ValueError:  # another drive (Windows)
+        name = str(path)
+    return {"file": name, "reason": reason}
+
+
+def _refused(paths: RunPaths, exc: CheckpointError) -> Skipped:
+    """The entry of a checkpoint that could not be used at all (nor its previous one)."""
+    if not exc.path.exists() and not previous_checkpoint(exc.path).exists():
+        return _entry(paths, exc.path, "missing: the run ended before its first checkpoint")
+    return _entry(paths, exc.path, f"{exc.problem}; {exc.advice}")
+
+
+def _fell_back(paths: RunPaths, exc: CheckpointError, used: os.PathLike[str], t: int) -> Skipped:
+    """The entry of a checkpoint replaced by its previous one."""
+    used_name = _entry(paths, used, "")["file"]
+    return _entry(paths, exc.path, f"{exc.problem}; used the previous checkpoint {used_name} "
+                  f"(t={t}) instead")  # fmt: skip

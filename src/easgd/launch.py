@@ -7,12 +7,19 @@ them, draws one progress line, and writes the summary. Every process runs the sa
 point, :func:`role_main`, which takes its role from its rank (servers first), so the command
 that runs on a laptop runs unchanged under ``torchrun`` on a cluster.
 
-Failure behaviour:
+Failure behaviour (the local launcher):
 
-* a server, or any rank of a synchronous run, that exits with an error ends the run: the
-  others are stopped and the failing process's error is shown; the exit status is non-zero.
 * an asynchronous worker that dies is restarted up to ``max_restarts`` times (it rejoins the
-  server with a new session and pulls the center); beyond that the run goes on without it.
+  servers with a new session and pulls the center); beyond that the run goes on without it:
+  the launcher counts it in the store (``easgd/workers_lost``), so the servers stop as soon
+  as every live worker is done. A run that lost every worker raises :class:`RunFailed`.
+* a server shard that dies is restarted the same way, with the same rank and
+  ``EASGD_RESTART=k``: it resumes from its checkpoint and publishes its new address under
+  the same store key. Worker restarts wait until every shard serves again. A shard dead
+  beyond its restarts, or any failed rank of a synchronous run, ends the run: the others are
+  stopped and the failing process's error is raised (:class:`RunFailed`).
+* ``processes.json`` names every process (pid, address, restarts, state), rewritten
+  whenever one starts, exits or publishes its address.
 * Ctrl-C stops every process.
 """
 
@@ -23,6 +30,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -35,13 +43,16 @@ from typing import IO, Any, NoReturn
 
 from easgd.config import TrainConfig
 from easgd.roles.context import RoleContext
+from easgd.roles.server import RESTART_ENV, WORKERS_LOST_KEY, server_pid_key
 from easgd.runlog import (
     PROGRESS_EVENTS,
     Event,
     JsonlWriter,
     RunPaths,
+    RunStatus,
     atomic_write_json,
     read_jsonl,
+    update_summary,
 )
 
 __all__ = ["RunFailed", "launch_local", "role_main", "run_torchrun"]
@@ -50,7 +61,22 @@ log = logging.getLogger(__name__)
 
 
 class RunFailed(RuntimeError):
-    """A process of the run failed unrecoverably; the message carries its error."""
+    """The run did not do what was asked; the message carries the error.
+
+    ``status``: what happened (:class:`easgd.runlog.RunStatus`; None for a failed
+    synchronous rank); ``summary``: the summary written despite the failure, or None.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: RunStatus | None = None,
+        summary: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.summary = summary
 
 
 def _connect_store(host: str, port: int, *, is_master: bool, timeout: float) -> Any:
@@ -132,6 +158,8 @@ def role_main() -> int:
 
 @dataclass
 class _Proc:
+    """One process of the run: its role, its current ``Popen``, and what the launcher knows."""
+
     role: str
     index: int
     rank: int
@@ -140,6 +168,28 @@ class _Proc:
     log_file: IO[bytes]
     restarts: int = 0
     finished: bool = False
+    host: str | None = None  # a server's published address, once the launcher has read it
+    port: int | None = None
+
+    @property
+    def serving(self) -> bool:
+        """A server that runs and has published its address (the workers can reach it)."""
+        return self.port is not None and self.popen.poll() is None
+
+    def entry(self, root: Path, here: str) -> dict[str, Any]:
+        """Its entry in ``processes.json`` (easgd.runlog.PROCESS_FIELDS)."""
+        status = self.popen.poll()
+        if status is not None:
+            state = "exited"
+        elif self.role == "server" and self.port is None:
+            state = "starting"
+        else:
+            state = "running"
+        return {
+            "role": self.role, "index": self.index, "rank": self.rank, "pid": self.popen.pid,
+            "host": self.host or here, "port": self.port, "restarts": self.restarts,
+            "state": state, "status": status, "log": str(self.log_path.relative_to(root)),
+        }  # fmt: skip
 
 
 @dataclass
@@ -152,13 +202,21 @@ class _Display:
     offsets: list[int] = field(default_factory=lambda: [0, 0])
     steps: dict[int, int] = field(default_factory=dict)
     exchanges: dict[tuple[int, int], int] = field(default_factory=dict)
+    waiting: dict[int, set[int]] = field(default_factory=dict)  # shard -> workers that lost it
     error: float | None = None
     loss: float | None = None
 
     def poll(self) -> None:
         events, self.offsets[0] = read_jsonl(self.paths.metrics, self.offsets[0])
         for e in events:
-            if e.get("event") not in PROGRESS_EVENTS:
+            kind = e.get("event")
+            if kind == Event.SERVER_LOST:
+                self.waiting.setdefault(e["shard"], set()).add(e["worker"])
+            elif kind in (Event.SERVER_BACK, Event.WORKER_DONE):
+                for shard, workers in self.waiting.items():
+                    if kind == Event.WORKER_DONE or shard == e["shard"]:
+                        workers.discard(e["worker"])
+            if kind not in PROGRESS_EVENTS:
                 continue
             self.steps[e["worker"]] = max(self.steps.get(e["worker"], 0), e["step"])
             if "exchanges" in e:
@@ -168,7 +226,7 @@ class _Display:
         if evals:
             self.error = evals[-1]["test_error"]
 
-    def line(self) -> str:
+    def line(self, notes: list[str] | None = None) -> str:
         done = sum(self.steps.values())
         total = f"/{self.budget * self.workers}" if self.budget else ""
         parts = [f"steps {done}{total}", f"exchanges {sum(self.exchanges.values())}"]
@@ -176,30 +234,55 @@ class _Display:
             parts.append(f"loss {self.loss:.3f}")
         if self.error is not None:
             parts.append(f"center test error {self.error:.4f}")
+        parts.extend(notes or [])
+        for shard, workers in sorted(self.waiting.items()):
+            if workers:
+                who = ",".join(str(w) for w in sorted(workers))
+                parts.append(f"worker{'s' if len(workers) > 1 else ''} {who} waiting for server "
+                             f"{shard}")  # fmt: skip
         return "  ".join(parts)
 
 
 class _Launcher:
+    """Starts the run's processes, supervises them, and writes what happened.
+
+    Supervision: a dead asynchronous worker or server shard is started again with the same
+    rank up to ``max_restarts`` times (each process its own budget); a worker's restart
+    waits until every server shard is serving, so that it dials a live address.
+    ``processes.json`` is rewritten whenever a process starts, exits or publishes its
+    address.
+    """
+
     def __init__(self, cfg: TrainConfig, progress: Callable[[str], None] | None) -> None:
+        import torch.distributed as dist
+
         self.cfg = cfg
         self.paths = RunPaths(cfg.out).make()
         self.progress = progress
         self.start = time.time()
-        self.store = _connect_store("127.0.0.1", 0, is_master=True, timeout=cfg.timeout)
-        self.procs: list[_Proc] = []
+        self.master = _connect_store("127.0.0.1", 0, is_master=True, timeout=cfg.timeout)
+        # The roles' view of the store (launch._env_store): the first and only attempt.
+        self.store = dist.PrefixStore("easgd/attempt_0/", self.master)
+        self.procs: list[_Proc] = []  # every process started, restarts included
+        self.current: dict[tuple[str, int], _Proc] = {}  # the latest process of each role
+        self.pending: list[_Proc] = []  # dead workers to restart once every server serves
         self.events = JsonlWriter(self.paths.metrics)
+        self.here = socket.gethostname()
         self.lost_workers: list[int] = []
+        self.lost_servers: list[int] = []
         self.restarts = 0
+        self.server_restarts = 0
 
-    def env(self, rank: int, role: str | None) -> dict[str, str]:
+    def env(self, rank: int, role: str | None, restart: int) -> dict[str, str]:
         env = dict(os.environ)
         env.update(
             RANK=str(rank), WORLD_SIZE=str(self.cfg.world_size()), LOCAL_RANK=str(rank),
             LOCAL_WORLD_SIZE=str(self.cfg.world_size()), MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(self.store.port), TORCHELASTIC_USE_AGENT_STORE="True",
+            MASTER_PORT=str(self.master.port), TORCHELASTIC_USE_AGENT_STORE="True",
             OMP_NUM_THREADS="1", EASGD_RUN_DIR=str(self.paths.root),
             EASGD_START_TIME=repr(self.start), PYTHONUNBUFFERED="1",
         )  # fmt: skip
+        env[RESTART_ENV] = str(restart)
         if role == "evaluator":
             env["EASGD_ROLE"] = "evaluator"
         return env
@@ -209,14 +292,16 @@ class _Launcher:
         log_file = open(log_path, "wb")  # noqa: SIM115 - closed when the process ends
         popen = subprocess.Popen(
             [sys.executable, "-m", "easgd.launch"],
-            env=self.env(rank, role if role == "evaluator" else None),
+            env=self.env(rank, role if role == "evaluator" else None, restarts),
             stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )  # fmt: skip
         proc = _Proc(role, index, rank, popen, log_path, log_file, restarts)
         self.procs.append(proc)
+        self.current[(role, index)] = proc
         return proc
 
     def stop_all(self, grace: float = 5.0) -> None:
+        self.pending.clear()
         live = [p for p in self.procs if p.popen.poll() is None]
         for p in live:
             p.popen.send_signal(signal.SIGTERM)
@@ -230,48 +315,106 @@ class _Launcher:
         for p in self.procs:
             p.log_file.close()
 
-    def fail(self, proc: _Proc, rc: int) -> RunFailed:
+    def fail(self, proc: _Proc, rc: int, status: RunStatus | None = None) -> RunFailed:
         self.stop_all()
         tail = proc.log_path.read_text(errors="replace").strip().splitlines()[-25:]
         return RunFailed(
             f"{proc.role} {proc.index} (rank {proc.rank}) exited with status {rc}; "
-            f"its log is {proc.log_path}:\n" + "\n".join(tail)
+            f"its log is {proc.log_path}:\n" + "\n".join(tail),
+            status=status,
         )
 
+    def write_processes(self) -> None:
+        """Rewrite ``processes.json`` (atomically): every role's current process."""
+        atomic_write_json(self.paths.processes, {
+            "wall": time.time() - self.start,
+            "launcher": {"pid": os.getpid(), "host": self.here},
+            "store": f"127.0.0.1:{self.master.port}",
+            "processes": [p.entry(self.paths.root, self.here) for p in self.current.values()],
+        })  # fmt: skip
+
+    def notes(self) -> list[str]:
+        """What the progress line says about the servers and the waiting workers."""
+        out = [
+            f"server {p.index} restarting"
+            for p in self._servers()
+            if p.restarts > 0 and not p.serving and not p.finished
+        ]
+        if self.pending:
+            who = ",".join(str(p.index) for p in self.pending)
+            out.append(f"worker {who} restarts when the servers are back")
+        return out
+
     def watch(self, display: _Display) -> None:
-        """Wait for the workers, restarting or failing as the module docstring says."""
-        # A worker whose result lives on the servers can die alone; a synchronous rank cannot.
-        restartable = bool(self.cfg.servers_used)
+        """Supervise until the workers are done and the servers stopped (module docstring)."""
         last_draw = 0.0
+        ended: float | None = None  # when the last worker ended (monotonic)
         while True:
-            for proc in list(self.procs):
+            changed = self._learn_addresses()
+            for proc in list(self.current.values()):
                 rc = proc.popen.poll()
                 if rc is None or proc.finished:
                     continue
-                proc.finished = True
-                if proc.role == "evaluator":
-                    if rc != 0:
-                        log.warning(
-                            "the evaluator exited with status %s; see %s", rc, proc.log_path
-                        )
-                    continue
-                if rc == 0:
-                    continue  # a worker that finished, or a server whose workers all did
-                if proc.role == "worker" and restartable:
-                    self._worker_died(proc, rc)
-                    continue
-                raise self.fail(proc, rc)
-            if not self._workers_running():
-                return
+                proc.finished = changed = True
+                self._exited(proc, rc)
+            changed = self._restart_pending() or changed
+            if changed:
+                self.write_processes()
+            if self._workers_left():
+                ended = None
+            else:
+                # Servers stop by themselves once every live worker is done (roles.server).
+                ended = time.monotonic() if ended is None else ended
+                live = [p for p in self._servers() if p.popen.poll() is None]
+                if not live and all(p.finished for p in self._servers()):
+                    return
+                waited = time.monotonic() - ended
+                if live and waited > 2 * self.cfg.timeout:
+                    raise self.fail(live[0], -1)
+                if waited > self.cfg.timeout:
+                    for p in live:
+                        p.popen.send_signal(signal.SIGTERM)
             now = time.monotonic()
             if self.progress is not None and now - last_draw > 0.5:
                 display.poll()
-                self.progress(display.line())
+                self.progress(display.line(self.notes()))
                 last_draw = now
             time.sleep(0.05)
 
-    def _workers_running(self) -> bool:
-        return any(p.role == "worker" and p.popen.poll() is None for p in self.procs)
+    def _exited(self, proc: _Proc, rc: int) -> None:
+        if proc.role == "evaluator":
+            if rc != 0:
+                log.warning("the evaluator exited with status %s; see %s", rc, proc.log_path)
+            return
+        if rc == 0:
+            return  # a worker that finished, or a server whose workers all did
+        # A worker whose result lives on the servers can die alone; a synchronous rank cannot.
+        if proc.role == "worker" and self.cfg.servers_used:
+            self._worker_died(proc, rc)
+        elif proc.role == "server":
+            self._server_died(proc, rc)
+        else:
+            raise self.fail(proc, rc)
+
+    def _servers(self) -> list[_Proc]:
+        return [p for p in self.current.values() if p.role == "server"]
+
+    def _workers_left(self) -> bool:
+        running = any(p.role == "worker" and p.popen.poll() is None for p in self.current.values())
+        return running or bool(self.pending)
+
+    def _learn_addresses(self) -> bool:
+        """Read the address of every server that published one since the last look."""
+        learned = False
+        for p in self._servers():
+            if p.port is not None or p.popen.poll() is not None:
+                continue
+            key = server_pid_key(p.index)
+            if not self.store.check([key]) or int(self.store.get(key)) != p.popen.pid:
+                continue  # not yet published, or still the dead predecessor's
+            host, port = self.store.get(f"easgd/server/{p.index}").decode().rsplit(":", 1)
+            p.host, p.port, learned = host, int(port), True
+        return learned
 
     def _worker_died(self, proc: _Proc, rc: int) -> None:
         wall = time.time() - self.start
@@ -280,46 +423,112 @@ class _Launcher:
             self.events.write({"event": Event.WORKER_RESTART, "wall": wall, "worker": proc.index,
                                "status": rc, "restart": proc.restarts + 1})  # fmt: skip
             log.warning("worker %d died (status %s); restarting it", proc.index, rc)
-            self.spawn("worker", proc.index, proc.rank, proc.restarts + 1)
+            self.pending.append(proc)
         else:
             self.lost_workers.append(proc.index)
+            # The servers count lost workers with finished ones: nobody waits for this one.
+            self.store.add(WORKERS_LOST_KEY, 1)
             self.events.write({"event": Event.WORKER_LOST, "wall": wall, "worker": proc.index,
                                "status": rc})  # fmt: skip
             log.warning("worker %d died (status %s); the run goes on without it", proc.index, rc)
 
-    def run(self) -> dict[str, Any]:
-        from easgd.finalize import finalize
+    def _restart_pending(self) -> bool:
+        """Start the pending worker restarts once every server is serving."""
+        if not self.pending or not all(p.serving for p in self._servers()):
+            return False
+        for proc in self.pending:
+            self.spawn("worker", proc.index, proc.rank, proc.restarts + 1)
+        self.pending.clear()
+        return True
 
+    def _server_died(self, proc: _Proc, rc: int) -> None:
+        restarting = proc.restarts < self.cfg.max_restarts
+        self.events.write({"event": Event.SERVER_DIED, "wall": time.time() - self.start,
+                           "shard": proc.index, "pid": proc.popen.pid, "status": rc,
+                           "restarting": restarting})  # fmt: skip
+        if not restarting:
+            self.lost_servers.append(proc.index)
+            raise self.fail(proc, rc, RunStatus.SERVER_LOST)
+        self.server_restarts += 1
+        log.warning("server %d died (status %s); restarting it", proc.index, rc)
+        self.spawn("server", proc.index, proc.rank, proc.restarts + 1)
+
+    def status(self) -> RunStatus:
+        if self.lost_servers:
+            return RunStatus.SERVER_LOST
+        if self.lost_workers and len(set(self.lost_workers)) >= self.cfg.workers:
+            return RunStatus.ALL_WORKERS_LOST
+        return RunStatus.WORKERS_LOST if self.lost_workers else RunStatus.COMPLETED
+
+    def run(self) -> dict[str, Any]:
         cfg = self.cfg
         atomic_write_json(self.paths.config, cfg.to_dict())
         for rank in range(cfg.world_size()):
             role, index = cfg.role_of(rank)
             self.spawn(role, index, rank)
         self.spawn("evaluator", 0, -1)
-        display = _Display(self.paths, None, cfg.workers)
+        self.write_processes()
+        failure: RunFailed | None = None
         try:
-            self.watch(display)
-            # Workers are done: servers save and stop, the evaluator takes its last look.
-            for p in self.procs:
-                if p.role == "server":
-                    try:
-                        p.popen.wait(cfg.timeout)
-                    except subprocess.TimeoutExpired:
-                        p.popen.send_signal(signal.SIGTERM)
-                        p.popen.wait(cfg.timeout)
-                    if p.popen.returncode != 0:
-                        raise self.fail(p, p.popen.returncode)
-            wall = time.time() - self.start
+            self.watch(_Display(self.paths, None, cfg.workers))
+        except RunFailed as exc:
+            failure = exc
         finally:
+            wall = time.time() - self.start
             self.stop_all()
+            self.write_processes()
             self.events.close()
-        return finalize(
-            cfg, self.paths, wall, lost_workers=self.lost_workers, restarts=self.restarts
-        )
+        if failure is not None:
+            if failure.status is RunStatus.SERVER_LOST:
+                failure.summary = self._finalize(wall, strict=False)
+            raise failure
+        summary = self._finalize(wall, strict=True)
+        assert summary is not None
+        if summary["status"] == RunStatus.ALL_WORKERS_LOST:
+            raise RunFailed(
+                f"every worker died beyond --max-restarts {cfg.max_restarts} (workers "
+                f"{_names(self.lost_workers)}); see {self.paths.logs}",
+                status=RunStatus.ALL_WORKERS_LOST, summary=summary,
+            )  # fmt: skip
+        return summary
+
+    def _finalize(self, wall: float, *, strict: bool) -> dict[str, Any] | None:
+        """The summary; ``strict=False``: None (and a warning) when it cannot be made."""
+        from easgd.finalize import NoFinalCenterError, finalize
+
+        extra = {"status": self.status().value, "lost_workers": self.lost_workers,
+                 "lost_servers": self.lost_servers, "restarts": self.restarts,
+                 "server_restarts": self.server_restarts}  # fmt: skip
+        try:
+            return finalize(self.cfg, self.paths, wall, **extra)
+        except NoFinalCenterError as exc:
+            # The summary is written (null center, the files skipped and why): say so.
+            if not strict:  # the run failed already: keep that failure, and this summary
+                return exc.summary
+            summary = update_summary(self.paths, status=RunStatus.CENTER_LOST.value)
+            raise RunFailed(
+                f"{exc}; the summary {self.paths.summary} lists the files skipped",
+                status=RunStatus.CENTER_LOST,
+                summary=summary,
+            ) from None
+        except Exception as exc:
+            if strict:
+                raise
+            log.warning("no summary for the failed run in %s: %s", self.paths.root, exc)
+            return None
+
+
+def _names(indices: list[int]) -> str:
+    return ", ".join(str(i) for i in sorted(set(indices)))
 
 
 def launch_local(cfg: TrainConfig, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Run ``cfg`` on this machine in separate processes; returns the summary."""
+    """Run ``cfg`` on this machine in separate processes; returns the summary.
+
+    Raises :class:`RunFailed` when the run did not do what was asked: a process failed for
+    good (a server shard beyond its restarts, a synchronous rank) or every worker was lost.
+    Its ``status`` says which, and its ``summary`` is the summary written, if any.
+    """
     return _Launcher(cfg, progress).run()
 
 

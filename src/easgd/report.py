@@ -135,11 +135,16 @@ def _load_run(root: Path) -> Run:
         times.append(t)
         errors.append(float(e["test_error"]))
         test_losses.append(float(e["test_loss"]))
-    if "center_test_error" in summary and keep(end) and (not times or end >= times[-1]):
+    if (
+        summary.get("center_test_error") is not None
+        and keep(end)
+        and (not times or end >= times[-1])
+    ):
         # The final center, evaluated when training stopped.
         times.append(max(end, times[-1] if times else 0.0))
         errors.append(float(summary["center_test_error"]))
-        test_losses.append(float(summary.get("center_test_loss", math.nan)))
+        loss = summary.get("center_test_loss")
+        test_losses.append(math.nan if loss is None else float(loss))
     loss_times: list[float] = []
     losses: list[float] = []
     for e in events:

@@ -118,10 +118,9 @@ def _progress(event: SweepEvent) -> None:
         print(f"{head} FAILED after {event.seconds:.1f} s: {event.error}", file=sys.stderr)
     else:
         s = event.summary or {}
+        best, final = (_fmt(s.get(k)) for k in ("best_center_test_error", "center_test_error"))
         print(
-            f"{head} done in {event.seconds:.1f} s: best center test error "
-            f"{s.get('best_center_test_error', float('nan')):.4f}, final "
-            f"{s.get('center_test_error', float('nan')):.4f}",
+            f"{head} done in {event.seconds:.1f} s: best center test error {best}, final {final}",
             file=sys.stderr,
             flush=True,
         )
@@ -165,3 +164,8 @@ def run(args: argparse.Namespace) -> int:
     for name, error in result.failed.items():
         print(f"failed: {name}: {error}", file=sys.stderr)
     return min(len(result.failed), 100)
+
+
+def _fmt(value: float | None) -> str:
+    """An error rate for a progress line: "none" when the run has no center to report."""
+    return "none" if value is None else f"{value:.4f}"

@@ -121,7 +121,9 @@ def register(subparsers: Any) -> None:
         "--max-restarts",
         type=int,
         default=_DEFAULTS.max_restarts,
-        help="restarts of a dead asynchronous worker before the run goes on without it",
+        help="restarts of each dead asynchronous worker (before the run goes on without "
+        "it) and of each dead server shard (which resumes from its checkpoint; beyond "
+        "that the run fails)",
     )
     g.add_argument("--json", action="store_true", help="print the summary as JSON")
     g.add_argument("--quiet", action="store_true", help="no progress display")
@@ -162,6 +164,17 @@ def _prepare_out(cfg: TrainConfig, overwrite: bool) -> None:
         paths.clear()
 
 
+def _warn_lost(summary: dict[str, Any], max_restarts: int) -> None:
+    """One line naming the workers a run lost but finished without (exit status 0)."""
+    lost = sorted(set(summary.get("lost_workers", [])))
+    if lost:
+        names = ", ".join(str(w) for w in lost)
+        print(f"easgd train: warning: worker{'s' if len(lost) > 1 else ''} {names} died "
+              f"beyond --max-restarts {max_restarts}; the run finished without "
+              f"{'them' if len(lost) > 1 else 'it'} (summary.json: lost_workers)",
+              file=sys.stderr)  # fmt: skip
+
+
 def _under_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ and "RANK" in os.environ
 
@@ -183,9 +196,12 @@ def run(args: argparse.Namespace) -> int:
             summary = launch_local(cfg, progress.show)
         except RunFailed as exc:
             progress.close()
+            if args.json and exc.summary is not None:
+                print(json.dumps(exc.summary))
             print(f"easgd train: error: {exc}", file=sys.stderr)
             return 1
         progress.close()
+        _warn_lost(summary, cfg.max_restarts)
     if args.json:
         print(json.dumps(summary))
         if _under_torchrun():
@@ -194,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
     keys = ("method", "mode", "workers", "servers", "tau", "lr", "dataset",
             "center_test_error", "center_test_loss", "best_center_test_error", "wall_seconds",
             "startup_seconds", "train_seconds", "local_steps", "exchanges", "bytes_sent",
-            "bytes_received", "evaluations")  # fmt: skip
+            "bytes_received", "evaluations", "status")  # fmt: skip
     print(format_table([{"quantity": k, "value": summary[k]} for k in keys if k in summary]))
     print(f"run directory: {cfg.out}")
     if _under_torchrun():

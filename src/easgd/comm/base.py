@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, ClassVar
@@ -117,13 +118,19 @@ def make_transport(
     secret: bytes | None = None,
     timeout: float = 60.0,
     group: Any = None,
+    reconnect_timeout: float = 0.0,
+    resolve: Callable[[int], tuple[str, int]] | None = None,
+    on_event: Callable[[dict[str, Any]], None] | None = None,
 ) -> Transport:
     """The transport of ``mode``: a parameter-server client, an all-reduce group, or none.
 
     Asynchronous: ``addresses`` of the servers (in shard order), ``numel`` of the flat
-    vector, ``worker_id``, ``secret`` and ``timeout``. Synchronous: joins the default process
-    group from the ``env://`` variables (``timeout``; gloo, or NCCL for a CUDA ``device``)
-    unless ``group`` is given. CUDA workers of a CPU server are staged through pinned memory.
+    vector, ``worker_id``, ``secret`` and ``timeout``; with ``reconnect_timeout`` > 0 a lost
+    shard is dialled again (at the address ``resolve(shard)`` gives) and sent the updates
+    its restarted server lacks, reporting ``server_lost``/``server_back`` to ``on_event``.
+    Synchronous: joins the default process group from the ``env://`` variables
+    (``timeout``; gloo, or NCCL for a CUDA ``device``) unless ``group`` is given.
+    CUDA workers of a CPU server are staged through pinned memory.
     """
     device = device or torch.device("cpu")
     if mode is Mode.ASYNC:
@@ -132,7 +139,10 @@ def make_transport(
 
         if not addresses:
             raise ValueError("an asynchronous transport needs the servers' addresses")
-        client = PSClient(addresses, numel, worker_id=worker_id, secret=secret, timeout=timeout)
+        client = PSClient(
+            addresses, numel, worker_id=worker_id, secret=secret, timeout=timeout,
+            reconnect_timeout=reconnect_timeout, resolve=resolve, on_event=on_event,
+        )  # fmt: skip
         return Staged(client, device) if device.type == "cuda" else client
     if mode is Mode.SYNC:
         from torch.distributed import is_initialized

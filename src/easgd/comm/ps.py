@@ -34,14 +34,20 @@ Failure behaviour:
 * A dead server becomes a :class:`PSConnectionError` (a ``ConnectionError`` naming the
   server's address) on the worker's next call: at once after SIGKILL (EOF/reset), within
   about 10 s for a vanished host (TCP keepalive), within ``timeout`` (30 s) for a hung one.
-  Never a silent hang. A reply cut off mid-way may leave the worker's ``x`` (or ``d``)
-  partly overwritten: do not go on from it; a restarted worker rejoins from the center.
+  Never a silent hang. With ``reconnect_timeout`` the client instead dials the shard again
+  (at the address ``resolve`` gives: a restarted server's), with backoff, re-sends the sum
+  of its updates the restarted shard's checkpoint lacks (``MethodSpec.recoverable``; see
+  :mod:`easgd.comm.wire`, "Recovery") and finishes the interrupted exchange, so no update of
+  a live worker is lost; ``server_lost``/``server_back`` events say so.
+* A session the server declared dead (silent too long) is told so by an ERROR frame: the
+  worker that wakes up reads "declared dead", not that the server died.
 * Bad input (another model size, dtype or method) is answered with a clear error and the
   session is closed; the worker raises ``ValueError`` with the server's explanation.
-* The center is saved atomically (:func:`easgd.runlog.atomic_torch_save`) every
+* The center is saved atomically, with a SHA-256 digest and its metadata
+  (:func:`easgd.runlog.save_checkpoint`, keeping the previous file as ``*.prev.pt``), every
   ``checkpoint_every`` seconds (5 s) when it changed, and on :meth:`ParameterServer.stop`;
-  :meth:`ParameterServer.from_checkpoint` restarts from it with the center's clock,
-  momentum and average and the counters.
+  :meth:`ParameterServer.from_checkpoint` verifies it (falling back to the previous one)
+  and restarts with the center's clock, momentum, average, counters and checkpoint number.
 * The server binds to 127.0.0.1; on any other address it requires a shared secret
   (``secret=`` or ``EASGD_SECRET``) and authenticates every connection (HMAC-SHA256
   challenge-response, both directions). A wrong or missing secret is refused with

@@ -13,16 +13,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 import torch
 from torch import Tensor
 
-from easgd.algorithms import Hyperparams, Mode, Request
+from easgd.algorithms import Hyperparams, Mode, Request, contribution
 from easgd.comm.base import Traffic, Transport
 from easgd.comm.wire import (
     CMD_OP,
@@ -30,9 +31,11 @@ from easgd.comm.wire import (
     DEFAULT_TIMEOUT,
     ERRORS,
     HEADER,
+    JOIN_RECOVER,
     OP_CMD,
     AuthenticationError,
     Cmd,
+    DeclaredDeadError,
     Header,
     PeerClosedError,
     client_handshake,
@@ -103,6 +106,23 @@ class _Conn:
         self.sock = sock
         self.session = 0
         self.t = 0
+        # Recovery (wire.py): this worker's contributions by the checkpoint that will hold
+        # them, [sum, count]; the exchanges the shard acknowledged; why it was lost.
+        self.buckets: dict[int, list[Any]] = {}
+        self.acked = 0
+        self.lost: PSConnectionError | None = None
+
+    def carry_over(self, old: _Conn) -> None:
+        """A reconnection keeps what the worker knows of its contributions."""
+        self.buckets, self.acked = old.buckets, old.acked
+
+
+class _Lost(PSConnectionError):
+    """One shard's connection is gone and the client may reconnect to it."""
+
+    def __init__(self, conn: _Conn, message: str) -> None:
+        super().__init__(message, conn.address)
+        self.conn = conn
 
 
 class PSClient(Transport):
@@ -154,6 +174,9 @@ class PSClient(Transport):
         timeout: float = DEFAULT_TIMEOUT,
         heartbeat: float = DEFAULT_HEARTBEAT,
         connect_timeout: float = 10.0,
+        reconnect_timeout: float = 0.0,
+        resolve: Callable[[int], tuple[str, int]] | None = None,
+        on_event: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         if not addresses:
             raise ValueError("addresses is empty; give the (host, port) of every server")
@@ -161,6 +184,18 @@ class PSClient(Transport):
             raise ValueError(f"timeout={timeout} must be > 0 seconds")
         if heartbeat < 0:
             raise ValueError(f"heartbeat={heartbeat} must be >= 0 seconds (0 disables it)")
+        if reconnect_timeout < 0:
+            raise ValueError(
+                f"reconnect_timeout={reconnect_timeout} must be >= 0 seconds (0: a lost "
+                "server is an error at once)"
+            )
+        self.reconnect_timeout = reconnect_timeout
+        # Identifies this client's sessions across a server's restart (the server counts the
+        # updates it applied per nonce, so a re-sent sum is matched to the right process).
+        self.nonce = int.from_bytes(os.urandom(7), "little")
+        self._resolve = resolve
+        self._on_event = on_event
+        self._connect_timeout = connect_timeout
         self.ranges = shard_ranges(numel, len(addresses))
         self.numel = numel
         self.worker_id = worker_id
@@ -175,11 +210,18 @@ class PSClient(Transport):
         self._closed = False
         self._lock = threading.Lock()
         self._last_io = time.monotonic()
-        secret_b = resolve_secret(secret)
+        secret_b = self._secret = resolve_secret(secret)
         self._conns: list[_Conn] = []
         try:
-            for address in addresses:
-                self._conns.append(_Conn(address, secret_b, heartbeat, timeout, connect_timeout))
+            for i, address in enumerate(addresses):
+                if resolve is not None and reconnect_timeout:
+                    # A shard may restart before we first reach it: follow its address.
+                    deadline = time.monotonic() + connect_timeout + reconnect_timeout
+                    self._conns.append(self._dial(i, deadline, "joining", first=address))
+                else:
+                    self._conns.append(
+                        _Conn(address, secret_b, heartbeat, timeout, connect_timeout)
+                    )
         except BaseException:
             self._close_sockets()
             raise
@@ -237,25 +279,27 @@ class PSClient(Transport):
                 raise RuntimeError("join() was already called; a new session needs a new client")
             code = dtype_code(x.dtype)
             for conn, (a, b) in zip(self._conns, self.ranges, strict=True):
+                conn.session = self.nonce  # a JOIN's session field carries the client's nonce
                 self._send(conn, Cmd.JOIN, None, dtype=code, numel=b - a, aux=a)
             hps = []
             for conn, (a, b) in zip(self._conns, self.ranges, strict=True):
                 h = self._recv(conn, x[a:b])
                 conn.session = h.session
-                hps.append(self._recv_hp(conn))
+                hps.append(self._recv_join_trailer(conn)[0])
             self.join_t = self.server_t
             self._dtype = x.dtype
             self._server_hp = self._agreed(hps)
 
-    def _recv_hp(self, conn: _Conn) -> Hyperparams:
-        """The JSON trailer of a JOIN reply: the server's hyperparameters."""
+    def _recv_join_trailer(self, conn: _Conn) -> tuple[Hyperparams, dict[str, Any]]:
+        """The JSON trailer of a JOIN reply: the server's hyperparameters, and what a
+        reconnecting worker needs (``restored_seq``, ``applied``)."""
         try:
             trailer, nbytes = recv_json(conn.sock)
         except (OSError, ConnectionError) as exc:
             self._fail_connection(conn, exc)
         self.traffic.bytes_received += nbytes
         try:
-            return Hyperparams.from_dict(trailer["hp"])
+            return Hyperparams.from_dict(trailer["hp"]), dict(trailer)
         except (KeyError, TypeError, ValueError) as exc:
             self._fail_value(f"{conn.where} sent hyperparameters this client cannot read: {exc}")
 
@@ -299,12 +343,162 @@ class PSClient(Transport):
                     f"{request.op.value!r}; do all workers and servers use the same method?"
                 )
             start = time.perf_counter()
-            for conn, (a, b) in zip(self._conns, self.ranges, strict=True):
-                self._send(conn, cmd, request.payload[a:b])
-            for conn, (a, b) in zip(self._conns, self.ranges, strict=True):
-                self._recv(conn, request.reply[a:b])
+            lost: set[int] = set()
+            for i, (conn, (a, b)) in enumerate(zip(self._conns, self.ranges, strict=True)):
+                try:
+                    if conn.lost is not None:
+                        raise _Lost(conn, str(conn.lost))
+                    self._send(conn, cmd, request.payload[a:b])
+                except _Lost:
+                    lost.add(i)
+            for i, (conn, (a, b)) in enumerate(zip(self._conns, self.ranges, strict=True)):
+                if i in lost:
+                    continue
+                try:
+                    self._account(conn, self._recv(conn, request.reply[a:b]), request, a, b)
+                except _Lost:
+                    lost.add(i)
+            for i in sorted(lost):  # only with reconnect_timeout > 0 (else _Lost is not raised)
+                self._reconnect(i, cmd, request)
             self.traffic.last_exchange_seconds = time.perf_counter() - start
             self.traffic.exchanges += 1
+
+    def _account(self, conn: _Conn, h: Header, request: Request, a: int, b: int) -> None:
+        """Remember this shard's part of an acknowledged contribution until it is durable."""
+        conn.acked += 1
+        if not self.reconnect_timeout:
+            return
+        added = contribution(request)
+        if added is None:
+            return
+        bucket = conn.buckets.get(h.pending)
+        if bucket is None:
+            # Keep the newest durable checkpoint's sums too: a restart that finds that file
+            # damaged falls back to the one before it (ps_checkpoint keeps it).
+            done = [s for s in conn.buckets if s < h.durable]
+            reuse = conn.buckets.pop(done[0])[0].zero_() if done else None
+            for s in done[1:]:
+                del conn.buckets[s]
+            bucket = conn.buckets[h.pending] = [
+                reuse if reuse is not None else torch.zeros(b - a, dtype=added.dtype),
+                0,
+            ]
+        bucket[0].add_(added[a:b])
+        bucket[1] += 1
+
+    def _reconnect(self, i: int, cmd: Cmd | None, request: Request | None) -> None:
+        """Reach shard ``i`` again (its restarted server), re-send what it lacks, and finish
+        the interrupted request on it; a PSConnectionError when it does not come back."""
+        old = self._conns[i]
+        a, b = self.ranges[i]
+        began = time.monotonic()
+        reason = str(old.lost) if old.lost is not None else "connection lost"
+        self._emit("server_lost", shard=i, reason=reason)
+        logger.warning("worker %d: %s; reconnecting for up to %g s", self.worker_id, reason,
+                       self.reconnect_timeout)  # fmt: skip
+        conn = self._dial(i, began + self.reconnect_timeout, reason)
+        conn.carry_over(old)
+        self._conns[i] = conn
+        resent = lost = reply_lost = 0
+        if self._dtype is not None:  # a worker: a new session, and its missing updates
+            scratch = torch.empty(b - a, dtype=self._dtype)
+            conn.session = self.nonce
+            self._send(conn, Cmd.JOIN, None, dtype=dtype_code(self._dtype), numel=b - a, aux=a,
+                       flags=JOIN_RECOVER)  # fmt: skip
+            conn.session = self._recv(conn, scratch).session
+            hp, info = self._recv_join_trailer(conn)
+            if hp.to_dict() != self.server_hp.to_dict():
+                self._fail_value(f"{conn.where} came back with other hyperparameters")
+            missing = conn.acked - int(info.get("applied", 0))
+            if missing > 0:  # a restarted shard: its checkpoint lacks some of our updates
+                resent = self._resend(conn, int(info.get("restored_seq", 0)), missing)
+            lost, reply_lost = max(0, missing - resent), max(0, -missing)
+            if lost:
+                logger.warning("worker %d: shard %d restarted without %d of its updates "
+                               "(%s keeps no sum of them)", self.worker_id, i, lost,
+                               self.server_hp.method)  # fmt: skip
+        if request is not None and cmd is not None:
+            if reply_lost and request.reply is not None:
+                # The interrupted exchange was applied (it is in the restored checkpoint)
+                # but its reply is lost: count it once, and take no elastic pull from this
+                # shard (a DOWNPOUR worker takes the center, as its reply would have been).
+                logger.warning("worker %d: shard %d applied an update whose reply was lost",
+                               self.worker_id, i)  # fmt: skip
+                if contribution(request) is request.reply:
+                    request.reply[a:b].zero_()
+                else:
+                    self._send(conn, Cmd.PULL, None, dtype=dtype_code(request.reply.dtype),
+                               numel=b - a)  # fmt: skip
+                    self._recv(conn, request.reply[a:b])
+                conn.acked += 1
+            else:
+                self._send(conn, cmd, request.payload[a:b])
+                h = self._recv(conn, request.reply[a:b] if request.reply is not None else None)
+                if request.reply is not None:
+                    self._account(conn, h, request, a, b)
+        self._emit("server_back", shard=i, down_seconds=time.monotonic() - began,
+                   resent=resent, lost=lost, reply_lost=reply_lost)  # fmt: skip
+
+    def _dial(
+        self, i: int, deadline: float, reason: str, first: tuple[str, int] | None = None
+    ) -> _Conn:
+        """Connect to shard ``i`` (its address as ``resolve`` says now), with backoff."""
+        delay = 0.05
+        while True:
+            address = first if first is not None else self._conns[i].address
+            try:
+                if self._resolve is not None:
+                    address = self._resolve(i)
+                return _Conn(address, self._secret, self.heartbeat, self.timeout, 0.0)
+            except AuthenticationError:
+                raise
+            except (OSError, ConnectionError) as exc:
+                if time.monotonic() + delay > deadline:
+                    self._broken = PSConnectionError(
+                        f"parameter server shard {i} did not come back within "
+                        f"{self.reconnect_timeout:g} s ({reason}; last attempt: {exc})",
+                        address,
+                    )
+                    self._close_sockets()
+                    raise self._broken from exc
+            if first is None:
+                self._ping_others(i)  # the live shards must not take our wait for silence
+            time.sleep(delay)
+            delay = min(2.0, delay * 2)
+
+    def _ping_others(self, i: int) -> None:
+        """Heartbeats to every live shard but ``i`` (the heartbeat thread waits for our lock)."""
+        if not self.heartbeat or time.monotonic() - self._last_io < self.heartbeat:
+            return
+        for j, conn in enumerate(self._conns):
+            if j == i or conn.lost is not None:
+                continue
+            with contextlib.suppress(_Lost):
+                self._send(conn, Cmd.PING, None)
+                self._recv(conn, None)
+
+    def _resend(self, conn: _Conn, restored_seq: int, missing: int) -> int:
+        """RECOVER: the sum of this worker's contributions after ``restored_seq``.
+
+        ``missing`` is how many of its acknowledged updates the shard lacks; the sums must
+        account for exactly as many (else what cannot be re-sent is reported as lost).
+        """
+        keep = sorted(s for s in conn.buckets if s > restored_seq)
+        if not self.server_hp.spec.recoverable or not keep:
+            conn.buckets.clear()
+            return 0
+        total, count = conn.buckets[keep[0]]
+        for s in keep[1:]:
+            total.add_(conn.buckets[s][0])
+            count += conn.buckets[s][1]
+        if count != missing:
+            logger.warning("worker %d: the shard lacks %d updates, the re-sent sums hold %d",
+                           self.worker_id, missing, count)  # fmt: skip
+        self._send(conn, Cmd.RECOVER, total, aux=count)
+        h = self._recv(conn, None)
+        # The re-sent sum now waits for the restarted shard's next checkpoint.
+        conn.buckets = {h.pending: [total, count]}
+        return int(count)
 
     def pull(self, out: Tensor, *, evaluation: bool = False) -> None:
         """Copy the center (or, with ``evaluation``, the evaluated average) into ``out``.
@@ -317,10 +511,20 @@ class PSClient(Transport):
             self._check_usable()
             if self._dtype is not None and out.dtype != self._dtype:
                 raise ValueError(f"dtype {out.dtype}, the session was joined with {self._dtype}")
-            for conn, (a, b) in zip(self._conns, self.ranges, strict=True):
-                self._send(conn, Cmd.PULL, None, dtype=code, numel=b - a, aux=int(evaluation))
-            for conn, (a, b) in zip(self._conns, self.ranges, strict=True):
-                self._recv(conn, out[a:b])
+            for i, (a, b) in enumerate(self.ranges):
+                for attempt in (0, 1):
+                    try:
+                        conn = self._conns[i]
+                        if conn.lost is not None:
+                            raise _Lost(conn, str(conn.lost))
+                        self._send(conn, Cmd.PULL, None, dtype=code, numel=b - a,
+                                   aux=int(evaluation))  # fmt: skip
+                        self._recv(conn, out[a:b])
+                        break
+                    except _Lost:
+                        if attempt:
+                            raise
+                        self._reconnect(i, None, None)
 
     def bye(self) -> None:
         """End the sessions cleanly (recorded as a goodbye, not a death) and close."""
@@ -354,9 +558,10 @@ class PSClient(Transport):
             if self._broken is not None or self._closed or self._dtype is None:
                 return
             try:
-                for conn in self._conns:
+                live = [c for c in self._conns if c.lost is None]
+                for conn in live:
                     self._send(conn, Cmd.BYE, None)
-                for conn in self._conns:
+                for conn in live:
                     self._recv(conn, None)
             except (ConnectionError, ValueError, RuntimeError) as exc:
                 logger.warning("worker %d: goodbye failed: %s", self.worker_id, exc)
@@ -401,6 +606,7 @@ class PSClient(Transport):
                     worker_id=self.worker_id,
                     session=conn.session,
                     numel=payload.numel(),
+                    **fields,
                 )
                 send_all(conn.sock, view)
                 self.traffic.bytes_sent += len(view)
@@ -418,7 +624,10 @@ class PSClient(Transport):
             self.traffic.bytes_received += HEADER.size
             if h.cmd == Cmd.ERROR:
                 text = recv_error_text(conn.sock, h)
-                err = ERRORS.get(h.aux, RuntimeError)(f"{conn.where}: {text}")
+                kind = ERRORS.get(h.aux, RuntimeError)
+                if issubclass(kind, ConnectionError):  # the session is over, not the client
+                    raise kind(f"{conn.where}: {text}")
+                err = kind(f"{conn.where}: {text}")
                 self._broken = err
                 self._close_sockets()
                 raise err
@@ -440,7 +649,12 @@ class PSClient(Transport):
     def _fail_connection(self, conn: _Conn, exc: BaseException) -> NoReturn:
         if self._broken is not None:
             raise self._broken from exc
-        if isinstance(exc, TimeoutError):
+        if isinstance(exc, DeclaredDeadError):
+            msg = (
+                f"{exc} (the server is alive; this process was silent too long: stopped, "
+                "swapped out or starved of CPU?)"
+            )
+        elif isinstance(exc, TimeoutError):
             msg = (
                 f"{conn.where} did not answer within {self.timeout:g} s (hung, overloaded or "
                 "unreachable); raise timeout= if the center is very large"
@@ -449,9 +663,22 @@ class PSClient(Transport):
             msg = f"{conn.where} closed the connection: the server stopped or died"
         else:
             msg = f"lost {conn.where}: {type(exc).__name__}: {exc}"
+        if self.reconnect_timeout:  # only this shard: reconnect to it on the next request
+            conn.lost = PSConnectionError(msg, conn.address)
+            with contextlib.suppress(OSError):
+                conn.sock.close()
+            raise _Lost(conn, msg) from exc
         self._broken = PSConnectionError(msg, conn.address)
         self._close_sockets()
         raise self._broken from exc
+
+    def _emit(self, event: str, **fields: Any) -> None:
+        if self._on_event is None:
+            return
+        try:
+            self._on_event({"event": event, **fields})
+        except Exception:
+            logger.exception("on_event callback failed for %s", event)
 
     def _close_sockets(self) -> None:
         for conn in self._conns:
@@ -468,8 +695,13 @@ class PSClient(Transport):
                 if self._broken is not None or self._closed:
                     return
                 for conn in self._conns:
-                    self._send(conn, Cmd.PING, None)
-                    self._recv(conn, None)
+                    if conn.lost is not None:
+                        continue  # the next request reconnects it
+                    try:
+                        self._send(conn, Cmd.PING, None)
+                        self._recv(conn, None)
+                    except _Lost:
+                        continue
             except Exception as exc:
                 logger.warning("worker %d: heartbeat failed: %s", self.worker_id, exc)
                 return

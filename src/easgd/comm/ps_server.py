@@ -28,9 +28,9 @@ from torch import Tensor
 
 from easgd.algorithms import Center, Hyperparams, Op
 from easgd.comm.ps_checkpoint import read_checkpoint, write_checkpoint
-from easgd.comm.ps_session import Session, SessionState, SessionStats
+from easgd.comm.ps_session import Clocks, Session, SessionState, SessionStats
 from easgd.comm.wire import SECRET_ENV, Header, dtype_code, dtype_from_code, resolve_secret
-from easgd.runlog import Event, JsonlWriter, atomic_write_json
+from easgd.runlog import Event, JsonlWriter, atomic_write_json, previous_checkpoint
 
 __all__ = [
     "DEFAULT_CHECKPOINT_EVERY",
@@ -144,6 +144,14 @@ class ParameterServer:
         self._exchanges = 0
         self._checkpoints = 0
         self._saved_t: int | None = None
+        # Recovery bookkeeping (wire.py, "Recovery"): checkpoints are numbered; an update
+        # lands in checkpoint ``_seq``; ``_durable_seq`` is the last one on disk (0: only the
+        # initial center, rebuilt from the seed on a restart).
+        self._seq = 1
+        self._durable_seq = 0
+        self._restored_seq = 0  # the checkpoint this server was restarted from
+        self._worker_exchanges: dict[int, int] = {}  # updates applied per client nonce
+        self._recovered = 0  # updates re-sent by workers after a restart
         self._conns: set[socket.socket] = set()
         self._threads: list[threading.Thread] = []
         self._accept_thread: threading.Thread | None = None
@@ -156,27 +164,35 @@ class ParameterServer:
 
     @classmethod
     def from_checkpoint(
-        cls, path: str | os.PathLike[str], *, hp: Hyperparams | None = None, **kwargs: Any
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        hp: Hyperparams | None = None,
+        numel: int | None = None,
+        offset: int | None = None,
+        **kwargs: Any,
     ) -> ParameterServer:
-        """A server restarted from a file written by :meth:`save_checkpoint`.
+        """A server restarted from a file written by :meth:`save_checkpoint`, verified.
 
-        ``hp`` defaults to the saved one; ``kwargs`` go to the constructor (``offset`` and
-        ``checkpoint_path`` default to the saved offset and to ``path``).
+        ``hp`` defaults to the saved one (given, its method must be the saved one);
+        ``numel`` and ``offset``: the shard the caller needs, so that a server never serves
+        another size (None: whatever was saved); ``kwargs`` go to the constructor
+        (``checkpoint_path`` defaults to ``path``). A damaged ``path`` falls back to its
+        previous checkpoint with a warning; raises :class:`easgd.runlog.CheckpointError`
+        (a ``ValueError``) naming the file when neither verifies or they do not match.
         """
-        state = read_checkpoint(path)
-        saved_hp = Hyperparams.from_dict(state["hp"])
-        if hp is not None and hp.spec is not saved_hp.spec:
-            raise ValueError(
-                f"{path} holds a {saved_hp.method} center but hp.method={hp.method!r}; "
-                "resume with the same method"
-            )
-        kwargs.setdefault("offset", state["offset"])
+        method = None if hp is None else hp.method
+        state = read_checkpoint(path, method=method, numel=numel, offset=offset)
         kwargs.setdefault("checkpoint_path", path)
-        server = cls(hp or saved_hp, state["center"].clone(), **kwargs)
+        saved_hp = hp or Hyperparams.from_dict(state["hp"])
+        server = cls(saved_hp, state["center"].clone(), offset=state["offset"], **kwargs)
         server.center.load_state_dict(state)
         server._exchanges = int(state["exchanges"])
         server._saved_t = server.center.t
-        logger.info("parameter server %s resumed from %s at t=%d", server._where, path, server.t)
+        server._restore_recovery(state)
+        logger.info(
+            "parameter server %s resumed from %s at t=%d", server._where, state["file"], server.t
+        )
         return server
 
     def start(self) -> ParameterServer:
@@ -265,6 +281,8 @@ class ParameterServer:
                 "t": self.center.t,
                 "exchanges": self._exchanges,
                 "checkpoints": self._checkpoints,
+                "recovered": self._recovered,
+                "restored_seq": self._restored_seq,
             }
         for state in SessionState:
             out[state.value] = sum(s["state"] == state for s in sessions)
@@ -280,7 +298,8 @@ class ParameterServer:
         return out
 
     def save_checkpoint(self, path: str | os.PathLike[str] | None = None) -> Path:
-        """Save the center's state and counters atomically (see :mod:`.ps_checkpoint`)."""
+        """Save the center's state and counters atomically, with a digest; the file replaced
+        is kept as the previous checkpoint (``<stem>.prev.pt``; see :mod:`.ps_checkpoint`)."""
         target = Path(path) if path is not None else self.checkpoint_path
         if target is None:
             raise ValueError("no checkpoint path: pass path= or construct with checkpoint_path=")
@@ -291,6 +310,7 @@ class ParameterServer:
                     for k, v in self.center.state_dict().items()
                 }
                 exchanges = self._exchanges
+                state.update(self._recovery_state())  # this checkpoint's number, per worker
             t = int(state["t"])
             write_checkpoint(
                 target,
@@ -302,6 +322,8 @@ class ParameterServer:
             )
             self._saved_t = t
             self._checkpoints += 1
+            with self._lock:  # now on disk: workers may forget what it holds
+                self._durable_seq = max(self._durable_seq, int(state["seq"]))
         self.emit(Event.CHECKPOINT, path=str(target), t=t, exchanges=exchanges)
         return target
 
@@ -358,13 +380,70 @@ class ParameterServer:
         )
         return stats, t
 
-    def apply(self, op: Op, payload: Tensor, reply: Tensor, stats: SessionStats) -> int:
-        """One exchange of ``stats``'s session, atomically; returns the clock after it."""
+    def apply(self, op: Op, payload: Tensor, reply: Tensor, stats: SessionStats) -> Clocks:
+        """One exchange of ``stats``'s session, atomically; returns the clocks after it."""
         with self._lock:
             self.center.handle(op, payload, reply)
             self._exchanges += 1
             stats.exchanges += 1
-            return self.center.t
+            c = stats.client
+            self._worker_exchanges[c] = self._worker_exchanges.get(c, 0) + 1
+            return Clocks(self.center.t, self._durable_seq, self._seq)
+
+    def clocks(self) -> Clocks:
+        with self._lock:
+            return Clocks(self.center.t, self._durable_seq, self._seq)
+
+    def recovery_info(self, client: int) -> dict[str, int]:
+        """What a reconnecting client needs: the restored checkpoint, its applied updates."""
+        with self._lock:
+            return {
+                "restored_seq": self._restored_seq,
+                "applied": self._worker_exchanges.get(client, 0),
+            }
+
+    def recover(self, contributions: Tensor, count: int, stats: SessionStats) -> Clocks:
+        """Add a live worker's ``count`` updates that the restored checkpoint lacks.
+
+        Only for methods whose center is the initial one plus the workers' contributions
+        (``MethodSpec.recoverable``); the clock and the counters move by ``count``.
+        """
+        if not self.hp.spec.recoverable:
+            raise ValueError(
+                f"{self.hp.method}'s center is not a sum of the workers' contributions; "
+                "a restarted server cannot rebuild it (see the README's Failures section)"
+            )
+        with self._lock:
+            self.center.center.add_(contributions)
+            self.center.t += count
+            self._exchanges += count
+            self._recovered += count
+            c = stats.client
+            self._worker_exchanges[c] = self._worker_exchanges.get(c, 0) + count
+            clocks = Clocks(self.center.t, self._durable_seq, self._seq)
+        logger.info(
+            "parameter server %s: worker %d re-sent %d updates after the restart",
+            self._where, stats.worker_id, count,
+        )  # fmt: skip
+        self.emit(Event.RECOVERY, worker=stats.worker_id, session=stats.session_id,
+                  exchanges=count, t=clocks.t)  # fmt: skip
+        return clocks
+
+    def _recovery_state(self) -> dict[str, Any]:
+        """Under the lock: number this checkpoint; what it records for recovery."""
+        seq = self._seq
+        self._seq += 1
+        return {"seq": seq, "worker_exchanges": dict(self._worker_exchanges),
+                "recovered": self._recovered}  # fmt: skip
+
+    def _restore_recovery(self, state: dict[str, Any]) -> None:
+        seq = int(state.get("seq", 0))
+        self._restored_seq = self._durable_seq = seq
+        self._seq = seq + 1
+        self._worker_exchanges = {
+            int(k): int(v) for k, v in dict(state.get("worker_exchanges", {})).items()
+        }
+        self._recovered = int(state.get("recovered", 0))
 
     def read_center(self, into: Tensor, *, evaluation: bool) -> int:
         """Copy the center (or the evaluated vector) into ``into``; returns the clock."""
@@ -489,9 +568,12 @@ def serve(
             "on_event": on_event,
             "timeout": timeout,
         }
-        if resume is not None and Path(resume).exists():
+        if resume is not None and (Path(resume).exists() or previous_checkpoint(resume).exists()):
             ckpt = checkpoint_path if checkpoint_path is not None else resume
-            server = ParameterServer.from_checkpoint(resume, hp=hp, checkpoint_path=ckpt, **common)
+            server = ParameterServer.from_checkpoint(
+                resume, hp=hp, checkpoint_path=ckpt, numel=center_shard.numel(), offset=offset,
+                **common,
+            )  # fmt: skip
         else:
             server = ParameterServer(
                 hp, center_shard, offset=offset, checkpoint_path=checkpoint_path, **common

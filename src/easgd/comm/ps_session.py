@@ -15,7 +15,7 @@ import enum
 import logging
 import socket
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import Tensor
@@ -79,6 +79,15 @@ class SessionStats:
     exchanges: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
+    client: int = 0  # the client's nonce (sent in its JOIN): counts updates across restarts
+
+
+class Clocks(NamedTuple):
+    """A shard's clocks after a request: its center clock and its checkpoint numbers."""
+
+    t: int  # center updates so far
+    durable: int  # the last checkpoint on disk (0: the initial center)
+    pending: int  # the checkpoint that will hold the update just applied
 
 
 class SessionHost(Protocol):
@@ -111,7 +120,13 @@ class SessionHost(Protocol):
 
     def open_session(self, worker_id: int, peer: str, into: Tensor) -> tuple[SessionStats, int]: ...
 
-    def apply(self, op: Op, payload: Tensor, reply: Tensor, stats: SessionStats) -> int: ...
+    def apply(self, op: Op, payload: Tensor, reply: Tensor, stats: SessionStats) -> Clocks: ...
+
+    def clocks(self) -> Clocks: ...
+
+    def recovery_info(self, client: int) -> dict[str, int]: ...
+
+    def recover(self, contributions: Tensor, count: int, stats: SessionStats) -> Clocks: ...
 
     def read_center(self, into: Tensor, *, evaluation: bool) -> int: ...
 
@@ -170,9 +185,11 @@ class Session:
                     return
             except TimeoutError:
                 if waiting:
-                    self._end(
-                        SessionState.DIED, f"silent for {silence:g} s (no request, no heartbeat)"
-                    )
+                    reason = f"silent for {silence:g} s (no request, no heartbeat)"
+                    self._end(SessionState.DIED, reason)
+                    with contextlib.suppress(OSError):  # a worker that wakes up reads why
+                        send_error(self.sock, ErrorKind.DECLARED_DEAD,
+                                   f"this session was declared dead: {reason}")  # fmt: skip
                 else:
                     self._end(SessionState.DIED, f"no progress for {in_flight:g} s in mid-message")
                 return
@@ -220,6 +237,8 @@ class Session:
             return False
         if h.cmd in CMD_OP:
             return self._exchange(h)
+        if h.cmd == Cmd.RECOVER:
+            return self._recover(h)
         return self._reject(h, f"unknown command {h.cmd}")
 
     def _buffers(self) -> tuple[Tensor, Tensor]:
@@ -238,8 +257,10 @@ class Session:
         if refusal:
             return self._reject(h, refusal)
         _, reply = self._buffers()
-        trailer = pack_json({"hp": srv.hp.to_dict()})
+        trailer = pack_json({"hp": srv.hp.to_dict(), **srv.recovery_info(h.session)})
         self.stats, t = srv.open_session(h.worker_id, self.peer, reply)
+        self.stats.client = h.session
+        clocks = srv.clocks()
         self._send_reply(
             reply,
             t=t,
@@ -247,7 +268,29 @@ class Session:
             trailer=trailer,
             worker_id=h.worker_id,
             session=self.stats.session_id,
+            durable=clocks.durable,
+            pending=clocks.pending,
         )
+        return True
+
+    def _recover(self, h: Header) -> bool:
+        """A live worker re-sends its updates that the restarted shard's checkpoint lacks."""
+        srv = self.server
+        refusal = srv.check_request(h)
+        if not refusal and not srv.hp.spec.recoverable:
+            refusal = f"{srv.hp.method} cannot rebuild its center from re-sent contributions"
+        if not refusal and h.aux < 0:
+            refusal = f"RECOVER of {h.aux} exchanges"
+        if refusal:
+            self._drain(h)
+            return self._reject(h, refusal)
+        assert self.stats is not None
+        payload, _ = self._buffers()
+        recv_exact(self.sock, tensor_bytes(payload))
+        clocks = srv.recover(payload, h.aux, self.stats)
+        self._count(HEADER.size + self._nbytes, HEADER.size)
+        send_header(self.sock, Cmd.OK, aux=clocks.t, durable=clocks.durable,
+                    pending=clocks.pending)  # fmt: skip
         return True
 
     def _exchange(self, h: Header) -> bool:
@@ -266,13 +309,14 @@ class Session:
         payload, reply = self._buffers()
         recv_exact(self.sock, tensor_bytes(payload))
         try:
-            t = srv.apply(CMD_OP[h.cmd], payload, reply, self.stats)
+            clocks = srv.apply(CMD_OP[h.cmd], payload, reply, self.stats)
         except Exception as exc:
             logger.exception("parameter server %s: exchange failed", srv.where)
             send_error(self.sock, ErrorKind.SERVER, f"the server failed: {exc!r}")
             self._end(SessionState.REJECTED, f"server error: {exc!r}")
             return False
-        self._send_reply(reply, t=t, bytes_in=HEADER.size + self._nbytes)
+        self._send_reply(reply, t=clocks.t, bytes_in=HEADER.size + self._nbytes,
+                         durable=clocks.durable, pending=clocks.pending)  # fmt: skip
         return True
 
     def _reply_center(self, h: Header, *, evaluation: bool) -> bool:

@@ -12,6 +12,19 @@ worker learns p, alpha, beta and tau from the server it exchanges with::
 
     server -> client   OK header (session, numel, aux = t) + shard bytes + JSON trailer
 
+Recovery (version 3). Every OK reply carries two checkpoint clocks of the shard: ``durable``,
+the sequence number of its last checkpoint safely on disk (0: only the initial center, which
+a restart rebuilds from the seed), and ``pending``, the sequence number of the checkpoint that
+will hold the update just applied. A worker keeps, per shard, the sum of its own
+contributions to the center (and their count) by ``pending`` and drops the sums at or below
+``durable``. When a shard restarts from its checkpoint ``D``, the worker JOINs again with
+``flags = JOIN_RECOVER`` and sends RECOVER: the sum of its contributions after ``D`` and,
+in ``aux``, how many exchanges they are; the server adds them to the center, so no update
+of a live worker is lost::
+
+    client -> server   RECOVER header (numel, aux = exchanges) + the summed contributions
+    server -> client   OK header (aux = t, durable, pending)
+
 Handshake, on every new connection, before anything else::
 
     server -> client   MAGIC, version, auth_required, nonce_s (32 bytes)
@@ -46,11 +59,13 @@ __all__ = [
     "DEFAULT_TIMEOUT",
     "ERRORS",
     "HEADER",
+    "JOIN_RECOVER",
     "MAGIC",
     "OP_CMD",
     "SECRET_ENV",
     "AuthenticationError",
     "Cmd",
+    "DeclaredDeadError",
     "ErrorKind",
     "Header",
     "PeerClosedError",
@@ -73,10 +88,11 @@ __all__ = [
 ]
 
 MAGIC = b"EAPS"
-VERSION = 2  # 2: the JOIN reply carries the server's hyperparameters (a JSON trailer)
+VERSION = 3  # 2: JOIN carries the server's hyperparameters; 3: checkpoint clocks, RECOVER
 
-# magic, version, cmd, dtype, flags (reserved, 0), worker_id, session, numel, aux
-HEADER = struct.Struct("<4sBBBBiqqq")
+# magic, version, cmd, dtype, flags, worker_id, session, numel, aux, durable, pending
+HEADER = struct.Struct("<4sBBBBiqqqqq")
+JOIN_RECOVER = 1  # JOIN flag: a live worker reconnecting to a restarted shard
 _SERVER_HELLO = struct.Struct("<4sBB32s")
 _CLIENT_HELLO = struct.Struct("<4sBBI32s32s")
 _MAC_LEN = 32
@@ -95,6 +111,7 @@ class Cmd(enum.IntEnum):
     PULL = 5  # header only (aux=1: evaluation vector) -> reply center
     BYE = 6  # clean exit
     PING = 7  # heartbeat; reply: header only (aux = center clock)
+    RECOVER = 8  # payload: a worker's contributions the restarted shard's checkpoint lacks
     OK = 16
     ERROR = 17
 
@@ -105,6 +122,7 @@ class ErrorKind(enum.IntEnum):
     VALUE = 1  # bad input: ValueError
     AUTH = 2  # refused: AuthenticationError
     SERVER = 3  # the server failed: RuntimeError
+    DECLARED_DEAD = 4  # the server gave up on this silent session: DeclaredDeadError
 
 
 class AuthenticationError(PermissionError):
@@ -115,6 +133,10 @@ class PeerClosedError(ConnectionError):
     """The peer closed the connection (EOF)."""
 
 
+class DeclaredDeadError(ConnectionError):
+    """The server declared this session dead (silent too long) while the server lives on."""
+
+
 class Header(NamedTuple):
     cmd: int
     dtype: int
@@ -123,6 +145,8 @@ class Header(NamedTuple):
     session: int
     numel: int
     aux: int
+    durable: int = 0  # replies: the sequence number of the shard's last durable checkpoint
+    pending: int = 0  # replies: the checkpoint that will hold the update just applied
 
 
 # Which command carries which request (the method's MethodSpec.server_op says which one).
@@ -136,6 +160,7 @@ ERRORS: dict[int, type[Exception]] = {
     ErrorKind.VALUE: ValueError,
     ErrorKind.AUTH: AuthenticationError,
     ErrorKind.SERVER: RuntimeError,
+    ErrorKind.DECLARED_DEAD: DeclaredDeadError,
 }
 
 
@@ -234,23 +259,28 @@ def send_header(
     session: int = 0,
     numel: int = 0,
     aux: int = 0,
+    durable: int = 0,
+    pending: int = 0,
 ) -> int:
     sock.sendall(
-        HEADER.pack(MAGIC, VERSION, int(cmd), dtype, flags, worker_id, session, numel, aux)
-    )
+        HEADER.pack(
+            MAGIC, VERSION, int(cmd), dtype, flags, worker_id, session, numel, aux, durable,
+            pending,
+        )
+    )  # fmt: skip
     return HEADER.size
 
 
 def recv_header(sock: socket.socket) -> Header:
     buf = bytearray(HEADER.size)
     recv_exact(sock, memoryview(buf))
-    magic, version, cmd, dtype, flags, worker_id, session, numel, aux = HEADER.unpack(buf)
+    magic, version, *fields = HEADER.unpack(buf)
     if magic != MAGIC or version != VERSION:
         raise ConnectionError(
             f"not an easgd parameter-server message (magic {magic!r}, version {version}); "
             "is something else listening on this port?"
         )
-    return Header(cmd, dtype, flags, worker_id, session, numel, aux)
+    return Header(*fields)
 
 
 def send_error(sock: socket.socket, kind: ErrorKind, message: str) -> None:

@@ -34,7 +34,7 @@ from easgd.experiments.definition import Experiment, RunSpec
 from easgd.experiments.real import RealRuntime
 from easgd.experiments.runtime import Runner, Runtime, SweepContext
 from easgd.experiments.simulated import SimRuntime
-from easgd.runlog import SweepPaths, SweepStatus, atomic_write_json
+from easgd.runlog import RunStatus, SweepPaths, SweepStatus, atomic_write_json
 
 __all__ = ["RUNTIMES", "SweepEvent", "SweepResult", "run_sweep", "select_best"]
 
@@ -183,9 +183,10 @@ def run_sweep(
     for i, run in enumerate(runs, 1):
         paths = sweep.run(run.name)
         folder = paths.root
-        if paths.summary.exists():
+        done = json.loads(paths.summary.read_text()) if paths.summary.exists() else None
+        if done is not None and not paths.failed.exists() and _finished(done):
             result.skipped.append(run.name)
-            summaries.append(json.loads(paths.summary.read_text()))
+            summaries.append(done)
             if progress:
                 progress(SweepEvent(i, len(runs), run, SweepStatus.SKIPPED, summary=summaries[-1]))
             continue
@@ -216,3 +217,14 @@ def run_sweep(
     result.best = select_best(summaries)
     atomic_write_json(sweep.sweep, _sweep_record(experiment, result))
     return result
+
+
+def _finished(summary: Mapping[str, Any]) -> bool:
+    """Whether a run's summary is a result to keep (a failed run leaves one too: run it again).
+
+    A summary with no status is a simulated run's or an older one's; a real run is kept when
+    it completed, or lost some workers but still has a center.
+    """
+    status = summary.get("status")
+    kept = (None, RunStatus.COMPLETED.value, RunStatus.WORKERS_LOST.value)
+    return status in kept and summary.get("center_test_error") is not None

@@ -6,11 +6,17 @@ otherwise worker 0 writes the snapshots and the evaluator reads them. Either way
 snapshot's test loss and error go to ``eval.jsonl`` against the wall time at which the
 snapshot was taken, as in the paper's figures. With ``eval_deferred`` it only snapshots, and
 :func:`easgd.finalize.finalize` evaluates the snapshots after training.
+
+Snapshots are written and read through :mod:`easgd.runlog.checkpoint` (a digest, verified on
+reading, ``weights_only=True``). A snapshot of worker 0's that does not verify is skipped
+with a warning; :func:`easgd.finalize.finalize` tries it again and lists it in the summary's
+``skipped_files``.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -21,9 +27,19 @@ import torch
 from easgd.config import TrainConfig
 from easgd.finalize import CenterEvaluation
 from easgd.roles.context import RoleContext, server_addresses
-from easgd.runlog import JsonlWriter, atomic_torch_save, eval_line, snapshot_wall
+from easgd.runlog import (
+    CheckpointError,
+    CheckpointKind,
+    JsonlWriter,
+    eval_line,
+    load_checkpoint,
+    save_checkpoint,
+    snapshot_wall,
+)
 
 __all__ = ["run_evaluator"]
+
+log = logging.getLogger(__name__)
 
 #: A snapshot to evaluate: its wall time, its file, and how to read it.
 Snapshot = tuple[float, Path, Callable[[], torch.Tensor]]
@@ -36,18 +52,31 @@ def run_evaluator(cfg: TrainConfig, ctx: RoleContext, stop: threading.Event) -> 
         stop.wait()  # worker 0 writes the snapshots; finalize evaluates them
         return
     evaluate = CenterEvaluation(cfg)
-    source = _ServerSnapshots(cfg, ctx, evaluate.flat.numel) if cfg.servers_used else None
+    numel = evaluate.flat.numel
+    source = _ServerSnapshots(cfg, ctx, numel) if cfg.servers_used else None
     seen: set[str] = set()
     out = JsonlWriter(ctx.paths.eval)
     try:
         while not stop.is_set():
             began = time.monotonic()
             try:
-                snapshots = source() if source is not None else _new_snapshots(ctx, seen)
-            except ConnectionError:
-                break  # the servers are gone: the run is over
+                snapshots = (
+                    source() if source is not None else _new_snapshots(cfg, ctx, seen, numel)
+                )
+            except ConnectionError as exc:
+                # A shard is down (restarting under --max-restarts, or the run is ending):
+                # no snapshot this time; the next look dials the servers' addresses again.
+                log.info("no snapshot: %s", exc)
+                assert source is not None
+                source.reconnect()
+                snapshots = []
             for wall, path, read in [] if cfg.eval_deferred else snapshots:
-                out.write(eval_line(wall, evaluate(read()), path))
+                try:
+                    center = read()
+                except CheckpointError as exc:  # finalize tries it again and reports it
+                    log.warning("skipping snapshot: %s", exc)
+                    continue
+                out.write(eval_line(wall, evaluate(center), path))
                 if stop.is_set():
                     break
             stop.wait(max(0.05, cfg.eval_interval - (time.monotonic() - began)))
@@ -63,29 +92,57 @@ class _ServerSnapshots:
     def __init__(self, cfg: TrainConfig, ctx: RoleContext, numel: int) -> None:
         from easgd.comm.ps_client import PSClient
 
-        self.ctx = ctx
-        addresses = server_addresses(ctx.store, cfg.servers, cfg.timeout)
-        self.client = PSClient(addresses, numel, worker_id=-1, timeout=cfg.timeout)
+        self.ctx, self.cfg, self.numel, self.method = ctx, cfg, numel, cfg.method
         self.buffer = torch.empty(numel)
+        self.client: PSClient | None = None
+        self.reconnect()
+
+    def reconnect(self) -> None:
+        """A new client at the addresses the servers published last (none if none answers)."""
+        from easgd.comm.ps_client import PSClient
+
+        if self.client is not None:
+            self.client.close(clean=False)
+            self.client = None
+        try:
+            addresses = server_addresses(self.ctx.store, self.cfg.servers, self.cfg.timeout)
+            self.client = PSClient(addresses, self.numel, worker_id=-1, timeout=self.cfg.timeout,
+                                   connect_timeout=1.0)  # fmt: skip
+        except ConnectionError as exc:
+            log.info("the servers do not answer yet: %s", exc)
 
     def __call__(self) -> list[Snapshot]:
+        if self.client is None:
+            raise ConnectionError("no connection to the servers")
         self.client.pull(self.buffer, evaluation=True)
         wall = self.ctx.wall()
         path = self.ctx.paths.snapshot(wall)
-        atomic_torch_save(path, self.buffer)
+        shard_t = [int(t) for t in self.client.server_t]
+        save_checkpoint(
+            path, CheckpointKind.SNAPSHOT, {"center": self.buffer}, method=self.method,
+            t=min(shard_t, default=0), meta={"wall": wall, "shard_t": shard_t},
+        )  # fmt: skip
         return [(wall, path, lambda: self.buffer)]
 
     def close(self) -> None:
-        self.client.close(clean=False)  # an evaluator never joined: nothing to say goodbye to
+        if self.client is not None:  # an evaluator never joined: nothing to say goodbye to
+            self.client.close(clean=False)
 
 
-def _new_snapshots(ctx: RoleContext, seen: set[str]) -> list[Snapshot]:
+def _new_snapshots(
+    cfg: TrainConfig, ctx: RoleContext, seen: set[str], numel: int
+) -> list[Snapshot]:
     """The snapshots worker 0 wrote since the last look, in wall order."""
     new = [p for p in ctx.paths.snapshot_files() if p.name not in seen]
     seen.update(p.name for p in new)
-    return [(snapshot_wall(p), p, functools.partial(_load, p)) for p in new]
+    read = functools.partial(_read_snapshot, method=cfg.method, numel=numel)
+    return [(snapshot_wall(p), p, functools.partial(read, p)) for p in new]
 
 
-def _load(path: Path) -> torch.Tensor:
-    center: torch.Tensor = torch.load(path, weights_only=True)
-    return center
+def _read_snapshot(path: Path, *, method: str, numel: int) -> torch.Tensor:
+    """A verified snapshot's center (NaN allowed: a diverged run's curve is data)."""
+    snapshot = load_checkpoint(
+        path, CheckpointKind.SNAPSHOT, method=method, numel=numel, allow_nonfinite=True,
+        fallback=False,
+    )  # fmt: skip
+    return snapshot.center

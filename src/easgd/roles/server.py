@@ -1,4 +1,10 @@
-"""The server role: one shard of the center, served until every worker is done."""
+"""The server role: one shard of the center, served until every live worker is done.
+
+A shard the launcher starts again after its process died (``EASGD_RESTART`` = k > 0)
+resumes from its checkpoint when there is one (else from the initial center), publishes its
+new address under the same store key, so that workers that reconnect find it, and writes a
+``server_restart`` event.
+"""
 
 from __future__ import annotations
 
@@ -11,38 +17,72 @@ import torch
 
 from easgd.config import TrainConfig
 from easgd.roles.context import RoleContext, publish_server, secret
-from easgd.runlog import Event, JsonlWriter
+from easgd.runlog import Event, JsonlWriter, previous_checkpoint
 
-__all__ = ["run_server"]
+__all__ = ["RESTART_ENV", "WORKERS_DONE_KEY", "WORKERS_LOST_KEY", "run_server", "server_pid_key"]
+
+#: The environment variable that tells a restarted process which restart it is (0: none).
+RESTART_ENV = "EASGD_RESTART"
+#: Store counters: workers that finished their budget, and workers the launcher gave up on.
+WORKERS_DONE_KEY = "easgd/workers_done"
+WORKERS_LOST_KEY = "easgd/workers_lost"
+
+
+def server_pid_key(shard: int) -> str:
+    """The store key holding the pid of the server that published ``easgd/server/<shard>``.
+
+    Set right after the address, so a reader that sees its own process's pid there knows the
+    address key holds that process's address, not a dead predecessor's.
+    """
+    return f"easgd/server_pid/{shard}"
 
 
 def run_server(cfg: TrainConfig, ctx: RoleContext, shard: int) -> None:
-    """Serve shard ``shard`` of the center until every worker is done or SIGTERM arrives."""
+    """Serve shard ``shard`` until every live worker is done or SIGTERM arrives."""
     from easgd.comm.ps import ParameterServer, shard_ranges
     from easgd.flat import parameters_to_flat_views
     from easgd.task import build_task
 
     torch.set_num_threads(1)
-    task = build_task(cfg.dataset, cfg.model, seed=cfg.seed, data_dir=cfg.data_dir)
-    center = parameters_to_flat_views(task.build()).params.detach().clone()
-    lo, hi = shard_ranges(center.numel(), cfg.servers)[shard]
+    restart = int(os.environ.get(RESTART_ENV, "0"))
     metrics = JsonlWriter(ctx.paths.metrics)
 
     def on_event(event: dict[str, Any]) -> None:
         metrics.write({"wall": ctx.wall(), "shard": shard, "pid": os.getpid(), **event})
 
-    server = ParameterServer(
-        cfg.hyperparams(), center[lo:hi].clone(), offset=lo, host=cfg.host, port=0,
-        secret=secret(), checkpoint_path=ctx.paths.server_checkpoint(shard),
-        checkpoint_every=cfg.checkpoint_interval, on_event=on_event,
-    )  # fmt: skip
-    server.start()
-    publish_server(ctx.store, shard, *server.address)
+    path = ctx.paths.server_checkpoint(shard)
+    common: dict[str, Any] = {
+        "host": cfg.host, "port": 0, "secret": secret(), "checkpoint_path": path,
+        "checkpoint_every": cfg.checkpoint_interval, "on_event": on_event,
+    }  # fmt: skip
+    resumed_t: int | None = None
+    task = build_task(cfg.dataset, cfg.model, seed=cfg.seed, data_dir=cfg.data_dir)
+    center = parameters_to_flat_views(task.build()).params.detach().clone()
+    lo, hi = shard_ranges(center.numel(), cfg.servers)[shard]
+    if restart > 0 and (path.exists() or previous_checkpoint(path).exists()):
+        # A damaged newest file falls back to the previous one; if neither verifies, the
+        # CheckpointError ends this shard with its message (never a silent fresh center).
+        server = ParameterServer.from_checkpoint(
+            path, hp=cfg.hyperparams(), numel=hi - lo, offset=lo, **common
+        )
+        resumed_t = server.t
+    else:
+        # The first start, or a restart before any checkpoint: the initial center (the
+        # same seed), to which the reconnecting workers re-send everything.
+        server = ParameterServer(cfg.hyperparams(), center[lo:hi].clone(), offset=lo, **common)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    server.start()
+    publish_server(ctx.store, shard, *server.address)  # overwrites a dead predecessor's
+    ctx.store.set(server_pid_key(shard), str(os.getpid()))
+    if restart > 0:
+        address = ctx.store.get(f"easgd/server/{shard}").decode()
+        metrics.write({"event": Event.SERVER_RESTART, "wall": ctx.wall(), "shard": shard,
+                       "pid": os.getpid(), "restart": restart, "resumed_t": resumed_t,
+                       "address": address})  # fmt: skip
     try:
         while not stop.wait(0.2):
-            if int(ctx.store.add("easgd/workers_done", 0)) >= cfg.workers:
+            if _workers_ended(ctx.store) >= cfg.workers:
                 break
     finally:
         server.stop()
@@ -50,6 +90,15 @@ def run_server(cfg: TrainConfig, ctx: RoleContext, shard: int) -> None:
                        **_scalars(server.stats())})  # fmt: skip
         metrics.close()
         ctx.store.set(f"easgd/server_saved/{shard}", "1")
+
+
+def _workers_ended(store: Any) -> int:
+    """Workers that will exchange no more: finished, or lost for good (the launcher's count).
+
+    Counting the lost ones is what lets a run whose worker died beyond its restarts end as
+    soon as the live workers are done, instead of waiting for a worker that never comes.
+    """
+    return int(store.add(WORKERS_DONE_KEY, 0)) + int(store.add(WORKERS_LOST_KEY, 0))
 
 
 def _scalars(stats: dict[str, Any]) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from easgd.algorithms import Worker, run_finish, run_settle, run_step
 from easgd.comm.base import Transport, make_transport
 from easgd.config import TrainConfig
 from easgd.roles.context import RoleContext, resolve_device, secret, server_addresses
-from easgd.runlog import Event, JsonlWriter, atomic_torch_save
+from easgd.runlog import CheckpointKind, Event, JsonlWriter, save_checkpoint
 
 __all__ = ["run_worker"]
 
@@ -48,9 +48,14 @@ def run_worker(cfg: TrainConfig, ctx: RoleContext, index: int) -> None:
     )  # fmt: skip
     grad_fn = model_grad_fn(model, flat, stream, device)
     addresses = server_addresses(ctx.store, cfg.servers, cfg.timeout) if cfg.servers_used else []
+    # Under --max-restarts the launcher restarts a dead server shard: follow it to its new
+    # address (the store) and re-send what its checkpoint lacks.
     transport = make_transport(
         mode, device=device, numel=flat.numel, addresses=addresses, worker_id=index,
         secret=secret(), timeout=cfg.timeout,
+        reconnect_timeout=_reconnect_timeout(cfg),
+        resolve=lambda shard: server_addresses(ctx.store, cfg.servers, cfg.timeout)[shard],
+        on_event=lambda event: log.event(**event),
     )  # fmt: skip
     transport.start(flat.params)  # every worker starts from the center
     worker = Worker(hp, flat.params, mode, grad=flat.grads)
@@ -80,6 +85,11 @@ def run_worker(cfg: TrainConfig, ctx: RoleContext, index: int) -> None:
     log.done()
     transport.close()
     ctx.store.add("easgd/workers_done", 1)
+
+
+def _reconnect_timeout(cfg: TrainConfig) -> float:
+    """How long a worker waits for a restarted shard (0: a lost server ends the worker)."""
+    return 2 * cfg.timeout if cfg.max_restarts else 0.0
 
 
 def _keeps_result(worker: Worker, index: int) -> bool:
@@ -125,6 +135,10 @@ class _Log:
         self.out.write({"event": event, "wall": self.ctx.wall(), "worker": self.index,
                         "pid": self.pid, **fields})  # fmt: skip
 
+    def event(self, event: str, **fields: Any) -> None:
+        """A transport's event (``server_lost``, ``server_back``), with this worker's fields."""
+        self._write(Event(event), step=self.worker.t, **fields)
+
     def train_start(self) -> None:
         wall = self.ctx.wall()
         self._write(Event.TRAIN_START, step=self.worker.t, startup_seconds=wall)
@@ -163,15 +177,20 @@ class _Keeper:
         run_settle(self.worker, self.transport.serve)  # the last exchange, if in flight
         if due_snapshot:
             path = self.ctx.paths.snapshot(now)
-            atomic_torch_save(path, self.worker.evaluation_vector().detach().cpu())
+
+            center = {"center": self.worker.evaluation_vector()}
+            save_checkpoint(path, CheckpointKind.SNAPSHOT, center, method=self.cfg.method,
+                            t=self.worker.t, meta={"wall": now})  # fmt: skip
             self.next_snapshot = now + self.cfg.eval_interval
         if due_checkpoint:
             self.checkpoint()
             self.next_checkpoint = now + self.cfg.checkpoint_interval
 
     def checkpoint(self) -> None:
-        atomic_torch_save(
-            self.ctx.paths.sync_checkpoint,
-            {"center": self.worker.evaluation_vector().detach().cpu(), "t": self.worker.t,
-             "wall": self.ctx.wall(), "config": self.cfg.to_dict()},
+        """Worker 0's center, verified on reading; the file it replaces is kept as previous."""
+
+        save_checkpoint(
+            self.ctx.paths.sync_checkpoint, CheckpointKind.CENTER,
+            {"center": self.worker.evaluation_vector()}, method=self.cfg.method,
+            t=self.worker.t, meta={"wall": self.ctx.wall(), "config": self.cfg.to_dict()},
         )  # fmt: skip

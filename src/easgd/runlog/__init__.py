@@ -10,8 +10,10 @@ Layout of a run directory (:class:`RunPaths`)::
     metrics.jsonl        one JSON object per event (workers, servers, launcher): EVENT_FIELDS
     eval.jsonl           the center's test loss and error against wall time: EVAL_FIELDS
     snapshots/           timestamped center snapshots (center-<wall seconds>.pt)
-    checkpoints/         server shards (server-<s>.pt) or the synchronous center (center.pt)
+    checkpoints/         server shards (server-<s>.pt) or the synchronous center (center.pt),
+                         each with its previous one (*.prev.pt); every .pt carries a digest
     logs/                each process's stdout and stderr (<role>-<index>[.<restart>].log)
+    processes.json       every process of the run: role, pid, host, port, restarts, state
     summary.json         written last, by write_summary: SUMMARY_FIELDS
     run.json, failed.json   written by ``easgd experiment`` into each run of a sweep
 
@@ -26,12 +28,23 @@ file; JSON-lines files are appended one whole line per ``write`` (:class:`JsonlW
 
 from __future__ import annotations
 
+from easgd.runlog.checkpoint import (
+    CHECKPOINT_FORMAT,
+    Checkpoint,
+    CheckpointError,
+    CheckpointKind,
+    checkpoint_digest,
+    load_checkpoint,
+    previous_checkpoint,
+    save_checkpoint,
+)
 from easgd.runlog.paths import (
     CONFIG_FILE,
     EVAL_FILE,
     EXPERIMENT_FILE,
     FAILED_FILE,
     METRICS_FILE,
+    PROCESSES_FILE,
     REPORT_FILE,
     RUN_INFO_FILE,
     SUMMARY_FILE,
@@ -45,13 +58,16 @@ from easgd.runlog.paths import (
 from easgd.runlog.schema import (
     EVAL_FIELDS,
     EVENT_FIELDS,
+    PROCESS_FIELDS,
     PROGRESS_EVENTS,
     SUMMARY_FIELDS,
     Event,
     FieldSpec,
+    RunStatus,
     SweepStatus,
     eval_errors,
     event_errors,
+    process_errors,
     summary_errors,
 )
 from easgd.runlog.summary import (
@@ -71,6 +87,7 @@ from easgd.runlog.writers import (
 )
 
 __all__ = [
+    "CHECKPOINT_FORMAT",
     "CONFIG_FILE",
     "EVAL_FIELDS",
     "EVAL_FILE",
@@ -78,6 +95,8 @@ __all__ = [
     "EXPERIMENT_FILE",
     "FAILED_FILE",
     "METRICS_FILE",
+    "PROCESSES_FILE",
+    "PROCESS_FIELDS",
     "PROGRESS_EVENTS",
     "REPORT_FILE",
     "RUN_INFO_FILE",
@@ -85,22 +104,31 @@ __all__ = [
     "SUMMARY_FILE",
     "SWEEP_FILE",
     "TABLE_FILE",
+    "Checkpoint",
+    "CheckpointError",
+    "CheckpointKind",
     "Event",
     "FieldSpec",
     "JsonlWriter",
     "ReportPaths",
     "RunPaths",
+    "RunStatus",
     "SweepPaths",
     "SweepStatus",
     "atomic_torch_save",
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
+    "checkpoint_digest",
     "eval_errors",
     "eval_line",
     "event_errors",
     "iter_jsonl",
+    "load_checkpoint",
+    "previous_checkpoint",
+    "process_errors",
     "read_jsonl",
+    "save_checkpoint",
     "snapshot_wall",
     "summary_errors",
     "training_span",

@@ -17,6 +17,7 @@ __all__ = [
     "EXPERIMENT_FILE",
     "FAILED_FILE",
     "METRICS_FILE",
+    "PROCESSES_FILE",
     "REPORT_FILE",
     "RUN_INFO_FILE",
     "SUMMARY_FILE",
@@ -37,6 +38,7 @@ CONFIG_FILE: Final = "config.json"
 METRICS_FILE: Final = "metrics.jsonl"
 EVAL_FILE: Final = "eval.jsonl"
 SUMMARY_FILE: Final = "summary.json"
+PROCESSES_FILE: Final = "processes.json"  # easgd train: every process of the run, its pid, port
 RUN_INFO_FILE: Final = "run.json"  # easgd experiment: the run's place in its sweep, its budget
 FAILED_FILE: Final = "failed.json"  # easgd experiment: the error of a run that raised
 EXPERIMENT_FILE: Final = "experiment.json"  # a sweep's resolved runs and settings
@@ -89,6 +91,11 @@ class RunPaths:
     @property
     def summary(self) -> Path:
         return self.root / SUMMARY_FILE
+
+    @property
+    def processes(self) -> Path:
+        """Every process the local launcher started: role, pid, address, restarts, state."""
+        return self.root / PROCESSES_FILE
 
     @property
     def run_info(self) -> Path:
@@ -149,7 +156,7 @@ class RunPaths:
 
     def clear(self) -> None:
         """Remove what a run writes here (``--overwrite``); other files are left alone."""
-        for path in (self.metrics, self.eval, self.summary, self.config):
+        for path in (self.metrics, self.eval, self.summary, self.config, self.processes):
             path.unlink(missing_ok=True)
         for folder in (self.snapshots, self.checkpoints, self.logs):
             shutil.rmtree(folder, ignore_errors=True)

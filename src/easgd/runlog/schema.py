@@ -17,13 +17,16 @@ if TYPE_CHECKING:
 __all__ = [
     "EVAL_FIELDS",
     "EVENT_FIELDS",
+    "PROCESS_FIELDS",
     "PROGRESS_EVENTS",
     "SUMMARY_FIELDS",
     "Event",
     "FieldSpec",
+    "RunStatus",
     "SweepStatus",
     "eval_errors",
     "event_errors",
+    "process_errors",
     "summary_errors",
 ]
 
@@ -44,9 +47,14 @@ class Event(str, enum.Enum):
     STEP = "step"
     EXCHANGE = "exchange"
     WORKER_DONE = "worker_done"
+    SERVER_LOST = "server_lost"  # the worker lost its connection to a server shard
+    SERVER_BACK = "server_back"  # ... and is exchanging with it again
     # The launcher (easgd.launch).
     WORKER_RESTART = "worker_restart"
     WORKER_LOST = "worker_lost"
+    SERVER_DIED = "server_died"
+    # The server role (easgd.roles.server), started again by the launcher.
+    SERVER_RESTART = "server_restart"
     # A parameter server (easgd.comm.ps through easgd.roles.server).
     SERVER_START = "start"
     CHECKPOINT = "checkpoint"
@@ -58,6 +66,7 @@ class Event(str, enum.Enum):
     REJECT = "reject"
     AUTH_FAILURE = "auth_failure"
     SERVER_STOP = "stop"
+    RECOVERY = "recovery"  # a restarted shard added a worker's re-sent updates
     SERVER_DONE = "server_done"
 
     def __str__(self) -> str:
@@ -66,6 +75,19 @@ class Event(str, enum.Enum):
 
 #: The events that carry a worker's progress: local step, training loss and traffic.
 PROGRESS_EVENTS: Final = frozenset({Event.STEP, Event.EXCHANGE})
+
+
+class RunStatus(str, enum.Enum):
+    """``summary.json``'s ``status``: whether ``easgd train`` did everything it was asked."""
+
+    COMPLETED = "completed"  # every worker spent its budget (restarts allowed), no server lost
+    WORKERS_LOST = "workers_lost"  # some workers died beyond --max-restarts; others finished
+    ALL_WORKERS_LOST = "all_workers_lost"  # every worker died beyond --max-restarts
+    SERVER_LOST = "server_lost"  # a server shard died beyond --max-restarts
+    CENTER_LOST = "center_lost"  # training ended but no checkpoint of the center verifies
+
+    def __str__(self) -> str:
+        return self.value
 
 
 class SweepStatus(str, enum.Enum):
@@ -100,7 +122,12 @@ _TYPES: dict[str, Callable[[Any], bool]] = {
     "bool": lambda v: isinstance(v, bool),
     "list[int]": lambda v: isinstance(v, list) and all(_is_int(x) for x in v),
     "float or null": lambda v: v is None or _is_number(v),
-}
+    "int or null": lambda v: v is None or _is_int(v),
+    "list[{file, reason}]": lambda v: isinstance(v, list) and all(
+        isinstance(x, dict) and set(x) == {"file", "reason"}
+        and all(isinstance(y, str) for y in x.values()) for x in v
+    ),
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -180,6 +207,21 @@ EVENT_FIELDS: Final[dict[Event, dict[str, FieldSpec]]] = {
     Event.STEP: _PROGRESS,
     Event.EXCHANGE: _PROGRESS,
     Event.WORKER_DONE: {**_COMMON, **_WORKER, **_STEP},
+    Event.SERVER_LOST: {
+        **_COMMON, **_WORKER,
+        "shard": _f("int", "", "the server shard the worker can no longer reach"),
+        "reason": _REASON,
+    },
+    Event.SERVER_BACK: {
+        **_COMMON, **_WORKER,
+        "shard": _f("int", "", "the server shard the worker exchanges with again"),
+        "down_seconds": _f("float", "s", "from the lost connection to the shard answering"),
+        "resent": _f("int", "exchanges", "the worker's updates re-sent to the restarted shard"),
+        "lost": _f("int", "exchanges", "acknowledged updates the shard no longer holds "
+                   "(0 for EASGD, EAMSGD and the DOWNPOUR family)"),
+        "reply_lost": _f("int", "exchanges", "updates applied whose reply never arrived "
+                         "(the worker skipped that pull)"),
+    },
     Event.WORKER_RESTART: {
         **_COMMON,
         "worker": _f("int", "", "the dead worker's index"),
@@ -190,6 +232,24 @@ EVENT_FIELDS: Final[dict[Event, dict[str, FieldSpec]]] = {
         **_COMMON,
         "worker": _f("int", "", "the dead worker's index; the run goes on without it"),
         "status": _f("int", "", "its exit status (negative: killed by that signal)"),
+    },
+    Event.SERVER_DIED: {
+        **_COMMON,
+        "shard": _f("int", "", "the dead server's shard index"),
+        "pid": _f("int", "", "the dead server's process id"),
+        "status": _f("int", "", "its exit status (negative: killed by that signal)"),
+        "restarting": _f("bool", "", "true: a replacement is started (--max-restarts); "
+                         "false: none is left and the run fails"),
+    },
+    Event.SERVER_RESTART: {
+        **_COMMON,
+        "shard": _f("int", "", "the shard index, 0 to S-1"),
+        "pid": _f("int", "", "the replacement server's process id"),
+        "restart": _f("int", "", "the replacement's restart number, 1 to --max-restarts"),
+        "resumed_t": _f("int or null", "updates", "the shard's clock in the checkpoint it "
+                        "resumed from; null: no checkpoint, it started from the initial center"),
+        "address": _f("str", "", "the new address it serves on (easgd/server/<shard> in the "
+                      "store), host:port"),
     },
     Event.SERVER_START: {
         **_SERVER,
@@ -210,6 +270,13 @@ EVENT_FIELDS: Final[dict[Event, dict[str, FieldSpec]]] = {
         "peer": _PEER,
         "t": _CENTER_T,
         "rejoin": _f("list[int]", "", "the worker's earlier sessions (non-empty: a rejoin)"),
+    },
+    Event.RECOVERY: {
+        **_SERVER,
+        "worker": _f("int", "", "the worker that re-sent its updates"),
+        "session": _f("int", "", "its session on the restarted shard"),
+        "exchanges": _f("int", "exchanges", "how many updates the re-sent sum holds"),
+        "t": _CENTER_T,
     },
     Event.BYE: _SESSION_END,
     Event.DEATH: _SESSION_END,
@@ -236,6 +303,9 @@ EVENT_FIELDS: Final[dict[Event, dict[str, FieldSpec]]] = {
         "t": _CENTER_T,
         "exchanges": _f("int", "", "exchanges this server answered"),
         "checkpoints": _f("int", "", "checkpoints it wrote"),
+        "recovered": _f("int", "exchanges", "updates workers re-sent after a restart (part of "
+                        "exchanges)"),
+        "restored_seq": _f("int", "", "the checkpoint this server was restarted from (0: none)"),
         "active": _f("int", "sessions", "sessions still open at the end"),
         "left": _f("int", "sessions", "sessions that ended with a goodbye"),
         "died": _f("int", "sessions", "sessions whose worker died"),
@@ -267,10 +337,13 @@ SUMMARY_FIELDS: Final[dict[str, FieldSpec]] = {
     "tau": _f("int", "steps", "the communication period"),
     "lr": _f("float", "", "the learning rate"),
     "dataset": _f("str", "", "the data set"),
-    "center_test_error": _f("float", "fraction", "the final center's test error"),
-    "center_test_loss": _f("float", "nats", "the final center's test loss"),
-    "best_center_test_error": _f("float", "fraction", "the lowest test error of the curve "
-                                 "(eval.jsonl) and the final center"),
+    "center_test_error": _f("float or null", "fraction", "the final center's test error; "
+                            "null when no final center could be read (see skipped_files)"),
+    "center_test_loss": _f("float or null", "nats", "the final center's test loss; null when "
+                           "no final center could be read"),
+    "best_center_test_error": _f("float or null", "fraction", "the lowest test error of the "
+                                 "curve (eval.jsonl) and the final center; null when neither "
+                                 "has one"),
     "wall_seconds": _f("float", "s", "the run's length, start-up included (virtual seconds "
                        "in a simulated run)"),
     "startup_seconds": _f("float or null", "s", "from the run's start to the first training "
@@ -282,13 +355,43 @@ SUMMARY_FIELDS: Final[dict[str, FieldSpec]] = {
     "bytes_received": _f("int", "bytes", "bytes the workers received"),
     "local_steps": _f("int", "steps", "local steps of every worker, restarts included"),
     "evaluations": _f("int", "", "evaluations in eval.jsonl"),
+    "skipped_files": _f("list[{file, reason}]", "", "checkpoints and snapshots that did not "
+                        "verify and were skipped (file: relative to the run directory; "
+                        "reason: what is wrong, and the previous checkpoint used instead if "
+                        "one verified); [] when none (real runs)", required=False),
+    "status": _f("str", "", "what the run did (easgd train): completed, workers_lost (some "
+                 "workers lost, the others finished), all_workers_lost, server_lost or "
+                 "center_lost",
+                 required=False),
     "lost_workers": _f("list[int]", "", "workers that died beyond --max-restarts (easgd "
                        "train)", required=False),
+    "lost_servers": _f("list[int]", "", "server shards that died beyond --max-restarts "
+                       "(easgd train)", required=False),
     "restarts": _f("int", "", "workers restarted (easgd train)", required=False),
+    "server_restarts": _f("int", "", "server shards restarted (easgd train)", required=False),
     "experiment": _f("str", "", "the experiment's name (easgd experiment)", required=False),
     "real_seconds": _f("float", "s", "real seconds the simulation took (sim)", required=False),
     "step_time": _f("float", "s", "the virtual seconds of one local step (sim)",
                     required=False),
+}  # fmt: skip
+
+
+#: The fields of one entry of ``processes.json``'s ``processes`` (the local launcher's).
+PROCESS_FIELDS: Final[dict[str, FieldSpec]] = {
+    "role": _f("str", "", "server, worker or evaluator"),
+    "index": _f("int", "", "the shard (server), the worker's index, or 0 (evaluator)"),
+    "rank": _f("int", "", "its global rank (servers first); -1 for the evaluator"),
+    "pid": _f("int", "", "the process id of its current process (the latest restart)"),
+    "host": _f("str", "", "a server: the host workers dial (from the store); else the "
+               "machine it runs on"),
+    "port": _f("int or null", "", "a server: the port it serves on; null until it publishes "
+               "it, and for workers and the evaluator"),
+    "restarts": _f("int", "", "times it was restarted, 0 to --max-restarts"),
+    "state": _f("str", "", "starting (a server that has not published its address yet), "
+                "running, or exited"),
+    "status": _f("int or null", "", "its exit status once exited (negative: killed by that "
+                 "signal); null while it runs"),
+    "log": _f("str", "", "its log file, relative to the run directory"),
 }  # fmt: skip
 
 
@@ -323,6 +426,11 @@ def event_errors(event: Mapping[str, Any]) -> list[str]:
 def eval_errors(line: Mapping[str, Any]) -> list[str]:
     """What is wrong with one line of ``eval.jsonl`` against EVAL_FIELDS ([] if nothing)."""
     return _errors(line, EVAL_FIELDS, "eval.jsonl line")
+
+
+def process_errors(entry: Mapping[str, Any]) -> list[str]:
+    """What is wrong with one entry of ``processes.json`` against PROCESS_FIELDS."""
+    return _errors(entry, PROCESS_FIELDS, "processes.json entry")
 
 
 def summary_errors(summary: Mapping[str, Any]) -> list[str]:

@@ -68,7 +68,7 @@ def write_summary(
     config: TrainConfig,
     *,
     runtime: str,
-    center: Mapping[str, float],
+    center: Mapping[str, float] | None,
     curve: Iterable[float],
     wall_seconds: float,
     startup_seconds: float | None,
@@ -101,7 +101,9 @@ def write_summary(
     if runtime not in ("real", "sim"):
         raise ValueError(f"runtime={runtime!r}; choose real or sim")
     errors = [float(e) for e in curve]
-    final = float(center["error"])
+    # No final center (its checkpoints unreadable): null, never NaN.
+    final = None if center is None else float(center["error"])
+    known = [e for e in [*errors, *([] if final is None else [final])] if not math.isnan(e)]
     summary: dict[str, Any] = {
         "method": config.method,
         "mode": config.resolved_mode().value,
@@ -112,8 +114,8 @@ def write_summary(
         "lr": config.lr,
         "dataset": config.dataset,
         "center_test_error": final,
-        "center_test_loss": float(center["loss"]),
-        "best_center_test_error": min([*errors, final], key=_nan_last),
+        "center_test_loss": None if center is None else float(center["loss"]),
+        "best_center_test_error": min(known) if known else (final if center else None),
         "wall_seconds": float(wall_seconds),
         "startup_seconds": startup_seconds,
         "train_seconds": train_seconds,
@@ -144,8 +146,3 @@ def _check_summary(summary: Mapping[str, Any]) -> None:
     problems = summary_errors(summary)
     if problems:
         raise ValueError("; ".join(problems))
-
-
-def _nan_last(value: float) -> float:
-    """Sort key of ``min`` that never picks NaN over a number."""
-    return math.inf if math.isnan(value) else value
