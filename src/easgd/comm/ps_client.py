@@ -110,11 +110,20 @@ class _Conn:
         # them, [sum, count]; the exchanges the shard acknowledged; why it was lost.
         self.buckets: dict[int, list[Any]] = {}
         self.acked = 0
+        self.pending, self.durable = 1, 0  # the shard's checkpoint numbers, last heard
         self.lost: PSConnectionError | None = None
 
     def carry_over(self, old: _Conn) -> None:
         """A reconnection keeps what the worker knows of its contributions."""
         self.buckets, self.acked = old.buckets, old.acked
+        self.pending, self.durable = old.pending, old.durable
+
+
+_PIECE = 1 << 18  # elements: a piece of a transfer that is still in cache when it is added
+
+
+def _pieces(n: int) -> list[tuple[int, int]]:
+    return [(s, min(n, s + _PIECE)) for s in range(0, n, _PIECE)]
 
 
 class _Lost(PSConnectionError):
@@ -344,47 +353,84 @@ class PSClient(Transport):
                 )
             start = time.perf_counter()
             lost: set[int] = set()
+            # Recovery bookkeeping rides on the transfer: the contribution is added to its
+            # sum piece by piece while each piece is still in cache (the payload as it is
+            # sent, the reply as it arrives), so it costs no extra pass over memory.
+            added = contribution(request) if self.reconnect_timeout else None
+            on_send = added is not None and added is request.payload
+            on_recv = added is not None and added is request.reply
+            sent_seq: dict[int, int] = {}
             for i, (conn, (a, b)) in enumerate(zip(self._conns, self.ranges, strict=True)):
                 try:
                     if conn.lost is not None:
                         raise _Lost(conn, str(conn.lost))
-                    self._send(conn, cmd, request.payload[a:b])
+                    into = (
+                        self._bucket(conn, conn.pending, conn.durable, b - a) if on_send else None
+                    )
+                    self._send(conn, cmd, request.payload[a:b], add_to=into)
+                    if on_send:
+                        sent_seq[i] = conn.pending
                 except _Lost:
                     lost.add(i)
             for i, (conn, (a, b)) in enumerate(zip(self._conns, self.ranges, strict=True)):
                 if i in lost:
                     continue
                 try:
-                    self._account(conn, self._recv(conn, request.reply[a:b]), request, a, b)
+                    sink = None
+                    if on_recv:
+                        sink = lambda h, c=conn, n=b - a: self._bucket(c, h.pending, h.durable, n)  # noqa: E731
+                    h = self._recv(conn, request.reply[a:b], add_to=sink)
+                    self._account(conn, h, request, a, b, added_to=sent_seq.get(i, h.pending)
+                                  if (on_send or on_recv) else None)  # fmt: skip
                 except _Lost:
                     lost.add(i)
+                    if i in sent_seq:  # sent, never acknowledged: the retry will count it
+                        conn.buckets[sent_seq[i]][0].sub_(request.payload[a:b])
             for i in sorted(lost):  # only with reconnect_timeout > 0 (else _Lost is not raised)
                 self._reconnect(i, cmd, request)
             self.traffic.last_exchange_seconds = time.perf_counter() - start
             self.traffic.exchanges += 1
 
-    def _account(self, conn: _Conn, h: Header, request: Request, a: int, b: int) -> None:
-        """Remember this shard's part of an acknowledged contribution until it is durable."""
+    def _account(
+        self, conn: _Conn, h: Header, request: Request, a: int, b: int, added_to: int | None
+    ) -> None:
+        """Remember this shard's part of an acknowledged contribution until it is durable.
+
+        ``added_to``: the checkpoint whose sum the transfer already added it to (None: add
+        it here). The reply says which checkpoint will hold it (``h.pending``); a payload
+        added before a checkpoint began is moved to the right sum (once per checkpoint).
+        """
         conn.acked += 1
-        if not self.reconnect_timeout:
-            return
-        added = contribution(request)
+        conn.pending, conn.durable = h.pending, h.durable
+        added = contribution(request) if self.reconnect_timeout else None
         if added is None:
             return
-        bucket = conn.buckets.get(h.pending)
+        part = added[a:b]
+        if added_to is None or added_to != h.pending:
+            if added_to is not None and added_to in conn.buckets:
+                conn.buckets[added_to][0].sub_(part)
+            self._bucket(conn, h.pending, h.durable, b - a).add_(part)
+        conn.buckets[h.pending][1] += 1
+
+    def _bucket(self, conn: _Conn, seq: int, durable: int, size: int) -> Tensor:
+        """The sum of this worker's contributions that checkpoint ``seq`` will hold.
+
+        Sums are dropped once their checkpoint is durable, but for the newest durable one: a
+        restart that finds that file damaged falls back to the one before it.
+        """
+        bucket = conn.buckets.get(seq)
         if bucket is None:
-            # Keep the newest durable checkpoint's sums too: a restart that finds that file
-            # damaged falls back to the one before it (ps_checkpoint keeps it).
-            done = [s for s in conn.buckets if s < h.durable]
+            done = sorted(s for s in conn.buckets if s < durable)
             reuse = conn.buckets.pop(done[0])[0].zero_() if done else None
             for s in done[1:]:
                 del conn.buckets[s]
-            bucket = conn.buckets[h.pending] = [
-                reuse if reuse is not None else torch.zeros(b - a, dtype=added.dtype),
+            dtype = self._dtype or torch.float32
+            bucket = conn.buckets[seq] = [
+                reuse if reuse is not None else torch.zeros(size, dtype=dtype),
                 0,
             ]
-        bucket[0].add_(added[a:b])
-        bucket[1] += 1
+        tensor: Tensor = bucket[0]
+        return tensor
 
     def _reconnect(self, i: int, cmd: Cmd | None, request: Request | None) -> None:
         """Reach shard ``i`` again (its restarted server), re-send what it lacks, and finish
@@ -435,7 +481,7 @@ class PSClient(Transport):
                 self._send(conn, cmd, request.payload[a:b])
                 h = self._recv(conn, request.reply[a:b] if request.reply is not None else None)
                 if request.reply is not None:
-                    self._account(conn, h, request, a, b)
+                    self._account(conn, h, request, a, b, added_to=None)
         self._emit("server_back", shard=i, down_seconds=time.monotonic() - began,
                    resent=resent, lost=lost, reply_lost=reply_lost)  # fmt: skip
 
@@ -498,6 +544,7 @@ class PSClient(Transport):
         h = self._recv(conn, None)
         # The re-sent sum now waits for the restarted shard's next checkpoint.
         conn.buckets = {h.pending: [total, count]}
+        conn.pending, conn.durable = h.pending, h.durable
         return int(count)
 
     def pull(self, out: Tensor, *, evaluation: bool = False) -> None:
@@ -591,7 +638,14 @@ class PSClient(Transport):
         self._close_sockets()
         raise self._broken
 
-    def _send(self, conn: _Conn, cmd: Cmd, payload: Tensor | None, **fields: Any) -> None:
+    def _send(
+        self,
+        conn: _Conn,
+        cmd: Cmd,
+        payload: Tensor | None,
+        add_to: Tensor | None = None,
+        **fields: Any,
+    ) -> None:
         try:
             if payload is None:
                 self.traffic.bytes_sent += send_header(
@@ -608,7 +662,18 @@ class PSClient(Transport):
                     numel=payload.numel(),
                     **fields,
                 )
-                send_all(conn.sock, view)
+                if add_to is None:
+                    send_all(conn.sock, view)
+                else:
+                    done = 0
+                    try:
+                        for s, e in _pieces(payload.numel()):
+                            send_all(conn.sock, tensor_bytes(payload[s:e]))
+                            add_to[s:e].add_(payload[s:e])
+                            done = e
+                    except BaseException:
+                        add_to[:done].sub_(payload[:done])  # a request cut short is not applied
+                        raise
                 self.traffic.bytes_sent += len(view)
         except (OSError, ConnectionError) as exc:
             # A refused payload is answered with an error before the server closes.
@@ -617,7 +682,13 @@ class PSClient(Transport):
             self._fail_connection(conn, exc)
         self._last_io = time.monotonic()
 
-    def _recv(self, conn: _Conn, into: Tensor | None, timeout: float | None = None) -> Header:
+    def _recv(
+        self,
+        conn: _Conn,
+        into: Tensor | None,
+        timeout: float | None = None,
+        add_to: Callable[[Header], Tensor] | None = None,
+    ) -> Header:
         try:
             conn.sock.settimeout(self.timeout if timeout is None else timeout)
             h = recv_header(conn.sock)
@@ -636,7 +707,18 @@ class PSClient(Transport):
                 raise ConnectionError(f"unexpected reply (command {h.cmd}, {h.numel} elements)")
             if into is not None:
                 view = tensor_bytes(into)
-                recv_exact(conn.sock, view)
+                if add_to is None:
+                    recv_exact(conn.sock, view)
+                else:
+                    total, done = add_to(h), 0
+                    try:
+                        for s, e in _pieces(into.numel()):
+                            recv_exact(conn.sock, tensor_bytes(into[s:e]))
+                            total[s:e].add_(into[s:e])
+                            done = e
+                    except BaseException:
+                        total[:done].sub_(into[:done])  # a reply cut short is asked again
+                        raise
                 self.traffic.bytes_received += len(view)
         except (AuthenticationError, ValueError, RuntimeError):
             raise
