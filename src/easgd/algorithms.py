@@ -752,6 +752,32 @@ class Worker:
         if self.mode is Mode.SYNC and not self.result_is_current():
             yield Request(Op.MEAN, self.x)
 
+    def state_dict(self) -> dict[str, Any]:
+        """The worker's state: ``x``, ``v``, ``acc``, ``center``, ``z`` (None where unused), ``t``.
+
+        Settle first (:func:`run_settle`): a deferred exchange still owes the center its
+        update, and a state taken before it is not the state the run continues from.
+        Scratch buffers (the gradient, the elastic difference, the sum) are not state.
+        """
+        if self._in_flight:
+            raise RuntimeError("state_dict() with an exchange in flight: settle the worker first")
+        return {"x": self.x, "v": self.v, "acc": self.acc, "center": self.center, "z": self.z,
+                "t": self.t}  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state`` (copied in place; buffers this worker lacks are ignored)."""
+        for name in ("x", "v", "acc", "center", "z"):
+            mine, theirs = getattr(self, name), state.get(name)
+            if mine is not None and theirs is not None:
+                if theirs.shape != mine.shape:
+                    raise ValueError(
+                        f"state_dict[{name!r}] has shape {tuple(theirs.shape)}, this worker's "
+                        f"has {tuple(mine.shape)}; load a state of the same model"
+                    )
+                mine.copy_(theirs)
+        self.t = int(state["t"])
+        self._in_flight = False
+
     def communicates(self) -> bool:
         """Whether the step about to run exchanges with the center."""
         return self.spec.communicates(self.t, self.hp.tau)

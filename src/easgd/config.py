@@ -14,9 +14,17 @@ from typing import Any
 
 from easgd.algorithms import METHODS, Hyperparams, Mode
 
-__all__ = ["MODES", "TrainConfig"]
+__all__ = ["BUDGET_FIELDS", "EXPERIMENT_FIELDS", "MODES", "TrainConfig"]
 
 MODES = ("auto", "sync", "async")
+#: The fields that make the experiment: a resumed run (``easgd train --resume``) keeps them.
+EXPERIMENT_FIELDS = (
+    "method", "mode", "workers", "servers", "tau", "lr", "momentum", "beta", "alpha",
+    "weight_decay", "lr_decay", "lr_power", "moving_rate", "batch_size", "dataset", "model",
+    "seed",
+)  # fmt: skip
+#: The budget: a resumed run may raise it (the steps already done count).
+BUDGET_FIELDS = ("epochs", "time_budget", "steps")
 
 
 @dataclass(frozen=True)
@@ -57,6 +65,11 @@ class TrainConfig:
     #: evaluation takes no CPU from the workers (machines with fewer cores than processes).
     eval_deferred: bool = False
     checkpoint_interval: float = 5.0
+    #: Every worker saves its own state (``checkpoints/worker-<i>.pt``) every this many local
+    #: steps, at the same steps on every rank (synchronous runs: rounded up to a multiple of
+    #: tau). None: the steps that take about ``checkpoint_interval`` seconds, measured over
+    #: the first steps (worker 0's measure, shared by every rank).
+    checkpoint_steps: int | None = None
     timeout: float = 60.0
     host: str = "127.0.0.1"
     max_restarts: int = 0
@@ -81,6 +94,13 @@ class TrainConfig:
         for name in ("eval_interval", "checkpoint_interval", "timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be > 0 seconds")
+        if self.checkpoint_steps is not None and not (
+            isinstance(self.checkpoint_steps, int) and self.checkpoint_steps >= 1
+        ):
+            raise ValueError(
+                f"checkpoint_steps={self.checkpoint_steps!r} must be an integer >= 1 (or None: "
+                "derived from checkpoint_interval)"
+            )
         if self.max_restarts < 0:
             raise ValueError(f"max_restarts={self.max_restarts!r} must be >= 0")
         if self.device not in ("cpu", "cuda", "auto") and not self.device.startswith("cuda:"):

@@ -181,23 +181,28 @@ def finalize(
     # A worker's events carry its running totals; a restarted worker (new pid) starts again.
     totals: dict[tuple[int, int], dict[str, Any]] = {}
     steps: dict[tuple[int, int], int] = {}
+    resumed: dict[tuple[int, int], int] = {}  # a resumed process counts from its saved step
     for event in events:
-        if event.get("event") in (Event.EXCHANGE, Event.STEP, Event.WORKER_DONE):
+        kind = event.get("event")
+        if kind in (Event.EXCHANGE, Event.STEP, Event.WORKER_DONE, Event.TRAIN_START):
             key = (int(event["worker"]), int(event.get("pid", 0)))
+            if kind == Event.TRAIN_START:
+                resumed[key] = int(event.get("resumed_step") or 0)
+                continue
             steps[key] = max(steps.get(key, 0), int(event["step"]))
-            if event["event"] != Event.WORKER_DONE:
+            if kind != Event.WORKER_DONE:
                 totals[key] = event
     workers = [e for e in totals.values() if "exchanges" in e]
-    start, end = training_span(events)
+    local_steps = sum(max(0, n - resumed.get(key, 0)) for key, n in steps.items())
+    start, train_seconds = _training_time(events)
     summary = write_summary(
         paths, cfg, runtime="real", center=result,
         curve=[float(e["test_error"]) for e in iter_jsonl(paths.eval)],
-        wall_seconds=wall_seconds, startup_seconds=start,
-        train_seconds=None if start is None or end is None else end - start,
+        wall_seconds=wall_seconds, startup_seconds=start, train_seconds=train_seconds,
         exchanges=sum(int(e["exchanges"]) for e in workers),
         bytes_sent=sum(int(e["bytes_sent"]) for e in workers),
         bytes_received=sum(int(e["bytes_received"]) for e in workers),
-        local_steps=sum(steps.values()), skipped_files=skipped, **extra,
+        local_steps=local_steps, skipped_files=skipped, **extra,
     )  # fmt: skip
     if result is not None:
         return summary
@@ -248,3 +253,20 @@ def _fell_back(paths: RunPaths, exc: CheckpointError, used: os.PathLike[str], t:
     used_name = _entry(paths, used, "")["file"]
     return _entry(paths, exc.path, f"{exc.problem}; used the previous checkpoint {used_name} "
                   f"(t={t}) instead")  # fmt: skip
+
+
+def _training_time(events: list[dict[str, Any]]) -> tuple[float | None, float | None]:
+    """The first part's start-up, and the training seconds of every part added up.
+
+    A resumed run (``run_resume``) or a restarted synchronous group (``group_restart``) is
+    several parts on one clock: the time between them trained nothing.
+    """
+    parts: list[list[dict[str, Any]]] = [[]]
+    for event in events:
+        if event.get("event") in (Event.RUN_RESUME, Event.GROUP_RESTART):
+            parts.append([])
+        parts[-1].append(event)
+    spans = [training_span(part) for part in parts]
+    seconds = [end - start for start, end in spans if start is not None and end is not None]
+    first = next((start for start, _ in spans if start is not None), None)
+    return first, (sum(seconds) if seconds else None)

@@ -16,11 +16,23 @@ Failure behaviour (the local launcher):
 * a server shard that dies is restarted the same way, with the same rank and
   ``EASGD_RESTART=k``: it resumes from its checkpoint and publishes its new address under
   the same store key. Worker restarts wait until every shard serves again. A shard dead
-  beyond its restarts, or any failed rank of a synchronous run, ends the run: the others are
-  stopped and the failing process's error is raised (:class:`RunFailed`).
+  beyond its restarts ends the run: the others are stopped and the failing process's error
+  is raised (:class:`RunFailed`).
+* a synchronous rank that dies (``--mode sync``, local SGD, all-reduce SGD) stops the whole
+  group: under ``max_restarts`` every rank is started again (a ``group_restart`` event) on
+  a fresh store, from the last step at which every rank saved its state
+  (``checkpoints/worker-<i>.pt``; from step 0 when one has none), so the run ends bitwise
+  equal to an uninterrupted one; beyond ``max_restarts`` group restarts the run fails.
 * ``processes.json`` names every process (pid, address, restarts, state), rewritten
   whenever one starts, exits or publishes its address.
 * Ctrl-C stops every process.
+
+Resuming (``launch_local(cfg, resume=True)``, ``easgd train --resume``): every role starts
+from the run directory's checkpoints: each worker from ``checkpoints/worker-<i>.pt``
+(``RESUME_ENV``), each server shard from its ``server-<s>.pt`` (started as a restart,
+``EASGD_RESTART=1``). The run's clock goes on from the last event of the part before (so
+snapshots and events keep their order), metrics, evaluations and logs are appended to, and
+a ``run_resume`` event marks where the resumed part begins.
 """
 
 from __future__ import annotations
@@ -44,6 +56,7 @@ from typing import IO, Any, NoReturn
 from easgd.config import TrainConfig
 from easgd.roles.context import RoleContext
 from easgd.roles.server import RESTART_ENV, WORKERS_LOST_KEY, server_pid_key
+from easgd.roles.worker import RESUME_ENV
 from easgd.runlog import (
     PROGRESS_EVENTS,
     Event,
@@ -51,6 +64,7 @@ from easgd.runlog import (
     RunPaths,
     RunStatus,
     atomic_write_json,
+    previous_checkpoint,
     read_jsonl,
     update_summary,
 )
@@ -253,13 +267,18 @@ class _Launcher:
     address.
     """
 
-    def __init__(self, cfg: TrainConfig, progress: Callable[[str], None] | None) -> None:
+    def __init__(
+        self, cfg: TrainConfig, progress: Callable[[str], None] | None, resume: bool = False
+    ) -> None:
         import torch.distributed as dist
 
         self.cfg = cfg
         self.paths = RunPaths(cfg.out).make()
         self.progress = progress
-        self.start = time.time()
+        self.resume = resume
+        # A resumed run's clock goes on from where the part before stopped.
+        self.previous_wall = _last_wall(self.paths) if resume else 0.0
+        self.start = time.time() - self.previous_wall
         self.master = _connect_store("127.0.0.1", 0, is_master=True, timeout=cfg.timeout)
         # The roles' view of the store (launch._env_store): the first and only attempt.
         self.store = dist.PrefixStore("easgd/attempt_0/", self.master)
@@ -272,24 +291,36 @@ class _Launcher:
         self.lost_servers: list[int] = []
         self.restarts = 0
         self.server_restarts = 0
+        self.group_restarts = 0  # synchronous runs: the whole group started again
+        self.worker_port = self.master.port  # the store the workers' process group uses
+        self.stores = [self.master]  # every store a group was started on (kept open)
+        self.group_resume = resume  # the workers started next continue from checkpoints
 
     def env(self, rank: int, role: str | None, restart: int) -> dict[str, str]:
         env = dict(os.environ)
+        is_worker = role is None and self.cfg.role_of(rank)[0] == "worker"
+        port = self.worker_port if is_worker else self.master.port
         env.update(
             RANK=str(rank), WORLD_SIZE=str(self.cfg.world_size()), LOCAL_RANK=str(rank),
             LOCAL_WORLD_SIZE=str(self.cfg.world_size()), MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(self.master.port), TORCHELASTIC_USE_AGENT_STORE="True",
+            MASTER_PORT=str(port), TORCHELASTIC_USE_AGENT_STORE="True",
             OMP_NUM_THREADS="1", EASGD_RUN_DIR=str(self.paths.root),
             EASGD_START_TIME=repr(self.start), PYTHONUNBUFFERED="1",
         )  # fmt: skip
-        env[RESTART_ENV] = str(restart)
+        # A resumed run's servers start from their checkpoints, as a restarted shard does.
+        resumed_server = self.resume and restart == 0 and self.cfg.role_of(rank)[0] == "server"
+        env[RESTART_ENV] = str(1 if resumed_server and role is None else restart)
+        if self.resume or (is_worker and self.group_resume):
+            env[RESUME_ENV] = "1"
         if role == "evaluator":
             env["EASGD_ROLE"] = "evaluator"
         return env
 
     def spawn(self, role: str, index: int, rank: int, restarts: int = 0) -> _Proc:
         log_path = self.paths.log(role, index, restarts)
-        log_file = open(log_path, "wb")  # noqa: SIM115 - closed when the process ends
+        # A resumed run appends to the logs of the part before.
+        mode = "ab" if self.resume else "wb"
+        log_file = open(log_path, mode)  # noqa: SIM115 - closed when the process ends
         popen = subprocess.Popen(
             [sys.executable, "-m", "easgd.launch"],
             env=self.env(rank, role if role == "evaluator" else None, restarts),
@@ -393,8 +424,46 @@ class _Launcher:
             self._worker_died(proc, rc)
         elif proc.role == "server":
             self._server_died(proc, rc)
+        elif proc.role == "worker" and self.group_restarts < self.cfg.max_restarts:
+            self._restart_group(proc, rc)
         else:
             raise self.fail(proc, rc)
+
+    def _restart_group(self, dead: _Proc, rc: int) -> None:
+        """A synchronous rank died: stop the others, start every rank again from its state.
+
+        The group starts on a fresh store (gloo's keys of the dead group must not be seen),
+        and from the workers' checkpoints when every worker has one (else from step 0: the
+        same run, from its start).
+        """
+        self.group_restarts += 1
+        self.restarts += 1
+        workers = [p for p in self.current.values() if p.role == "worker"]
+        # The others fail at their next collective: name the one a signal killed, if any.
+        killed = [p for p in workers if (p.popen.poll() or 0) < 0]
+        if killed and dead not in killed:
+            dead, rc = killed[0], int(killed[0].popen.returncode)
+        for p in workers:
+            if p.popen.poll() is None:
+                p.popen.send_signal(signal.SIGKILL)  # blocked in a collective: no grace
+            p.popen.wait()
+            p.finished = True
+            p.log_file.close()
+        resume = all(
+            self.paths.worker_checkpoint(i).exists()
+            or previous_checkpoint(self.paths.worker_checkpoint(i)).exists()
+            for i in range(self.cfg.workers)
+        )
+        self.events.write({"event": Event.GROUP_RESTART, "wall": time.time() - self.start,
+                           "worker": dead.index, "status": rc, "restart": self.group_restarts,
+                           "resumed": resume})  # fmt: skip
+        log.warning("worker %d died (status %s); restarting the group %s", dead.index, rc,
+                    "from its checkpoints" if resume else "from step 0")  # fmt: skip
+        store = _connect_store("127.0.0.1", 0, is_master=True, timeout=self.cfg.timeout)
+        self.stores.append(store)
+        self.worker_port, self.group_resume = store.port, resume
+        for p in workers:
+            self.spawn("worker", p.index, p.rank, self.group_restarts)
 
     def _servers(self) -> list[_Proc]:
         return [p for p in self.current.values() if p.role == "server"]
@@ -463,6 +532,10 @@ class _Launcher:
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
         atomic_write_json(self.paths.config, cfg.to_dict())
+        if self.resume:
+            self.events.write({"event": Event.RUN_RESUME, "wall": time.time() - self.start,
+                               "previous_wall": self.previous_wall, "steps": cfg.steps,
+                               "epochs": cfg.epochs, "time_budget": cfg.time_budget})  # fmt: skip
         for rank in range(cfg.world_size()):
             role, index = cfg.role_of(rank)
             self.spawn(role, index, rank)
@@ -518,18 +591,29 @@ class _Launcher:
             return None
 
 
+def _last_wall(paths: RunPaths) -> float:
+    """The wall of the last event of ``metrics.jsonl`` and ``eval.jsonl`` (0 if none)."""
+    walls = [float(e["wall"]) for f in (paths.metrics, paths.eval) for e in read_jsonl(f, 0)[0]
+             if isinstance(e.get("wall"), int | float)]  # fmt: skip
+    return max(walls, default=0.0)
+
+
 def _names(indices: list[int]) -> str:
     return ", ".join(str(i) for i in sorted(set(indices)))
 
 
-def launch_local(cfg: TrainConfig, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+def launch_local(
+    cfg: TrainConfig, progress: Callable[[str], None] | None = None, *, resume: bool = False
+) -> dict[str, Any]:
     """Run ``cfg`` on this machine in separate processes; returns the summary.
+
+    ``resume``: continue the run in ``cfg.out`` from its checkpoints (module docstring).
 
     Raises :class:`RunFailed` when the run did not do what was asked: a process failed for
     good (a server shard beyond its restarts, a synchronous rank) or every worker was lost.
     Its ``status`` says which, and its ``summary`` is the summary written, if any.
     """
-    return _Launcher(cfg, progress).run()
+    return _Launcher(cfg, progress, resume).run()
 
 
 def run_torchrun(cfg: TrainConfig) -> dict[str, Any] | None:

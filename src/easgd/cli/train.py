@@ -7,16 +7,17 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from easgd.cli._help import HelpFormatter
 from easgd.cli._progress import Progress
 from easgd.cli._table import format_table
 from easgd.cli.simulate import add_hyperparam_args
-from easgd.config import MODES, TrainConfig
+from easgd.config import BUDGET_FIELDS, EXPERIMENT_FIELDS, MODES, TrainConfig
 from easgd.runlog import CONFIG_FILE, RunPaths
 
-__all__ = ["DEFAULT_EPOCHS", "config_from_args", "register", "run"]
+__all__ = ["DEFAULT_EPOCHS", "config_from_args", "register", "resume_config", "run"]
 
 _DEFAULTS = TrainConfig(epochs=1)  # where the flags take their defaults from
 #: The budget of a run given none of --epochs, --time-budget and --steps.
@@ -89,6 +90,15 @@ def register(subparsers: Any) -> None:
     )
     g.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     g.add_argument(
+        "--resume",
+        default=None,
+        metavar="DIR",
+        help="continue the run in DIR from its checkpoints, with its own config.json: flags "
+        "that change the experiment are refused; --steps, --epochs, --time-budget (the "
+        "steps and time done count) and the run settings (--eval-interval, --timeout, ...) "
+        "may be given",
+    )
+    g.add_argument(
         "--eval-interval",
         type=float,
         default=_DEFAULTS.eval_interval,
@@ -104,7 +114,19 @@ def register(subparsers: Any) -> None:
         "--checkpoint-interval",
         type=float,
         default=_DEFAULTS.checkpoint_interval,
-        help="seconds between checkpoints of the center",
+        help="seconds between checkpoints of the center (and, without "
+        "--checkpoint-every-steps, about the seconds between the workers' own checkpoints)",
+    )
+    g.add_argument(
+        "--checkpoint-every-steps",
+        dest="checkpoint_steps",
+        type=int,
+        default=None,
+        metavar="N",
+        help="every worker saves its own state (checkpoints/worker-<i>.pt, what --resume "
+        "continues from) every N local steps, the same steps on every rank (synchronous: "
+        "rounded up to a multiple of tau); default: the steps that take --checkpoint-interval "
+        "seconds, timed over the first 20",
     )
     g.add_argument(
         "--timeout",
@@ -123,7 +145,8 @@ def register(subparsers: Any) -> None:
         default=_DEFAULTS.max_restarts,
         help="restarts of each dead asynchronous worker (before the run goes on without "
         "it) and of each dead server shard (which resumes from its checkpoint; beyond "
-        "that the run fails)",
+        "that the run fails); synchronous runs: restarts of the whole group when a rank "
+        "dies, from the ranks' last common checkpoint",
     )
     g.add_argument("--json", action="store_true", help="print the summary as JSON")
     g.add_argument("--quiet", action="store_true", help="no progress display")
@@ -131,6 +154,65 @@ def register(subparsers: Any) -> None:
         func=run, tau=_DEFAULTS.tau, lr=_DEFAULTS.lr, workers=_DEFAULTS.workers,
         weight_decay=_DEFAULTS.weight_decay,
     )  # fmt: skip
+    global _FLAG_DEFAULTS
+    _FLAG_DEFAULTS = {a.dest: parser.get_default(a.dest) for a in parser._actions}
+
+
+#: The parser's default of every flag (filled by register): a flag whose value differs from
+#: its default was given on the command line.
+_FLAG_DEFAULTS: dict[str, Any] = {}
+#: What a resumed run may change without changing its experiment (besides its budget).
+_RUN_SETTINGS = ("data_dir", "device", "eval_interval", "eval_deferred",
+                 "checkpoint_interval", "checkpoint_steps", "timeout", "host",
+                 "max_restarts")  # fmt: skip
+
+
+def _given(args: argparse.Namespace, name: str) -> bool:
+    return name in _FLAG_DEFAULTS and getattr(args, name) != _FLAG_DEFAULTS[name]
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def resume_config(args: argparse.Namespace) -> TrainConfig:
+    """The configuration of ``--resume DIR``: its ``config.json``, with what may change.
+
+    Raises ``ValueError`` (one line naming the flag) for a flag that would change the
+    experiment, for ``--overwrite`` or another ``--out``, and for a directory without a run
+    or without checkpoints.
+    """
+    paths = RunPaths(args.resume)
+    if args.overwrite:
+        raise ValueError(
+            f"--resume {paths.root} with --overwrite: --overwrite would delete the "
+            "checkpoints --resume continues from; drop one of the two"
+        )
+    if args.out is not None and Path(args.out).resolve() != paths.root.resolve():
+        raise ValueError(
+            f"--out {args.out} with --resume {paths.root}: a resumed run continues in its "
+            "own directory; drop --out"
+        )
+    if not paths.holds_run():
+        raise ValueError(f"--resume {paths.root}: no run there (no {CONFIG_FILE})")
+    if not paths.has_checkpoints():
+        raise ValueError(
+            f"--resume {paths.root}: the run left no checkpoint in {paths.checkpoints}; "
+            "there is nothing to resume from, start it again"
+        )
+    saved = TrainConfig.from_dict(json.loads(paths.config.read_text()))
+    for name in EXPERIMENT_FIELDS:
+        if _given(args, name) and getattr(args, name) != getattr(saved, name):
+            raise ValueError(
+                f"{_flag(name)} {getattr(args, name)} would change the experiment of "
+                f"--resume {paths.root} ({name}={getattr(saved, name)!r} in its "
+                f"{CONFIG_FILE}); drop {_flag(name)}, or start a new run"
+            )
+    changes: dict[str, Any] = {"out": str(paths.root)}
+    if any(getattr(args, name) is not None for name in BUDGET_FIELDS):
+        changes.update({name: getattr(args, name) for name in BUDGET_FIELDS})
+    changes.update({name: getattr(args, name) for name in _RUN_SETTINGS if _given(args, name)})
+    return saved.replace(**changes)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -147,7 +229,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         "steps": args.steps, "dataset": args.dataset, "model": args.model,
         "data_dir": args.data_dir, "device": args.device, "seed": args.seed, "out": out,
         "eval_interval": args.eval_interval, "eval_deferred": args.eval_deferred,
-        "checkpoint_interval": args.checkpoint_interval,
+        "checkpoint_interval": args.checkpoint_interval, "checkpoint_steps": args.checkpoint_steps,
         "timeout": args.timeout, "host": args.host, "max_restarts": args.max_restarts,
     }  # fmt: skip
     return TrainConfig(**fields)
@@ -181,19 +263,24 @@ def _under_torchrun() -> bool:
 
 def run(args: argparse.Namespace) -> int:
     from easgd.launch import RunFailed, exit_now, launch_local, run_torchrun
+    from easgd.roles.worker import RESUME_ENV
 
-    cfg = config_from_args(args)
+    resume = args.resume is not None
+    cfg = resume_config(args) if resume else config_from_args(args)
     if _under_torchrun():
-        if int(os.environ["RANK"]) == 0:
+        if resume:
+            os.environ[RESUME_ENV] = "1"  # this rank's roles run in this process
+        elif int(os.environ["RANK"]) == 0:
             _prepare_out(cfg, args.overwrite)
         summary = run_torchrun(cfg)
         if summary is None:
             exit_now(0)
     else:
-        _prepare_out(cfg, args.overwrite)
+        if not resume:
+            _prepare_out(cfg, args.overwrite)
         progress = Progress("train", enabled=not (args.quiet or args.json))
         try:
-            summary = launch_local(cfg, progress.show)
+            summary = launch_local(cfg, progress.show, resume=resume)
         except RunFailed as exc:
             progress.close()
             if args.json and exc.summary is not None:

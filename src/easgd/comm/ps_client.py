@@ -122,8 +122,19 @@ class _Conn:
 _PIECE = 1 << 18  # elements: a piece of a transfer that is still in cache when it is added
 
 
-def _pieces(n: int) -> list[tuple[int, int]]:
-    return [(s, min(n, s + _PIECE)) for s in range(0, n, _PIECE)]
+def _moved_adding(move: Callable[[memoryview], None], data: Tensor, total: Tensor) -> None:
+    """Send or receive ``data`` piece by piece, adding each piece to ``total`` while it is
+    still in cache (no extra pass over memory); a transfer cut short takes its add back."""
+    done = 0
+    try:
+        for s in range(0, data.numel(), _PIECE):
+            e = min(data.numel(), s + _PIECE)
+            move(tensor_bytes(data[s:e]))
+            total[s:e].add_(data[s:e])
+            done = e
+    except BaseException:
+        total[:done].sub_(data[:done])
+        raise
 
 
 class _Lost(PSConnectionError):
@@ -664,16 +675,8 @@ class PSClient(Transport):
                 )
                 if add_to is None:
                     send_all(conn.sock, view)
-                else:
-                    done = 0
-                    try:
-                        for s, e in _pieces(payload.numel()):
-                            send_all(conn.sock, tensor_bytes(payload[s:e]))
-                            add_to[s:e].add_(payload[s:e])
-                            done = e
-                    except BaseException:
-                        add_to[:done].sub_(payload[:done])  # a request cut short is not applied
-                        raise
+                else:  # a request cut short is not applied: _moved_adding undoes its add
+                    _moved_adding(lambda v: send_all(conn.sock, v), payload, add_to)
                 self.traffic.bytes_sent += len(view)
         except (OSError, ConnectionError) as exc:
             # A refused payload is answered with an error before the server closes.
@@ -709,16 +712,8 @@ class PSClient(Transport):
                 view = tensor_bytes(into)
                 if add_to is None:
                     recv_exact(conn.sock, view)
-                else:
-                    total, done = add_to(h), 0
-                    try:
-                        for s, e in _pieces(into.numel()):
-                            recv_exact(conn.sock, tensor_bytes(into[s:e]))
-                            total[s:e].add_(into[s:e])
-                            done = e
-                    except BaseException:
-                        total[:done].sub_(into[:done])  # a reply cut short is asked again
-                        raise
+                else:  # a reply cut short is asked again: _moved_adding undoes its add
+                    _moved_adding(lambda v: recv_exact(conn.sock, v), into, add_to(h))
                 self.traffic.bytes_received += len(view)
         except (AuthenticationError, ValueError, RuntimeError):
             raise

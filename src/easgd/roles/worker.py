@@ -9,10 +9,18 @@ nothing here asks which method or mode it runs: the method table and the transpo
 
 The time budget counts from the first training step (the ``train_start`` event), so a
 slow start-up (importing torch, loading data, waiting for the servers) does not eat it.
+
+Every worker saves its own state, ``checkpoints/worker-<i>.pt`` (:class:`_State`), every
+``checkpoint_steps`` local steps (at the same steps on every rank) and at the end, so that
+``easgd train --resume`` continues the run: a synchronous or sequential worker bitwise (x,
+momentum, center copy, average, step, data-stream position and RNG state), an asynchronous
+one from its step and data position, rejoining the restored servers like a restarted worker.
 """
 
 from __future__ import annotations
 
+import datetime
+import logging
 import math
 import os
 import time
@@ -20,13 +28,34 @@ from typing import Any
 
 import torch
 
-from easgd.algorithms import Worker, run_finish, run_settle, run_step
+from easgd.algorithms import Mode, Worker, run_finish, run_settle, run_step
 from easgd.comm.base import Transport, make_transport
 from easgd.config import TrainConfig
 from easgd.roles.context import RoleContext, resolve_device, secret, server_addresses
-from easgd.runlog import CheckpointKind, Event, JsonlWriter, save_checkpoint
+from easgd.runlog import (
+    Checkpoint,
+    CheckpointError,
+    CheckpointKind,
+    Event,
+    JsonlWriter,
+    load_checkpoint,
+    previous_checkpoint,
+    save_checkpoint,
+)
 
-__all__ = ["run_worker"]
+__all__ = ["RESUME_ENV", "ResumeError", "run_worker"]
+
+log_ = logging.getLogger(__name__)
+
+#: Set (to 1) by ``easgd train --resume``: every worker continues from its checkpoint.
+RESUME_ENV = "EASGD_RESUME"
+_RESUME_STEP_KEY = "easgd/resume_step"  # the step every synchronous rank continues from
+_PERIOD_KEY = "easgd/checkpoint_steps"  # worker 0's checkpoint period, shared by every rank
+_WARMUP = 20  # steps timed to derive the checkpoint period from checkpoint_interval
+
+
+class ResumeError(RuntimeError):
+    """A run that cannot be resumed: the message names the files and what to do."""
 
 
 def run_worker(cfg: TrainConfig, ctx: RoleContext, index: int) -> None:
@@ -37,6 +66,9 @@ def run_worker(cfg: TrainConfig, ctx: RoleContext, index: int) -> None:
 
     # Setup: the model, its flat views, the data stream, the transport, the worker.
     torch.set_num_threads(1)
+    # Per-rank seed of the global RNG (dropout), so that a run is reproducible from its seed
+    # and a resumed one (which restores this RNG's state) can be checked against a fresh one.
+    torch.manual_seed(cfg.seed + index)
     device = resolve_device(cfg.device, ctx.local_rank)
     hp, mode = cfg.hyperparams(), cfg.resolved_mode()
     task = build_task(cfg.dataset, cfg.model, seed=cfg.seed, data_dir=cfg.data_dir)
@@ -59,19 +91,27 @@ def run_worker(cfg: TrainConfig, ctx: RoleContext, index: int) -> None:
     )  # fmt: skip
     transport.start(flat.params)  # every worker starts from the center
     worker = Worker(hp, flat.params, mode, grad=flat.grads)
+    state = _State(cfg, ctx, index, worker, stream)
+    if os.environ.get(RESUME_ENV, "") not in ("", "0"):
+        state.resume()  # after start(): the broadcast or the pull must not overwrite it
     budget = _Budget(cfg.steps_per_worker(len(task.train[0])), cfg.time_budget, hp.tau)
     log = _Log(ctx, index, worker, transport)
     keeper = _Keeper(cfg, ctx, worker, transport) if _keeps_result(worker, index) else None
 
     # The loop.
     try:
-        log.train_start()
-        budget.start()
+        log.train_start(state.resumed)
+        budget.start(state.train_seconds)
+        state.start()
         while not budget.spent(worker, transport):
             comm = worker.communicates()
             log.step(comm, run_step(worker, grad_fn, transport.serve))
+            state.tick(transport)
             if keeper is not None:
                 keeper.tick()
+        # The state a longer run continues from: before local SGD's final average.
+        run_settle(worker, transport.serve)
+        state.save_final()
         run_finish(worker, transport.serve)  # every rank: nothing left in flight
         transport.settle()
         if keeper is not None:
@@ -110,8 +150,9 @@ class _Budget:
         self.every = max(tau, 10)
         self.started = math.inf
 
-    def start(self) -> None:
-        self.started = time.monotonic()
+    def start(self, already: float = 0.0) -> None:
+        """Start the clock; ``already``: seconds trained before a resume (they count)."""
+        self.started = time.monotonic() - already
 
     def spent(self, worker: Worker, transport: Transport) -> bool:
         if self.steps is not None and worker.t >= self.steps:
@@ -139,9 +180,10 @@ class _Log:
         """A transport's event (``server_lost``, ``server_back``), with this worker's fields."""
         self._write(Event(event), step=self.worker.t, **fields)
 
-    def train_start(self) -> None:
+    def train_start(self, resumed: int | None) -> None:
         wall = self.ctx.wall()
-        self._write(Event.TRAIN_START, step=self.worker.t, startup_seconds=wall)
+        extra = {} if resumed is None else {"resumed_step": resumed}
+        self._write(Event.TRAIN_START, step=self.worker.t, startup_seconds=wall, **extra)
 
     def step(self, comm: bool, loss: float) -> None:
         self.losses.append(loss)
@@ -194,3 +236,155 @@ class _Keeper:
             {"center": self.worker.evaluation_vector()}, method=self.cfg.method,
             t=self.worker.t, meta={"wall": self.ctx.wall(), "config": self.cfg.to_dict()},
         )  # fmt: skip
+
+
+class _State:
+    """This worker's own state in ``checkpoints/worker-<i>.pt``, for ``easgd train --resume``.
+
+    A synchronous or sequential worker keeps everything its run continues from: x, the
+    momentum v, DOWNPOUR's accumulator, the center copy (synchronous EASGD), the average z,
+    the step t, the data stream's position and torch's RNG state (dropout). An asynchronous
+    worker keeps t, the stream and the RNG: on resume it pulls the center from the restored
+    servers, as a restarted worker does. The file is an ``easgd.checkpoint/1`` of kind
+    ``center`` whose ``meta["state"]`` is ``"worker"`` (its ``center`` tensor is the center
+    copy where the worker holds one, else x).
+
+    Saved every ``every`` steps, at the same steps on every rank (after settling the
+    exchange in flight), and at the end of training before local SGD's final average.
+    ``every`` is ``checkpoint_steps``, or, when that is None, the steps that take
+    ``checkpoint_interval`` seconds as worker 0 timed its first ``_WARMUP`` steps (shared
+    through the store). Synchronous periods are multiples of tau, so that no rank gets two
+    checkpoints ahead of another (each period holds an exchange that every rank joins).
+    """
+
+    def __init__(
+        self, cfg: TrainConfig, ctx: RoleContext, index: int, worker: Worker, stream: Any
+    ) -> None:
+        self.cfg, self.ctx, self.index, self.worker, self.stream = cfg, ctx, index, worker, stream
+        self.path = ctx.paths.worker_checkpoint(index)
+        self.sync = worker.mode is Mode.SYNC
+        self.full = worker.mode is not Mode.ASYNC
+        self.every = self._round(cfg.checkpoint_steps) if cfg.checkpoint_steps else None
+        self.warmup_end: int | None = None
+        self.started = math.inf
+        self.train_seconds = 0.0  # trained before this process (the earlier part of a resume)
+        self.resumed: int | None = None  # the step resumed from
+        self.saved_t: int | None = None
+
+    def _round(self, steps: int) -> int:
+        tau = self.worker.hp.tau
+        return math.ceil(steps / tau) * tau if self.sync else steps
+
+    def start(self) -> None:
+        self.started = time.monotonic()
+        if self.every is None:
+            self.warmup_end = self.worker.t + _WARMUP
+
+    def tick(self, transport: Transport) -> None:
+        t = self.worker.t
+        if t == self.warmup_end:
+            self.warmup_end = None
+            self.every = self._agree_period(time.monotonic() - self.started)
+        if self.every and t % self.every == 0:
+            run_settle(self.worker, transport.serve)
+            self.save()
+
+    def _agree_period(self, seconds: float) -> int:
+        per_step = max(seconds, 1e-9) / _WARMUP
+        every = self._round(max(1, math.ceil(self.cfg.checkpoint_interval / per_step)))
+        if not self.sync:
+            return every
+        if self.index == 0:
+            self.ctx.store.set(_PERIOD_KEY, str(every))
+        return int(self.ctx.store.get(_PERIOD_KEY))  # worker 0's, on every rank
+
+    def save_final(self) -> None:
+        if self.saved_t != self.worker.t:
+            self.save()
+
+    def seconds(self) -> float:
+        return self.train_seconds + max(0.0, time.monotonic() - self.started)
+
+    def save(self) -> None:
+        w = self.worker
+        state = w.state_dict()
+        tensors: dict[str, torch.Tensor | None] = {
+            "center": state["center"] if state["center"] is not None else w.x,
+            "rng": torch.get_rng_state(),
+        }
+        if self.full:
+            tensors.update(x=state["x"], v=state["v"], acc=state["acc"], z=state["z"])
+        meta = {
+            "state": "worker", "worker": self.index, "mode": w.mode.value,
+            "stream": self.stream.state_dict(), "train_seconds": self.seconds(),
+            "wall": self.ctx.wall(), "config": self.cfg.to_dict(),
+        }  # fmt: skip
+        save_checkpoint(self.path, CheckpointKind.CENTER, tensors, method=self.cfg.method,
+                        t=w.t, meta=meta)  # fmt: skip
+        self.saved_t = w.t
+
+    # Resuming.
+
+    def _candidates(self, index: int) -> list[Checkpoint]:
+        """Worker ``index``'s verified states: its newest file and the previous one."""
+        path = self.ctx.paths.worker_checkpoint(index)
+        found = []
+        for p in (path, previous_checkpoint(path)):
+            if not p.exists():
+                continue
+            try:
+                ckpt = load_checkpoint(p, CheckpointKind.CENTER, method=self.cfg.method,
+                                       numel=self.worker.x.numel(), fallback=False,
+                                       allow_nonfinite=True)  # fmt: skip
+            except CheckpointError as exc:
+                log_.warning("not resuming from %s", exc)
+                continue
+            if ckpt.meta.get("state") == "worker" and ckpt.meta.get("worker") == index:
+                found.append(ckpt)
+        return found
+
+    def _common_step(self) -> int:
+        """The latest step at which every synchronous rank saved its state."""
+        steps = [{c.t for c in self._candidates(i)} for i in range(self.cfg.workers)]
+        common = set.intersection(*steps)
+        if not common:
+            have = "; ".join(f"worker {i}: {sorted(s) or 'none'}" for i, s in enumerate(steps))
+            raise ResumeError(
+                f"{self.ctx.paths.checkpoints}: no step at which every worker saved its state "
+                f"(steps found: {have}); the run cannot resume, start it again"
+            )
+        return max(common)
+
+    def resume(self) -> None:
+        """Load this worker's state (synchronous ranks: at the step all of them hold)."""
+        step: int | None = None
+        if self.sync:
+            if self.index == 0:
+                self.ctx.store.set(_RESUME_STEP_KEY, str(self._common_step()))
+            self.ctx.store.wait([_RESUME_STEP_KEY], datetime.timedelta(seconds=self.cfg.timeout))
+            step = int(self.ctx.store.get(_RESUME_STEP_KEY))
+        found = [c for c in self._candidates(self.index) if step is None or c.t == step]
+        if not found:
+            if self.full:
+                raise ResumeError(
+                    f"{self.path}: no verified state of worker {self.index}"
+                    + ("" if step is None else f" at step {step}")
+                    + "; the run cannot resume, start it again"
+                )
+            log_.warning("worker %d has no state in %s; it starts at step 0", self.index,
+                         self.path)  # fmt: skip
+            return
+        ckpt = max(found, key=lambda c: c.t)
+        w = self.worker
+        if self.full:
+            tensors = dict(ckpt.tensors)
+            if w.center is None:
+                tensors.pop("center")
+            w.load_state_dict({**tensors, "t": ckpt.t})
+        else:
+            w.load_state_dict({"t": ckpt.t})  # x: the center just pulled
+        self.stream.load_state_dict(ckpt.meta["stream"])
+        torch.set_rng_state(ckpt.tensors["rng"])
+        self.train_seconds = float(ckpt.meta.get("train_seconds", 0.0))
+        self.resumed = self.saved_t = ckpt.t
+        log_.info("worker %d resumes from %s at step %d", self.index, ckpt.path, ckpt.t)

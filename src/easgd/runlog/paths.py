@@ -132,6 +132,16 @@ class RunPaths:
         """Parameter-server shard ``shard``'s checkpoint (asynchronous runs)."""
         return self.checkpoints / f"server-{shard}.pt"
 
+    def worker_checkpoint(self, index: int) -> Path:
+        """Worker ``index``'s own state, from which ``easgd train --resume`` continues it."""
+        return self.checkpoints / f"worker-{index}.pt"
+
+    def has_checkpoints(self) -> bool:
+        """Whether a run here left a checkpoint to resume from (worker or server state)."""
+        if not self.checkpoints.is_dir():
+            return False
+        return any(p.suffix == ".pt" for p in self.checkpoints.iterdir())
+
     @property
     def sync_checkpoint(self) -> Path:
         """The center kept by worker 0 (synchronous and sequential runs)."""

@@ -50,7 +50,9 @@ class Event(str, enum.Enum):
     SERVER_LOST = "server_lost"  # the worker lost its connection to a server shard
     SERVER_BACK = "server_back"  # ... and is exchanging with it again
     # The launcher (easgd.launch).
+    RUN_RESUME = "run_resume"  # easgd train --resume: the run continues from its checkpoints
     WORKER_RESTART = "worker_restart"
+    GROUP_RESTART = "group_restart"  # a synchronous rank died: every rank started again
     WORKER_LOST = "worker_lost"
     SERVER_DIED = "server_died"
     # The server role (easgd.roles.server), started again by the launcher.
@@ -203,6 +205,9 @@ EVENT_FIELDS: Final[dict[Event, dict[str, FieldSpec]]] = {
         **_COMMON, **_WORKER, **_STEP,
         "startup_seconds": _f("float", "s", "seconds from the run's start to this worker's "
                               "first training step: process start-up, data, joining"),
+        "resumed_step": _f("int", "steps", "the step of checkpoints/worker-<i>.pt this "
+                           "worker continues from (easgd train --resume; absent: step 0)",
+                           required=False),
     },
     Event.STEP: _PROGRESS,
     Event.EXCHANGE: _PROGRESS,
@@ -222,11 +227,31 @@ EVENT_FIELDS: Final[dict[Event, dict[str, FieldSpec]]] = {
         "reply_lost": _f("int", "exchanges", "updates applied whose reply never arrived "
                          "(the worker skipped that pull)"),
     },
+    Event.RUN_RESUME: {
+        **_COMMON,
+        "previous_wall": _f("float", _RUN_CLOCK, "where the run's clock stood when the part "
+                            "before stopped (its last event); the resumed part's walls go on "
+                            "from there"),
+        "steps": _f("int or null", "steps", "the resumed run's --steps per worker, steps "
+                    "done before included (config.json holds its whole budget)"),
+        "epochs": _f("float or null", "epochs", "its --epochs, likewise"),
+        "time_budget": _f("float or null", "s", "its --time-budget, training time before "
+                          "included"),
+    },
     Event.WORKER_RESTART: {
         **_COMMON,
         "worker": _f("int", "", "the dead worker's index"),
         "status": _f("int", "", "its exit status (negative: killed by that signal)"),
         "restart": _f("int", "", "the replacement's restart number, 1 to --max-restarts"),
+    },
+    Event.GROUP_RESTART: {
+        **_COMMON,
+        "worker": _f("int", "", "the synchronous rank's worker index that died"),
+        "status": _f("int", "", "its exit status (negative: killed by that signal)"),
+        "restart": _f("int", "", "the group's restart number, 1 to --max-restarts"),
+        "resumed": _f("bool", "", "true: every rank continues from the last step at which "
+                      "all saved their state (checkpoints/worker-<i>.pt); false: one had "
+                      "none, and the group starts again from step 0"),
     },
     Event.WORKER_LOST: {
         **_COMMON,
