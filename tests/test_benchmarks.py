@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCHMARKS = ("overhead", "exchange", "scaling", "time_to_accuracy", "sim_scale")
+BENCHMARKS = ("overhead", "exchange", "scaling", "time_to_accuracy", "sim_scale", "checkpoints")
 
 
 def quick(name: str, tmp_path: Path, timeout: float) -> dict[str, Any]:
@@ -229,3 +229,17 @@ def test_exchange_quick(tmp_path: Path) -> None:
         assert r["median_ms"] > 0 and len(r["samples_ms"]) == result["repeats"]
     assert rows["ps_elastic_recovering"]["baseline"] == "ps_elastic"
     assert len(result["target_met"]) == 4
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_checkpoints_quick(tmp_path: Path) -> None:
+    result = quick("checkpoints", tmp_path, timeout=290)
+    rows = {r["name"]: r for r in result["rows"]}
+    assert set(rows) == {"off", "default", "frequent"}
+    assert rows["off"]["ratio"] == 1.0 or rows["off"]["name"] in {
+        m["row"] for m in result["missing"]
+    }
+    for r in rows.values():
+        assert len(r["samples"]) + sum(m["row"] == r["name"] for m in result["missing"]) == 1
+    assert list(result["target_met"]) == ["default <= 1.03"]

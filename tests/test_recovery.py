@@ -112,8 +112,8 @@ class Trainer(threading.Thread):
     def serve(self, req: Request) -> None:
         self.client.serve(req)
         added = contribution(req)
-        assert added is not None
-        self.sum.add_(added)
+        if added is not None:  # MDOWNPOUR's center update is not a sum of contributions
+            self.sum.add_(added)
         self.done[self.wid] += 1
 
     def run(self) -> None:
@@ -133,8 +133,9 @@ class Trainer(threading.Thread):
 @pytest.mark.parametrize(
     ("method", "shards", "every"),
     [("easgd", 1, 0.2), ("eamsgd", 1, 0.2), ("downpour", 1, 0.2), ("easgd", 2, 0.2),
-     ("downpour", 1, 1000.0)],  # the last: no checkpoint before the kill, all re-sent
-    ids=["easgd", "eamsgd", "downpour", "easgd-2-shards-kill-one", "downpour-no-checkpoint"],
+     ("downpour", 1, 1000.0), ("adownpour", 1, 0.2)],  # 1000: no checkpoint before the kill
+    ids=["easgd", "eamsgd", "downpour", "easgd-2-shards-kill-one", "downpour-no-checkpoint",
+         "adownpour"],
 )  # fmt: skip
 def test_a_killed_shard_restarts_and_loses_no_update(
     tmp_path: Path, method: str, shards: int, every: float
@@ -192,3 +193,39 @@ def test_a_killed_shard_restarts_and_loses_no_update(
         assert resent >= killed_at - workers  # (but those in flight) came back re-sent
     for s in servers:
         assert s.proc is not None and s.proc.returncode == 0
+
+
+@pytest.mark.timeout(400)
+def test_mdownpour_reports_the_updates_a_restart_cannot_rebuild(tmp_path: Path) -> None:
+    # MDOWNPOUR's center carries the server's momentum, which no worker holds: a restarted
+    # shard is its checkpoint, and every acknowledged update since is lost -- and counted.
+    # With no checkpoint before the kill, that is every update the workers had sent.
+    workers, hp = 2, Hyperparams(method="mdownpour", lr=0.01, workers=2)
+    server = Shard(tmp_path, "mdownpour", 0, 1, 1000.0)
+    server.start()
+    done = [0] * workers
+    trainers: list[Trainer] = []
+    try:
+        trainers = [Trainer(w, hp, [server], done) for w in range(workers)]
+        for t in trainers:
+            t.start()
+        deadline = time.monotonic() + PATIENCE
+        while sum(done) < STEPS // 2 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        server.kill()
+        server.start()
+        for t in trainers:
+            t.join(timeout=PATIENCE * 2)
+        for t in trainers:
+            assert t.error is None, f"worker {t.wid} failed: {t.error!r}"
+    finally:
+        for t in trainers:
+            if t.is_alive():
+                t.client.close(clean=False)
+        server.stop()
+    backs = [e for t in trainers for e in t.events if e["event"] == "server_back"]
+    assert len(backs) == workers and all(e["resent"] == 0 for e in backs)
+    lost = sum(e["lost"] for e in backs)
+    final_t = int(read_checkpoint(server.files["checkpoint"])["t"])
+    assert lost >= STEPS // 2 - workers  # (but those in flight at the kill)
+    assert final_t + lost == sum(done) == workers * STEPS  # every update: applied or reported
