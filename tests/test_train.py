@@ -243,3 +243,43 @@ def test_existing_run_directory_is_not_overwritten(tmp_path: Path) -> None:
 def test_hyperparams_map_one_for_one() -> None:
     cfg = TrainConfig(method="eamsgd", workers=4, tau=8, lr=0.1, weight_decay=0.0, epochs=1)
     assert cfg.hyperparams() == Hyperparams(method="eamsgd", workers=4, tau=8, lr=0.1)
+
+
+@pytest.mark.timeout(400)
+def test_a_torchrun_restart_resumes_the_run_from_its_checkpoints(tmp_path: Path) -> None:
+    # torchrun --max-restarts starts the same command again after a rank died: the attempt
+    # resumes the run in --out (the server shard from its checkpoint, each worker from its
+    # saved step) instead of refusing the directory or starting from the initial center.
+    out = tmp_path / "run"
+    paths = RunPaths(out)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--max-restarts", "1",
+           "--nproc-per-node=3", "-m", "easgd", "train", "--workers", "2", "--servers", "1",
+           "--steps", "3000", "--tau", "2", "--checkpoint-every-steps", "50",
+           "--checkpoint-interval", "0.5", "--out", str(out), "--json"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=ROOT)  # fmt: skip
+    try:
+        _wait_for(lambda: (paths.checkpoints / "worker-1.pt").exists()
+                  and any(e.get("event") == "checkpoint" for e in iter_jsonl(paths.metrics)),
+                  300)  # fmt: skip
+        server = next(e for e in iter_jsonl(paths.metrics) if e.get("event") == "start")
+        os.kill(int(server["pid"]), signal.SIGKILL)
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, stderr[-3000:]
+    events = list(iter_jsonl(paths.metrics))
+    starts = [e for e in events if e.get("event") == "start"]
+    assert len(starts) == 2 and starts[1]["pid"] != starts[0]["pid"]
+    assert starts[1]["t"] > 0, "the restarted shard began from the initial center"
+    resumed = [e for e in events if e.get("event") == "train_start" and e.get("resumed_step")]
+    assert {e["worker"] for e in resumed} == {0, 1}
+    (done,) = [e for e in events if e.get("event") == "server_done"]
+    # Every rank restarted, so nobody holds the updates between the shard's checkpoint and
+    # the kill, and the workers redo their steps since their own (not simultaneous)
+    # checkpoints: the run is exact only up to the checkpoint period (README, Failures).
+    assert done["t"] > starts[1]["t"]
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    assert summary["center_test_error"] is not None

@@ -261,10 +261,19 @@ def _under_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ and "RANK" in os.environ
 
 
+def _torchrun_restart() -> bool:
+    """Whether this is a restart attempt of a torchrun job (``--max-restarts``)."""
+    return _under_torchrun() and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+
+
 def run(args: argparse.Namespace) -> int:
     from easgd.launch import RunFailed, exit_now, launch_local, run_torchrun
     from easgd.roles.worker import RESUME_ENV
 
+    if _torchrun_restart() and args.resume is None and args.out is not None:
+        # torchrun --max-restarts started this job again after a rank died: the same
+        # command, so continue the run in --out from its checkpoints rather than refuse it.
+        args.resume = args.out
     resume = args.resume is not None
     cfg = resume_config(args) if resume else config_from_args(args)
     if _under_torchrun():

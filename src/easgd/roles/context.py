@@ -14,6 +14,7 @@ import torch
 from easgd.runlog import RunPaths
 
 __all__ = [
+    "RESUME_ENV",
     "RoleContext",
     "advertised_host",
     "publish_server",
@@ -23,6 +24,9 @@ __all__ = [
 ]
 
 SECRET_ENV = "EASGD_SECRET"
+#: Set (to 1) by ``easgd train --resume`` (and a torchrun restart attempt): every role
+#: continues from its checkpoint.
+RESUME_ENV = "EASGD_RESUME"
 
 
 @dataclass

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from easgd.config import TrainConfig
-from easgd.roles.context import RoleContext, publish_server, secret
+from easgd.roles.context import RESUME_ENV, RoleContext, publish_server, secret
 from easgd.runlog import Event, JsonlWriter, previous_checkpoint
 
 __all__ = ["RESTART_ENV", "WORKERS_DONE_KEY", "WORKERS_LOST_KEY", "run_server", "server_pid_key"]
@@ -45,6 +45,9 @@ def run_server(cfg: TrainConfig, ctx: RoleContext, shard: int) -> None:
 
     torch.set_num_threads(1)
     restart = int(os.environ.get(RESTART_ENV, "0"))
+    # A restarted shard, or a resumed run (easgd train --resume; a torchrun restart attempt):
+    # continue from the checkpoint, never silently from the initial center.
+    resumed = restart > 0 or os.environ.get(RESUME_ENV, "") not in ("", "0")
     metrics = JsonlWriter(ctx.paths.metrics)
 
     def on_event(event: dict[str, Any]) -> None:
@@ -59,7 +62,7 @@ def run_server(cfg: TrainConfig, ctx: RoleContext, shard: int) -> None:
     task = build_task(cfg.dataset, cfg.model, seed=cfg.seed, data_dir=cfg.data_dir)
     center = parameters_to_flat_views(task.build()).params.detach().clone()
     lo, hi = shard_ranges(center.numel(), cfg.servers)[shard]
-    if restart > 0 and (path.exists() or previous_checkpoint(path).exists()):
+    if resumed and (path.exists() or previous_checkpoint(path).exists()):
         # A damaged newest file falls back to the previous one; if neither verifies, the
         # CheckpointError ends this shard with its message (never a silent fresh center).
         server = ParameterServer.from_checkpoint(

@@ -31,7 +31,13 @@ import torch
 from easgd.algorithms import Mode, Worker, run_finish, run_settle, run_step
 from easgd.comm.base import Transport, make_transport
 from easgd.config import TrainConfig
-from easgd.roles.context import RoleContext, resolve_device, secret, server_addresses
+from easgd.roles.context import (
+    RESUME_ENV,
+    RoleContext,
+    resolve_device,
+    secret,
+    server_addresses,
+)
 from easgd.runlog import (
     Checkpoint,
     CheckpointError,
@@ -47,8 +53,6 @@ __all__ = ["RESUME_ENV", "ResumeError", "run_worker"]
 
 log_ = logging.getLogger(__name__)
 
-#: Set (to 1) by ``easgd train --resume``: every worker continues from its checkpoint.
-RESUME_ENV = "EASGD_RESUME"
 _RESUME_STEP_KEY = "easgd/resume_step"  # the step every synchronous rank continues from
 _PERIOD_KEY = "easgd/checkpoint_steps"  # worker 0's checkpoint period, shared by every rank
 _WARMUP = 20  # steps timed to derive the checkpoint period from checkpoint_interval
