@@ -283,3 +283,20 @@ def test_a_torchrun_restart_resumes_the_run_from_its_checkpoints(tmp_path: Path)
     assert done["t"] > starts[1]["t"]
     summary = json.loads(stdout.strip().splitlines()[-1])
     assert summary["center_test_error"] is not None
+    # No orphan: the evaluator of the killed attempt's rank 0 stops once its parent is gone.
+    assert _wait_for(lambda: not _processes_of(out), 120) is True
+
+
+def _processes_of(run_dir: Path) -> list[int]:
+    """Live processes of a run (their EASGD_RUN_DIR is ``run_dir``), from /proc."""
+    found = []
+    needle = f"EASGD_RUN_DIR={run_dir}".encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found

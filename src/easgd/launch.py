@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import IO, Any, NoReturn
 
 from easgd.config import TrainConfig
-from easgd.roles.context import RoleContext
+from easgd.roles.context import PARENT_ENV, RoleContext
 from easgd.roles.server import RESTART_ENV, WORKERS_LOST_KEY, server_pid_key
 from easgd.roles.worker import RESUME_ENV
 from easgd.runlog import (
@@ -314,6 +314,7 @@ class _Launcher:
             env[RESUME_ENV] = "1"
         if role == "evaluator":
             env["EASGD_ROLE"] = "evaluator"
+            env[PARENT_ENV] = str(os.getpid())  # it stops when this process is gone
         return env
 
     def spawn(self, role: str, index: int, rank: int, restarts: int = 0) -> _Proc:
@@ -642,7 +643,8 @@ def run_torchrun(cfg: TrainConfig) -> dict[str, Any] | None:
     evaluator = None
     if rank == 0:
         env = dict(os.environ, EASGD_ROLE="evaluator", EASGD_RUN_DIR=str(ctx.paths.root),
-                   EASGD_START_TIME=repr(start), OMP_NUM_THREADS="1")  # fmt: skip
+                   EASGD_START_TIME=repr(start), OMP_NUM_THREADS="1",
+                   **{PARENT_ENV: str(os.getpid())})  # fmt: skip
         log_file = open(ctx.paths.log("evaluator", 0), "wb")  # noqa: SIM115
         evaluator = subprocess.Popen([sys.executable, "-m", "easgd.launch"], env=env,
                                      stdout=log_file, stderr=subprocess.STDOUT)  # fmt: skip

@@ -14,6 +14,7 @@ import torch
 from easgd.runlog import RunPaths
 
 __all__ = [
+    "PARENT_ENV",
     "RESUME_ENV",
     "RoleContext",
     "advertised_host",
@@ -27,6 +28,8 @@ SECRET_ENV = "EASGD_SECRET"
 #: Set (to 1) by ``easgd train --resume`` (and a torchrun restart attempt): every role
 #: continues from its checkpoint.
 RESUME_ENV = "EASGD_RESUME"
+#: The pid of the process that started a child role (the evaluator stops when it is gone).
+PARENT_ENV = "EASGD_PARENT_PID"
 
 
 @dataclass

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -26,7 +27,7 @@ import torch
 
 from easgd.config import TrainConfig
 from easgd.finalize import CenterEvaluation
-from easgd.roles.context import RoleContext, server_addresses
+from easgd.roles.context import PARENT_ENV, RoleContext, server_addresses
 from easgd.runlog import (
     CheckpointError,
     CheckpointKind,
@@ -46,8 +47,9 @@ Snapshot = tuple[float, Path, Callable[[], torch.Tensor]]
 
 
 def run_evaluator(cfg: TrainConfig, ctx: RoleContext, stop: threading.Event) -> None:
-    """Evaluate snapshots of the center until ``stop`` is set."""
+    """Evaluate snapshots of the center until ``stop`` is set (or the parent is gone)."""
     torch.set_num_threads(1)
+    _stop_with_parent(stop)
     if cfg.eval_deferred and not cfg.servers_used:
         stop.wait()  # worker 0 writes the snapshots; finalize evaluates them
         return
@@ -84,6 +86,25 @@ def run_evaluator(cfg: TrainConfig, ctx: RoleContext, stop: threading.Event) -> 
         out.close()
         if source is not None:
             source.close()
+
+
+def _stop_with_parent(stop: threading.Event) -> None:
+    """Set ``stop`` when the process that started this one dies.
+
+    The evaluator is the launcher's (or torchrun rank 0's) child; a parent killed outright
+    (SIGKILL, or torchrun tearing the rank down) cannot stop it, and an evaluator that keeps
+    dialling the servers would outlive the run as an orphan.
+    """
+    # The spawner's pid, as it said (it may die before this process gets here).
+    parent = int(os.environ.get(PARENT_ENV) or os.getppid())
+
+    def watch() -> None:
+        while not stop.wait(0.5):
+            if os.getppid() != parent:
+                log.warning("the evaluator's parent (pid %d) is gone: stopping", parent)
+                stop.set()
+
+    threading.Thread(target=watch, name="evaluator-parent", daemon=True).start()
 
 
 class _ServerSnapshots:
