@@ -72,10 +72,22 @@ def test_table_output(capsys: pytest.CaptureFixture[str]) -> None:
 @pytest.mark.parametrize(
     ("argv", "fragment"),
     [
-        (["--map", "easgd-sync", "--p", "0", "--eta", "0.1", "--alpha", "0.1"], "p=0"),
-        (["--map", "easgd-sync", "--p", "2", "--eta", "-1", "--alpha", "0.1"], "eta=-1.0"),
-        (["--map", "easgd-roundrobin", "--p", "2", "--eta", "0.1", "--rho", "1"], "rho=1.0"),
-        (["--map", "admm-roundrobin", "--p", "2", "--eta", "0.1", "--alpha", "1"], "alpha=1.0"),
+        (
+            ["--map", "easgd-sync", "--p", "0", "--eta", "0.1", "--alpha", "0.1"],
+            "--workers 0 is not a valid",
+        ),
+        (
+            ["--map", "easgd-sync", "--p", "2", "--eta", "-1", "--alpha", "0.1"],
+            "--eta -1.0 is outside",
+        ),
+        (
+            ["--map", "easgd-roundrobin", "--p", "2", "--eta", "0.1", "--rho", "1"],
+            "--rho 1 does not apply",
+        ),
+        (
+            ["--map", "admm-roundrobin", "--p", "2", "--eta", "0.1", "--alpha", "1"],
+            "--alpha 1 does not apply",
+        ),
         (["--map", "admm-roundrobin", "--p", "2", "--eta", "0.1"], "needs rho"),
         (["--map", "admm-roundrobin", "--eta", "0.1", "--rho", "1"], "needs --p"),
         ([], "give --map"),

@@ -270,7 +270,7 @@ def test_a_server_dead_beyond_its_restarts_fails_the_run(tmp_path: Path) -> None
     finally:
         _end_run(proc, paths)
     assert proc.returncode == 1
-    assert "server 0 (rank 0) exited with status -9" in stderr
+    assert "server 0 was killed by SIGKILL" in stderr and "full log:" in stderr
     died = _events(paths, Event.SERVER_DIED, shard=0)
     assert [(e["pid"], e["restarting"]) for e in died] == [(server["pid"], False)]
     assert not _events(paths, Event.SERVER_RESTART)

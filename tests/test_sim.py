@@ -192,7 +192,7 @@ def test_cli_readable_table_and_bad_input(capsys: pytest.CaptureFixture[str]) ->
     assert "virtual_seconds" in capsys.readouterr().out
     assert main(["simulate", "--p", "4", "--alpha", "1.5"]) == 2
     err = capsys.readouterr().err
-    assert "alpha=1.5 is outside (0, 1]" in err and "alpha=beta/p=0.225" in err
+    assert "--alpha 1.5 is outside (0, 1]" in err and "alpha=beta/p=0.225" in err
 
 
 @pytest.mark.parametrize("method", ["easgd", "eamsgd"])

@@ -3,18 +3,40 @@
 The hyperparameters map one for one onto :class:`easgd.algorithms.Hyperparams`; the rest
 says where, on what and for how long. Every role of a run (worker, server, evaluator, the
 launcher) reads the same :class:`TrainConfig`.
+
+An invalid value raises :class:`ConfigError` (a ``ValueError``) whose message starts with
+``field=value`` (e.g. ``batch_size=0 must be >= 1``), the library's spelling; the command
+line shows it with flags instead (``--batch-size 0 must be >= 1``): :meth:`ConfigError.cli`,
+or :func:`flag_message` on any message in that form (Hyperparams' included).
+
+``config.json`` (:meth:`TrainConfig.to_dict`) records the values the run actually uses
+(:meth:`TrainConfig.resolved`): the derived momentum, beta, alpha and moving rate of the
+method, and the data set's default network, rather than ``null``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
+import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
-from easgd.algorithms import METHODS, Hyperparams, Mode
+from easgd.algorithms import METHODS, Hyperparams, Mode, StabilityWarning
 
-__all__ = ["BUDGET_FIELDS", "EXPERIMENT_FIELDS", "MODES", "TrainConfig"]
+__all__ = [
+    "BUDGET_FIELDS",
+    "EXPERIMENT_FIELDS",
+    "FLAGS",
+    "MODES",
+    "RESOLVED_FIELDS",
+    "ConfigError",
+    "TrainConfig",
+    "flag_message",
+]
 
 MODES = ("auto", "sync", "async")
 #: The fields that make the experiment: a resumed run (``easgd train --resume``) keeps them.
@@ -25,6 +47,58 @@ EXPERIMENT_FIELDS = (
 )  # fmt: skip
 #: The budget: a resumed run may raise it (the steps already done count).
 BUDGET_FIELDS = ("epochs", "time_budget", "steps")
+#: The fields that None means "derived" for, filled by :meth:`TrainConfig.resolved`.
+RESOLVED_FIELDS = ("momentum", "beta", "alpha", "moving_rate", "model")
+#: Fields whose ``easgd train`` flag is not ``--`` and the name with dashes (see FLAGS).
+_OTHER_FLAGS = {"checkpoint_steps": "--checkpoint-every-steps"}
+# ``name=value`` with a literal value: a number, None, True/False or a quoted string (so that
+# prose such as ``alpha=beta/p`` is left alone).
+_ASSIGNMENT = re.compile(
+    r"(?<![\w.-])(?P<name>[a-z_]+)="
+    r"(?P<value>'[^']*'|\"[^\"]*\"|None|True|False|-?(?:inf|nan|\d+(?:\.\d*)?(?:e[+-]?\d+)?))"
+    r"(?![\w.])"
+)
+
+
+def flag_message(message: str) -> str:
+    """``message`` with every ``field=value`` of a known field written as ``--flag value``.
+
+    ``"batch_size=0 must be >= 1"`` -> ``"--batch-size 0 must be >= 1"``;
+    ``"workers=3 with method='msgd'"`` -> ``"--workers 3 with --method msgd"``. Other
+    text (``alpha=beta/p``, unknown names) is left as it is.
+    """
+
+    def flag(match: re.Match[str]) -> str:
+        name, value = match["name"], match["value"]
+        if name not in FLAGS:
+            return match[0]
+        if value[:1] in ("'", '"'):
+            value = value[1:-1]
+        return f"{FLAGS[name]} {value}"
+
+    return _ASSIGNMENT.sub(flag, message)
+
+
+class ConfigError(ValueError):
+    """An invalid :class:`TrainConfig` field: ``field``, its ``value``, and why.
+
+    ``str()`` is the library's message (``batch_size=0 must be >= 1``); :attr:`flag` and
+    :meth:`cli` are the command line's (``--batch-size``, ``--batch-size 0 must be >= 1``).
+    Errors of :class:`~easgd.algorithms.Hyperparams` reach callers of TrainConfig as this
+    class too, with the field they name.
+    """
+
+    def __init__(self, field: str, value: Any, message: str) -> None:
+        super().__init__(message)
+        self.field, self.value = field, value
+
+    @property
+    def flag(self) -> str:
+        return FLAGS.get(self.field, "--" + self.field.replace("_", "-"))
+
+    def cli(self) -> str:
+        """The message with flags for fields (see :func:`flag_message`)."""
+        return flag_message(str(self))
 
 
 @dataclass(frozen=True)
@@ -76,35 +150,70 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
-            raise ValueError(f"mode={self.mode!r}; choose one of {', '.join(MODES)}")
-        self.hyperparams()  # validates the hyperparameters
-        self.resolved_mode()  # and the mode
+            raise ConfigError(
+                "mode", self.mode, f"mode={self.mode!r}; choose one of {', '.join(MODES)}"
+            )
+        try:
+            self.hyperparams()  # validates the hyperparameters
+            self.resolved_mode()  # and the mode
+        except ConfigError:
+            raise
+        except ValueError as exc:  # Hyperparams' messages start with the field they refuse
+            match = re.match(r"([a-z_]+)=", str(exc))
+            name = match[1] if match and match[1] in FLAGS else "method"
+            if name in ("alpha", "beta") and getattr(self, name) is None:
+                name = "beta" if name == "alpha" else "alpha"  # derived from the one given
+            raise ConfigError(name, getattr(self, name), str(exc)) from None
         if self.servers < 1:
-            raise ValueError(f"servers={self.servers!r} must be >= 1")
+            raise ConfigError("servers", self.servers, f"servers={self.servers!r} must be >= 1")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int):
+            raise ConfigError(
+                "batch_size", self.batch_size,
+                f"batch_size={self.batch_size!r} must be an integer >= 1",
+            )  # fmt: skip
         if self.batch_size < 1:
-            raise ValueError(f"batch_size={self.batch_size!r} must be >= 1")
-        budgets = [b for b in (self.epochs, self.time_budget, self.steps) if b is not None]
+            raise ConfigError(
+                "batch_size", self.batch_size, f"batch_size={self.batch_size!r} must be >= 1"
+            )
+        budgets = {n: getattr(self, n) for n in BUDGET_FIELDS if getattr(self, n) is not None}
         if not budgets:
-            raise ValueError("no budget: give epochs, time_budget (seconds) or steps")
-        if any(not (isinstance(b, int | float) and b > 0 and math.isfinite(b)) for b in budgets):
-            raise ValueError(
-                f"epochs={self.epochs!r}, time_budget={self.time_budget!r}, steps={self.steps!r}:"
-                " every budget given must be a positive number"
+            raise ConfigError(
+                "epochs", None, "no budget: give epochs, time_budget (seconds) or steps"
+            )
+        for name, b in budgets.items():
+            if isinstance(b, bool) or not (
+                isinstance(b, int | float) and b > 0 and math.isfinite(b)
+            ):
+                raise ConfigError(
+                    name, b, f"{name}={b!r}: every budget given must be a positive number"
+                )
+        if self.steps is not None and not isinstance(self.steps, int):
+            raise ConfigError(
+                "steps", self.steps, f"steps={self.steps!r} must be an integer (local steps)"
             )
         for name in ("eval_interval", "checkpoint_interval", "timeout"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name}={getattr(self, name)!r} must be > 0 seconds")
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and value > 0):
+                raise ConfigError(name, value, f"{name}={value!r} must be > 0 seconds")
         if self.checkpoint_steps is not None and not (
-            isinstance(self.checkpoint_steps, int) and self.checkpoint_steps >= 1
+            isinstance(self.checkpoint_steps, int)
+            and not isinstance(self.checkpoint_steps, bool)
+            and self.checkpoint_steps >= 1
         ):
-            raise ValueError(
+            raise ConfigError(
+                "checkpoint_steps", self.checkpoint_steps,
                 f"checkpoint_steps={self.checkpoint_steps!r} must be an integer >= 1 (or None: "
-                "derived from checkpoint_interval)"
-            )
+                "derived from checkpoint_interval)",
+            )  # fmt: skip
         if self.max_restarts < 0:
-            raise ValueError(f"max_restarts={self.max_restarts!r} must be >= 0")
+            raise ConfigError(
+                "max_restarts", self.max_restarts,
+                f"max_restarts={self.max_restarts!r} must be >= 0",
+            )  # fmt: skip
         if self.device not in ("cpu", "cuda", "auto") and not self.device.startswith("cuda:"):
-            raise ValueError(f"device={self.device!r}; choose cpu, cuda, cuda:N or auto")
+            raise ConfigError(
+                "device", self.device, f"device={self.device!r}; choose cpu, cuda, cuda:N or auto"
+            )
 
     def hyperparams(self) -> Hyperparams:
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(Hyperparams)}
@@ -137,8 +246,33 @@ class TrainConfig:
             return max(1, math.ceil(self.epochs * train_size / self.batch_size))
         return None
 
+    def resolved(self) -> TrainConfig:
+        """This configuration with the values the run derives written out.
+
+        ``momentum``, ``beta``, ``alpha`` and ``moving_rate`` as
+        :class:`~easgd.algorithms.Hyperparams` resolves them (the method's default momentum,
+        ``beta=0.9``, ``alpha=beta/p``, ...), for the hyperparameters the method uses (the
+        others stay None, as Hyperparams refuses them); ``model``: the data set's default
+        network (:data:`easgd.task.DEFAULT_MODELS`) when none is named and the data set is
+        known. The same run: ``resolved().hyperparams() == hyperparams()``; idempotent.
+        """
+        with warnings.catch_warnings():  # warned once already, when self was made
+            warnings.simplefilter("ignore", StabilityWarning)
+            hp = self.hyperparams().to_dict()
+            changes: dict[str, Any] = {name: hp[name] for name in RESOLVED_FIELDS[:4]}
+            if self.model is None:
+                changes["model"] = _default_model(self.dataset)
+            if all(getattr(self, k) == v for k, v in changes.items()):
+                return self
+            return dataclasses.replace(self, **changes)
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The fields of :meth:`resolved`, as ``config.json`` records them.
+
+        ``TrainConfig.from_dict(cfg.to_dict())`` is ``cfg.resolved()``: the same
+        hyperparameters, model and everything else.
+        """
+        return dataclasses.asdict(self.resolved())
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
@@ -147,3 +281,24 @@ class TrainConfig:
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
+
+
+#: The ``easgd train`` flag of every field: ``--batch-size``, ``--checkpoint-every-steps``, ...
+FLAGS: Mapping[str, str] = MappingProxyType(
+    {
+        f.name: _OTHER_FLAGS.get(f.name, "--" + f.name.replace("_", "-"))
+        for f in dataclasses.fields(TrainConfig)
+    }
+)
+
+
+def _default_model(dataset: str) -> str | None:
+    """The network :func:`easgd.task.build_task` trains on ``dataset`` (None: unknown set)."""
+    from easgd.data.datasets import dataset_info
+    from easgd.task import DEFAULT_MODELS
+
+    try:
+        name = dataset_info(dataset).name
+    except ValueError:
+        return None
+    return DEFAULT_MODELS.get(name, "mlp")

@@ -13,13 +13,16 @@ all, the summary is still written, with null center fields, and :func:`finalize`
 :class:`NoFinalCenterError` so that the caller exits non-zero.
 
 A center that verifies but holds NaN (a diverged run) is the run's true result: it is
-evaluated as it is, not replaced by an older checkpoint.
+evaluated as it is, not replaced by an older checkpoint, and the summary's ``status`` says
+``diverged``. A final center equal to the initial one (no exchange ever reached it, e.g.
+``--steps`` below ``--tau``) is recorded as ``center_moved: false``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 from typing import Any
 
@@ -86,6 +89,8 @@ class CenterEvaluation:
         self.task = build_task(cfg.dataset, cfg.model, seed=cfg.seed, data_dir=cfg.data_dir)
         self.model = self.task.build()
         self.flat = parameters_to_flat_views(self.model)
+        #: The run's initial center (every worker starts from it: the same seed).
+        self.initial = self.flat.params.detach().clone()
 
     def __call__(self, center: torch.Tensor) -> dict[str, float]:
         from easgd.evaluation import evaluate_center
@@ -174,9 +179,19 @@ def finalize(
     skipped = _evaluate_remaining_snapshots(cfg, paths, evaluate)
     final = read_final_center(cfg, paths, numel=evaluate.flat.numel)
     skipped += final.skipped
+    # An interrupted or diverged run may end before its first checkpoint: not news.
+    level = logging.INFO if extra.get("status") in ("interrupted", "diverged") else logging.WARNING
     for entry in skipped:
-        log.warning("skipped %s: %s", entry["file"], entry["reason"])
+        log.log(level, "skipped %s: %s", entry["file"], entry["reason"])
     result = None if final.center is None else evaluate(final.center)
+    if final.center is not None:
+        extra.setdefault("center_moved", not torch.equal(final.center, evaluate.initial))
+        if not bool(torch.isfinite(final.center).all()) and extra.get("status") in (
+            None,
+            "completed",
+            "workers_lost",
+        ):
+            extra["status"] = "diverged"
     events = list(iter_jsonl(paths.metrics))
     # A worker's events carry its running totals; a restarted worker (new pid) starts again.
     totals: dict[tuple[int, int], dict[str, Any]] = {}
@@ -197,7 +212,8 @@ def finalize(
     start, train_seconds = _training_time(events)
     summary = write_summary(
         paths, cfg, runtime="real", center=result,
-        curve=[float(e["test_error"]) for e in iter_jsonl(paths.eval)],
+        curve=[math.nan if e["test_error"] is None else float(e["test_error"])
+               for e in iter_jsonl(paths.eval)],
         wall_seconds=wall_seconds, startup_seconds=start, train_seconds=train_seconds,
         exchanges=sum(int(e["exchanges"]) for e in workers),
         bytes_sent=sum(int(e["bytes_sent"]) for e in workers),

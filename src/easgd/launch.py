@@ -37,9 +37,11 @@ a ``run_resume`` event marks where the resumed part begins.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -56,7 +58,7 @@ from typing import IO, Any, NoReturn
 from easgd.config import TrainConfig
 from easgd.roles.context import PARENT_ENV, RoleContext
 from easgd.roles.server import RESTART_ENV, WORKERS_LOST_KEY, server_pid_key
-from easgd.roles.worker import RESUME_ENV
+from easgd.roles.worker import DIVERGED_EXIT, RESUME_ENV, DivergedError
 from easgd.runlog import (
     PROGRESS_EVENTS,
     Event,
@@ -74,11 +76,19 @@ __all__ = ["RunFailed", "launch_local", "role_main", "run_torchrun"]
 log = logging.getLogger(__name__)
 
 
+#: ``easgd train``'s exit status for each way a run can end badly (0: completed).
+EXIT_FAILED = 1  # a process failed for good, every worker was lost, the center was lost
+EXIT_DIVERGED = 3  # the training loss (or the final center) was not finite
+#: Interrupted: 128 + the signal's number, as a shell reports a process a signal ended.
+EXIT_INTERRUPTED: dict[int, int] = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
 class RunFailed(RuntimeError):
-    """The run did not do what was asked; the message carries the error.
+    """The run did not do what was asked; the message is one line: the cause and a log.
 
     ``status``: what happened (:class:`easgd.runlog.RunStatus`; None for a failed
-    synchronous rank); ``summary``: the summary written despite the failure, or None.
+    synchronous rank); ``summary``: the summary written despite the failure, or None;
+    ``exit_status``: the status the command ends with.
     """
 
     def __init__(
@@ -87,10 +97,33 @@ class RunFailed(RuntimeError):
         *,
         status: RunStatus | None = None,
         summary: dict[str, Any] | None = None,
+        exit_status: int = EXIT_FAILED,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.summary = summary
+        self.exit_status = exit_status
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM reached the launcher (raised by its signal handler)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def log_cause(path: Path) -> str:
+    """The one-line cause a process's log ends with (a traceback's last line), or ''."""
+    try:
+        lines = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    for line in reversed(lines):
+        line = line.strip()
+        if line and not line.startswith(("File ", "^", "~")):
+            return line if len(line) <= 400 else line[:397] + "..."
+    return ""
 
 
 def _connect_store(host: str, port: int, *, is_master: bool, timeout: float) -> Any:
@@ -159,8 +192,11 @@ def role_main() -> int:
         else:
             name, index = cfg.role_of(ctx.rank)
             _run_role(cfg, ctx, name, index)
+    except DivergedError as exc:
+        print(f"{type(exc).__name__}: {exc}", flush=True)  # the launcher's one line
+        return DIVERGED_EXIT
     except Exception:
-        traceback.print_exc()
+        traceback.print_exc()  # the log keeps the traceback; its last line is the cause
         return 1
     return 0
 
@@ -208,23 +244,45 @@ class _Proc:
 
 @dataclass
 class _Display:
-    """Aggregates metrics.jsonl and eval.jsonl into one progress line."""
+    """Aggregates metrics.jsonl and eval.jsonl into one progress line.
+
+    Two phases: start-up (until a worker's first step: which workers train yet), then
+    training (steps of the budget, exchanges, loss, the center's test error and an ETA from
+    the step rate, or from the time budget).
+    """
 
     paths: RunPaths
-    budget: int | None
+    budget: int | None  # local steps per worker (None: only a time budget)
     workers: int
+    time_budget: float | None = None
     offsets: list[int] = field(default_factory=lambda: [0, 0])
     steps: dict[int, int] = field(default_factory=dict)
     exchanges: dict[tuple[int, int], int] = field(default_factory=dict)
     waiting: dict[int, set[int]] = field(default_factory=dict)  # shard -> workers that lost it
+    started: set[int] = field(default_factory=set)  # workers that took their first step
+    first_step: float | None = None  # monotonic time a first train_start was seen
+    first_done = 0  # steps done then (a resumed run starts from its saved steps)
     error: float | None = None
     loss: float | None = None
+    diverged = False
+
+    @property
+    def training(self) -> bool:
+        return self.first_step is not None
 
     def poll(self) -> None:
         events, self.offsets[0] = read_jsonl(self.paths.metrics, self.offsets[0])
         for e in events:
             kind = e.get("event")
-            if kind == Event.SERVER_LOST:
+            if kind == Event.TRAIN_START:
+                self.started.add(e["worker"])
+                self.steps[e["worker"]] = max(self.steps.get(e["worker"], 0), e["step"])
+                if self.first_step is None:
+                    self.first_step = time.monotonic()
+                    self.first_done = sum(self.steps.values())
+            elif kind == Event.DIVERGED:
+                self.diverged = True
+            elif kind == Event.SERVER_LOST:
                 self.waiting.setdefault(e["shard"], set()).add(e["worker"])
             elif kind in (Event.SERVER_BACK, Event.WORKER_DONE):
                 for shard, workers in self.waiting.items():
@@ -235,19 +293,45 @@ class _Display:
             self.steps[e["worker"]] = max(self.steps.get(e["worker"], 0), e["step"])
             if "exchanges" in e:
                 self.exchanges[(e["worker"], e.get("pid", 0))] = e["exchanges"]
-            self.loss = e["loss"]
+            self.loss = e["loss"] if e["loss"] is not None else math.nan
         evals, self.offsets[1] = read_jsonl(self.paths.eval, self.offsets[1])
         if evals:
             self.error = evals[-1]["test_error"]
 
-    def line(self, notes: list[str] | None = None) -> str:
+    def eta(self) -> float | None:
+        """Seconds of training left: from the step rate, or what the time budget leaves."""
+        if self.first_step is None:
+            return None
+        elapsed = time.monotonic() - self.first_step
+        left: list[float] = []
+        if self.time_budget is not None:
+            left.append(max(0.0, self.time_budget - elapsed))
         done = sum(self.steps.values())
-        total = f"/{self.budget * self.workers}" if self.budget else ""
-        parts = [f"steps {done}{total}", f"exchanges {sum(self.exchanges.values())}"]
-        if self.loss is not None:
-            parts.append(f"loss {self.loss:.3f}")
-        if self.error is not None:
-            parts.append(f"center test error {self.error:.4f}")
+        if self.budget is not None and done > self.first_done and elapsed > 0:
+            rate = (done - self.first_done) / elapsed
+            left.append(max(0, self.budget * self.workers - done) / rate)
+        return min(left, default=None)
+
+    def line(self, notes: list[str] | None = None, starting: str = "") -> str:
+        if not self.training:
+            parts = ["starting", *([starting] if starting else []),
+                     f"workers training {len(self.started)}/{self.workers}"]  # fmt: skip
+        else:
+            done = sum(self.steps.values())
+            parts = [f"steps {done}"]
+            if self.budget:
+                total = self.budget * self.workers
+                parts[0] += f"/{total} ({100 * min(done, total) / total:.0f}%)"
+            parts.append(f"exchanges {sum(self.exchanges.values())}")
+            if self.loss is not None:
+                parts.append(f"loss {_number(self.loss)}")
+            if self.diverged:
+                parts.append("DIVERGED (non-finite loss)")
+            if self.error is not None:
+                parts.append(f"center test error {self.error:.4f}")
+            eta = self.eta()
+            if eta is not None:
+                parts.append(f"ETA {_duration(eta)}")
         parts.extend(notes or [])
         for shard, workers in sorted(self.waiting.items()):
             if workers:
@@ -255,6 +339,20 @@ class _Display:
                 parts.append(f"worker{'s' if len(workers) > 1 else ''} {who} waiting for server "
                              f"{shard}")  # fmt: skip
         return "  ".join(parts)
+
+
+def _number(x: float) -> str:
+    """A loss for the progress line: 3 significant digits, scientific when small or large."""
+    if not math.isfinite(x):
+        return str(x)
+    return f"{x:.3f}" if 1e-2 <= abs(x) < 1e4 else f"{x:.2e}"
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
 class _Launcher:
@@ -268,11 +366,16 @@ class _Launcher:
     """
 
     def __init__(
-        self, cfg: TrainConfig, progress: Callable[[str], None] | None, resume: bool = False
+        self,
+        cfg: TrainConfig,
+        progress: Callable[[str], None] | None,
+        resume: bool = False,
+        budget: int | None = None,
     ) -> None:
         import torch.distributed as dist
 
         self.cfg = cfg
+        self.budget = budget if budget is not None else cfg.steps
         self.paths = RunPaths(cfg.out).make()
         self.progress = progress
         self.resume = resume
@@ -295,6 +398,12 @@ class _Launcher:
         self.worker_port = self.master.port  # the store the workers' process group uses
         self.stores = [self.master]  # every store a group was started on (kept open)
         self.group_resume = resume  # the workers started next continue from checkpoints
+        self.diverged = False
+        self.first_loss = ""  # the exit line of the first worker lost for good
+        self.interrupted: int | None = None  # the signal that stopped the run
+        self.stopping = False  # past the point where a signal may cut the run short
+        #: Called once, when the display first sees a worker training.
+        self.on_training: Callable[[], None] | None = None
 
     def env(self, rank: int, role: str | None, restart: int) -> dict[str, str]:
         env = dict(os.environ)
@@ -322,10 +431,13 @@ class _Launcher:
         # A resumed run appends to the logs of the part before.
         mode = "ab" if self.resume else "wb"
         log_file = open(log_path, mode)  # noqa: SIM115 - closed when the process ends
+        # Its own process group: a terminal's Ctrl-C reaches the launcher only, which stops
+        # every process itself (stop_all), the whole group of each.
         popen = subprocess.Popen(
             [sys.executable, "-m", "easgd.launch"],
             env=self.env(rank, role if role == "evaluator" else None, restarts),
             stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            process_group=0,
         )  # fmt: skip
         proc = _Proc(role, index, rank, popen, log_path, log_file, restarts)
         self.procs.append(proc)
@@ -333,28 +445,31 @@ class _Launcher:
         return proc
 
     def stop_all(self, grace: float = 5.0) -> None:
+        """Stop every process: SIGTERM to its group, then SIGKILL after ``grace`` seconds.
+
+        Servers save their checkpoint on SIGTERM (so an interrupted run can be resumed);
+        whatever is still alive at the deadline is killed. Returns once every process of
+        the run has been reaped.
+        """
         self.pending.clear()
         live = [p for p in self.procs if p.popen.poll() is None]
         for p in live:
-            p.popen.send_signal(signal.SIGTERM)
+            _signal_group(p.popen, signal.SIGTERM)
         deadline = time.monotonic() + grace
         for p in live:
             try:
                 p.popen.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                p.popen.kill()
+                log.warning("%s %d did not stop within %.0f s of SIGTERM; killing it",
+                            p.role, p.index, grace)  # fmt: skip
+                _signal_group(p.popen, signal.SIGKILL)
                 p.popen.wait()
         for p in self.procs:
             p.log_file.close()
 
     def fail(self, proc: _Proc, rc: int, status: RunStatus | None = None) -> RunFailed:
         self.stop_all()
-        tail = proc.log_path.read_text(errors="replace").strip().splitlines()[-25:]
-        return RunFailed(
-            f"{proc.role} {proc.index} (rank {proc.rank}) exited with status {rc}; "
-            f"its log is {proc.log_path}:\n" + "\n".join(tail),
-            status=status,
-        )
+        return RunFailed(_exit_line(proc, rc), status=status)
 
     def write_processes(self) -> None:
         """Rewrite ``processes.json`` (atomically): every role's current process."""
@@ -364,6 +479,13 @@ class _Launcher:
             "store": f"127.0.0.1:{self.master.port}",
             "processes": [p.entry(self.paths.root, self.here) for p in self.current.values()],
         })  # fmt: skip
+
+    def _starting(self) -> str:
+        """The start-up phase in words: how many server shards serve yet."""
+        servers = self._servers()
+        if not servers:
+            return ""
+        return f"servers serving {sum(p.serving for p in servers)}/{len(servers)}"
 
     def notes(self) -> list[str]:
         """What the progress line says about the servers and the waiting workers."""
@@ -383,12 +505,21 @@ class _Launcher:
         ended: float | None = None  # when the last worker ended (monotonic)
         while True:
             changed = self._learn_addresses()
+            exited = []
             for proc in list(self.current.values()):
                 rc = proc.popen.poll()
                 if rc is None or proc.finished:
                     continue
                 proc.finished = changed = True
-                self._exited(proc, rc)
+                exited.append((proc, rc))
+            # A diverged worker ends the run, before anyone is restarted: its synchronous
+            # peers fail at their next collective because of it, not on their own.
+            for proc, rc in exited:
+                if proc.role == "worker" and rc == DIVERGED_EXIT:
+                    raise self._diverged(proc)
+            for proc, rc in exited:
+                if self.current.get((proc.role, proc.index)) is proc:  # not replaced since
+                    self._exited(proc, rc)
             changed = self._restart_pending() or changed
             if changed:
                 self.write_processes()
@@ -407,11 +538,22 @@ class _Launcher:
                     for p in live:
                         p.popen.send_signal(signal.SIGTERM)
             now = time.monotonic()
-            if self.progress is not None and now - last_draw > 0.5:
+            if now - last_draw > 0.5:
                 display.poll()
-                self.progress(display.line(self.notes()))
+                if display.training and self.on_training is not None:
+                    self.on_training()  # e.g. the replaced run of --overwrite may go now
+                    self.on_training = None
+                if self.progress is not None:
+                    self.progress(display.line(self.notes(), self._starting()))
                 last_draw = now
             time.sleep(0.05)
+
+    def _diverged(self, proc: _Proc) -> RunFailed:
+        self.diverged = True
+        self.stop_all()
+        cause = log_cause(proc.log_path).removeprefix(f"{DivergedError.__name__}: ")
+        return RunFailed(f"{cause or 'the run diverged'} (full log: {proc.log_path})",
+                         status=RunStatus.DIVERGED, exit_status=EXIT_DIVERGED)  # fmt: skip
 
     def _exited(self, proc: _Proc, rc: int) -> None:
         if proc.role == "evaluator":
@@ -492,7 +634,7 @@ class _Launcher:
             self.restarts += 1
             self.events.write({"event": Event.WORKER_RESTART, "wall": wall, "worker": proc.index,
                                "status": rc, "restart": proc.restarts + 1})  # fmt: skip
-            log.warning("worker %d died (status %s); restarting it", proc.index, rc)
+            log.warning("%s; restarting it", _exit_line(proc, rc))
             self.pending.append(proc)
         else:
             self.lost_workers.append(proc.index)
@@ -500,7 +642,9 @@ class _Launcher:
             self.store.add(WORKERS_LOST_KEY, 1)
             self.events.write({"event": Event.WORKER_LOST, "wall": wall, "worker": proc.index,
                                "status": rc})  # fmt: skip
-            log.warning("worker %d died (status %s); the run goes on without it", proc.index, rc)
+            line = _exit_line(proc, rc)
+            self.first_loss = self.first_loss or line
+            log.warning("%s; the run goes on without it", line)
 
     def _restart_pending(self) -> bool:
         """Start the pending worker restarts once every server is serving."""
@@ -520,51 +664,92 @@ class _Launcher:
             self.lost_servers.append(proc.index)
             raise self.fail(proc, rc, RunStatus.SERVER_LOST)
         self.server_restarts += 1
-        log.warning("server %d died (status %s); restarting it", proc.index, rc)
+        log.warning("%s; restarting it", _exit_line(proc, rc))
         self.spawn("server", proc.index, proc.rank, proc.restarts + 1)
 
     def status(self) -> RunStatus:
+        if self.interrupted is not None:
+            return RunStatus.INTERRUPTED
+        if self.diverged:
+            return RunStatus.DIVERGED
         if self.lost_servers:
             return RunStatus.SERVER_LOST
         if self.lost_workers and len(set(self.lost_workers)) >= self.cfg.workers:
             return RunStatus.ALL_WORKERS_LOST
         return RunStatus.WORKERS_LOST if self.lost_workers else RunStatus.COMPLETED
 
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        """SIGINT/SIGTERM: stop the run (once; later ones only hurry nothing, they wait)."""
+        if self.interrupted is None and not self.stopping:
+            self.interrupted = signum
+            raise Interrupted(signum)
+        log.warning("%s: already stopping the run", signal.Signals(signum).name)
+
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
-        atomic_write_json(self.paths.config, cfg.to_dict())
-        if self.resume:
-            self.events.write({"event": Event.RUN_RESUME, "wall": time.time() - self.start,
-                               "previous_wall": self.previous_wall, "steps": cfg.steps,
-                               "epochs": cfg.epochs, "time_budget": cfg.time_budget})  # fmt: skip
-        for rank in range(cfg.world_size()):
-            role, index = cfg.role_of(rank)
-            self.spawn(role, index, rank)
-        self.spawn("evaluator", 0, -1)
-        self.write_processes()
+        handlers = _catch_signals(self._on_signal)
         failure: RunFailed | None = None
+        display = _Display(self.paths, self.budget, cfg.workers, cfg.time_budget)
         try:
-            self.watch(_Display(self.paths, None, cfg.workers))
+            atomic_write_json(self.paths.config, cfg.to_dict())
+            if self.resume:
+                self.events.write({"event": Event.RUN_RESUME, "wall": time.time() - self.start,
+                                   "previous_wall": self.previous_wall, "steps": cfg.steps,
+                                   "epochs": cfg.epochs,
+                                   "time_budget": cfg.time_budget})  # fmt: skip
+            for rank in range(cfg.world_size()):
+                role, index = cfg.role_of(rank)
+                self.spawn(role, index, rank)
+            self.spawn("evaluator", 0, -1)
+            self.write_processes()
+            self.watch(display)
         except RunFailed as exc:
             failure = exc
+        except Interrupted as exc:
+            failure = self._interruption(exc.signum, display)
         finally:
+            self.stopping = True  # a signal from here on must not cut the cleanup short
             wall = time.time() - self.start
             self.stop_all()
             self.write_processes()
             self.events.close()
+            _restore_signals(handlers)
+            display.poll()  # a short run may end before the watch saw its first step
+            if display.training and self.on_training is not None:
+                self.on_training()
+                self.on_training = None
         if failure is not None:
-            if failure.status is RunStatus.SERVER_LOST:
+            if failure.status in (RunStatus.SERVER_LOST, RunStatus.DIVERGED,
+                                  RunStatus.INTERRUPTED):  # fmt: skip
                 failure.summary = self._finalize(wall, strict=False)
             raise failure
         summary = self._finalize(wall, strict=True)
         assert summary is not None
+        if summary["status"] == RunStatus.DIVERGED:  # the final center is not finite
+            raise RunFailed(
+                "the final center is not finite: the run diverged; lower --lr",
+                status=RunStatus.DIVERGED, summary=summary, exit_status=EXIT_DIVERGED,
+            )  # fmt: skip
         if summary["status"] == RunStatus.ALL_WORKERS_LOST:
             raise RunFailed(
                 f"every worker died beyond --max-restarts {cfg.max_restarts} (workers "
-                f"{_names(self.lost_workers)}); see {self.paths.logs}",
+                f"{_names(self.lost_workers)}); the first: {self.first_loss}",
                 status=RunStatus.ALL_WORKERS_LOST, summary=summary,
             )  # fmt: skip
         return summary
+
+    def _interruption(self, signum: int, display: _Display) -> RunFailed:
+        """The run was interrupted: record it; the caller stops every process."""
+        self.stopping = True
+        name = signal.Signals(signum).name
+        display.poll()
+        self.events.write({"event": Event.RUN_INTERRUPTED, "wall": time.time() - self.start,
+                           "signal": name, "training": display.training})  # fmt: skip
+        return RunFailed(
+            f"interrupted by {name}; every process of the run was stopped. Continue it with "
+            f"--resume {self.paths.root}, or replace it with --overwrite",
+            status=RunStatus.INTERRUPTED, exit_status=EXIT_INTERRUPTED.get(signum, 128 + signum),
+        )  # fmt: skip
 
     def _finalize(self, wall: float, *, strict: bool) -> dict[str, Any] | None:
         """The summary; ``strict=False``: None (and a warning) when it cannot be made."""
@@ -603,18 +788,66 @@ def _names(indices: list[int]) -> str:
     return ", ".join(str(i) for i in sorted(set(indices)))
 
 
+def _exit_line(proc: _Proc, rc: int) -> str:
+    """One line: which process ended how, its log's last line (the cause), and its log."""
+    cause = log_cause(proc.log_path)
+    how = f"was killed by {signal.Signals(-rc).name}" if rc < 0 and -rc in _SIGNALS else (
+        f"exited with status {rc}")  # fmt: skip
+    return (f"{proc.role} {proc.index} {how}" + (f": {cause}" if cause else "")
+            + f" (full log: {proc.log_path})")  # fmt: skip
+
+
+_SIGNALS = {s.value for s in signal.Signals}
+
+
+def _signal_group(popen: Any, sig: int) -> None:
+    """Send ``sig`` to the process group ``popen`` leads (the process alone if it leads none)."""
+    if popen.poll() is not None:
+        return
+    try:
+        os.killpg(popen.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        with contextlib.suppress(ProcessLookupError):
+            popen.send_signal(sig)
+
+
+def _catch_signals(handler: Callable[[int, Any], None]) -> dict[int, Any] | None:
+    """Route SIGINT and SIGTERM to ``handler``; returns the previous handlers (None: not the
+    main thread, where Python cannot set them)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
+def _restore_signals(handlers: dict[int, Any] | None) -> None:
+    for sig, previous in (handlers or {}).items():
+        signal.signal(sig, previous)
+
+
 def launch_local(
-    cfg: TrainConfig, progress: Callable[[str], None] | None = None, *, resume: bool = False
+    cfg: TrainConfig,
+    progress: Callable[[str], None] | None = None,
+    *,
+    resume: bool = False,
+    budget: int | None = None,
+    on_training: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Run ``cfg`` on this machine in separate processes; returns the summary.
 
     ``resume``: continue the run in ``cfg.out`` from its checkpoints (module docstring).
+    ``budget``: local steps per worker, for the progress line's total and ETA (default:
+    ``cfg.steps``). ``on_training``: called once, when the first worker has taken its
+    first step (``easgd train --overwrite`` deletes the run it replaces then).
 
     Raises :class:`RunFailed` when the run did not do what was asked: a process failed for
-    good (a server shard beyond its restarts, a synchronous rank) or every worker was lost.
-    Its ``status`` says which, and its ``summary`` is the summary written, if any.
+    good (a server shard beyond its restarts, a synchronous rank), every worker was lost,
+    the run diverged, or SIGINT/SIGTERM interrupted it (every process is stopped first).
+    Its ``status`` says which, its ``summary`` is the summary written, if any, and its
+    ``exit_status`` the command's exit status.
     """
-    return _Launcher(cfg, progress, resume).run()
+    launcher = _Launcher(cfg, progress, resume, budget)
+    launcher.on_training = on_training
+    return launcher.run()
 
 
 def run_torchrun(cfg: TrainConfig) -> dict[str, Any] | None:

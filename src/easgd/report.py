@@ -74,7 +74,7 @@ class Run:
     def __post_init__(self) -> None:
         c = self.config
         self.method, self.tau, self.workers = str(c["method"]), int(c["tau"]), int(c["workers"])
-        self.lr, self.seed = float(c["lr"]), int(c.get("seed", 0))
+        self.lr, self.seed = float(c["lr"]), int(c.get("seed") or 0)
 
     @property
     def sequential(self) -> bool:
@@ -82,7 +82,7 @@ class Run:
 
     @property
     def best_error(self) -> float:
-        return min(self.errors, default=math.nan)
+        return min((e for e in self.errors if math.isfinite(e)), default=math.nan)
 
     @property
     def final_error(self) -> float:
@@ -90,35 +90,101 @@ class Run:
 
     @property
     def exchanges(self) -> int:
-        return int(self.summary.get("exchanges", 0))
+        return int(float(self.summary.get("exchanges") or 0))
 
     @property
     def megabytes(self) -> float:
         s = self.summary
-        return (int(s.get("bytes_sent", 0)) + int(s.get("bytes_received", 0))) / 1e6
+        return (float(s.get("bytes_sent") or 0) + float(s.get("bytes_received") or 0)) / 1e6
 
     def time_to(self, target: float) -> float | None:
         """Seconds until the first evaluation with center test error <= ``target``."""
         return next((t for t, e in zip(self.times, self.errors, strict=True) if e <= target), None)
 
 
+_FIX = "remove that run directory or rerun it"
+
+
+def _bad(path: Path, problem: str) -> ValueError:
+    """A damaged file of a run directory: which file, what is wrong, and the fix."""
+    return ValueError(f"{path}: {problem}; {_FIX}")
+
+
 def _read_json(path: Path) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_bytes())
+    except json.JSONDecodeError as exc:
+        where = f"{exc.msg.removesuffix(' at')} at line {exc.lineno} column {exc.colno}"
+        raise _bad(path, f"not valid JSON ({where})") from None
+    except UnicodeDecodeError:
+        raise _bad(path, "not valid JSON (not UTF-8 text)") from None
+    except OSError as exc:
+        raise ValueError(
+            f"{path}: cannot be read ({exc.strerror}); check its permissions, or {_FIX}"
+        ) from None
+    if not isinstance(data, dict):
+        raise _bad(path, f"holds a JSON {type(data).__name__}, not an object")
     return data
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    try:
+        return list(iter_jsonl(path))
+    except ValueError as exc:  # it names the file and the line
+        raise ValueError(f"{exc}; {_FIX}") from None
+
+
+def _number(record: dict[str, Any], key: str, path: Path, *, optional: bool = False) -> float:
+    """``record[key]`` as a float; None (a non-finite value in strict JSON) is NaN if optional."""
+    value = record.get(key)
+    if value is None and optional and key in record:
+        return math.nan
+    if value is None:
+        raise _bad(path, f"a record has no {key!r} ({json.dumps(record)[:60]})")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise _bad(path, f"{key}={value!r} is not a number") from None
+
+
+def _check_config(config: dict[str, Any], path: Path) -> None:
+    missing = [k for k in ("method", "tau", "workers", "lr") if config.get(k) is None]
+    if missing:
+        raise _bad(path, f"has no {', '.join(missing)}")
+    if config["method"] not in METHODS:
+        raise _bad(path, f"method {config['method']!r} is not one of {', '.join(METHODS)}")
+    for key, kind in (("tau", int), ("workers", int), ("lr", float), ("seed", int)):
+        value: Any = config.get(key)
+        if value is None and key == "seed":
+            continue
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        if not ok or (kind is int and value != int(value)) or not math.isfinite(value):
+            raise _bad(
+                path, f"{key}={value!r} is not {'an integer' if kind is int else 'a number'}"
+            )
 
 
 def _load_run(root: Path) -> Run:
     paths = RunPaths(root)
     summary = _read_json(paths.summary)
-    config = _read_json(paths.config) if paths.config.exists() else summary
+    config_path = paths.config if paths.config.exists() else paths.summary
+    config = _read_json(config_path) if config_path != paths.summary else summary
+    _check_config(config, config_path)
     info = _read_json(paths.run_info) if paths.run_info.exists() else {}
     runtime = str(summary.get("runtime", info.get("runtime", "real")))
-    events = list(iter_jsonl(paths.metrics))
-    evals = list(iter_jsonl(paths.eval))
+    events, evals = _read_jsonl(paths.metrics), _read_jsonl(paths.eval)
+    for e in events:  # every event has a wall time (the schema's common field)
+        _number(e, "wall", paths.metrics)
     start, last_end = training_span(events)
     t0 = 0.0 if runtime == "sim" or start is None else start
-    horizon = info.get("train_budget") if runtime == "real" else None
-    end = (last_end if last_end is not None else float(summary.get("wall_seconds", 0.0))) - t0
+    budget = info.get("train_budget") if runtime == "real" else None
+    horizon = None if budget is None else _number(info, "train_budget", paths.run_info)
+    wall = summary.get("wall_seconds")
+    end = (
+        last_end
+        if last_end is not None
+        else (0.0 if wall is None else _number(summary, "wall_seconds", paths.summary))
+    ) - t0
 
     def keep(t: float) -> bool:
         return horizon is None or t <= horizon + 1e-9
@@ -126,15 +192,16 @@ def _load_run(root: Path) -> Run:
     times: list[float] = []
     errors: list[float] = []
     test_losses: list[float] = []
-    for e in sorted(evals, key=lambda e: float(e["wall"])):
-        t = max(0.0, float(e["wall"]) - t0)  # evaluations before training: the initial center
+    walls = [_number(e, "wall", paths.eval) for e in evals]
+    for w, e in sorted(zip(walls, evals, strict=True), key=lambda we: we[0]):
+        t = max(0.0, w - t0)  # evaluations before training: the initial center
         if not keep(t):
             break
         if times and times[-1] == t:
             times.pop(), errors.pop(), test_losses.pop()
         times.append(t)
-        errors.append(float(e["test_error"]))
-        test_losses.append(float(e["test_loss"]))
+        errors.append(_number(e, "test_error", paths.eval, optional=True))
+        test_losses.append(_number(e, "test_loss", paths.eval, optional=True))
     if (
         summary.get("center_test_error") is not None
         and keep(end)
@@ -142,17 +209,20 @@ def _load_run(root: Path) -> Run:
     ):
         # The final center, evaluated when training stopped.
         times.append(max(end, times[-1] if times else 0.0))
-        errors.append(float(summary["center_test_error"]))
-        loss = summary.get("center_test_loss")
-        test_losses.append(math.nan if loss is None else float(loss))
+        errors.append(_number(summary, "center_test_error", paths.summary))
+        test_losses.append(_number(summary, "center_test_loss", paths.summary, optional=True)
+                           if "center_test_loss" in summary else math.nan)  # fmt: skip
+    for key in ("exchanges", "bytes_sent", "bytes_received"):
+        if summary.get(key) is not None:
+            _number(summary, key, paths.summary)
     loss_times: list[float] = []
     losses: list[float] = []
     for e in events:
         if e.get("event") in PROGRESS_EVENTS and "loss" in e:
-            t = float(e["wall"]) - t0
+            t = _number(e, "wall", paths.metrics) - t0
             if t >= 0 and keep(t):
                 loss_times.append(t)
-                losses.append(float(e["loss"]))
+                losses.append(_number(e, "loss", paths.metrics, optional=True))
     return Run(root, config, summary, runtime, horizon, times, errors, test_losses,
                loss_times, losses)  # fmt: skip
 
@@ -161,8 +231,17 @@ def load_runs(dirs: Iterable[str | Path]) -> list[Run]:
     """Every run directory (a folder with ``summary.json``) under ``dirs``, recursively."""
     roots = [Path(d) for d in dirs]
     for d in roots:
-        if not d.is_dir():
-            raise FileNotFoundError(f"{d} is not a folder of run directories")
+        if d.is_dir():
+            continue
+        if not d.exists():
+            raise FileNotFoundError(
+                f"{d}: no such folder; give the folder holding the run directories "
+                "(the --out of easgd experiment or easgd train)"
+            )
+        hint = f" (here {d.parent})" if d.name == SUMMARY_FILE else ""
+        raise ValueError(
+            f"{d} is a file, not a folder; give the folder holding the run directories{hint}"
+        )
     found = sorted({p.parent for d in roots for p in d.rglob(SUMMARY_FILE)})
     if not found:
         where = ", ".join(str(d) for d in roots)
@@ -255,7 +334,10 @@ def build_report(
     if reference is None:
         reference = "msgd" if "msgd" in sequential else (sequential[0] if sequential else None)
     elif reference not in {r.method for r in runs}:
-        raise ValueError(f"--reference {reference}: no run of that method was found")
+        found = ", ".join(sorted({r.method for r in runs}))
+        raise ValueError(
+            f"--reference {reference}: no run of that method was found; the runs are of {found}"
+        )
     lines: list[Line] = []
     for pv in panels:
         chosen: list[Run] = [
@@ -365,12 +447,15 @@ def draw_figure(report: Report, title: str | None = None) -> Any:
     FigureCanvasAgg(fig)
     axes = fig.subplots(3, n, sharex="col", sharey="row", squeeze=False)
     handles: dict[str, tuple[tuple[bool, int, str], Any]] = {}
+    positive = [False, False]  # whether the loss rows have anything to put on a log scale
     for col, pv in enumerate(report.panels):
         for ln in (ln for ln in report.lines if ln.panel == pv):
             r = ln.run
             style = {"color": _COLORS.get(r.method), "linewidth": 1.6,
                      "linestyle": "--" if r.sequential else "-"}  # fmt: skip
             lt, lv = _binned(r.loss_times, r.losses, 60)
+            for row, values in enumerate((lv, r.test_losses)):
+                positive[row] = positive[row] or any(v > 0 for v in values if math.isfinite(v))
             axes[0][col].plot(lt, lv, **style)
             axes[1][col].plot(r.times, r.test_losses, **style)
             (h,) = axes[2][col].plot(r.times, [100 * e for e in r.errors], **style)
@@ -389,6 +474,8 @@ def draw_figure(report: Report, title: str | None = None) -> Any:
     axes[2][0].set_ylabel("center test error (%)")
     for row in (0, 1):
         ax = axes[row][0]
+        if not positive[row]:
+            continue  # nothing positive to draw (no losses logged): a log axis cannot be
         ax.set_yscale("log")
         lo, hi = ax.get_ylim()
         # Label 1-2-5 steps over a narrow range, decades over a wide one.

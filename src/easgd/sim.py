@@ -229,8 +229,23 @@ class CostModel:
         if not self.bandwidth > 0:
             raise ValueError(f"bandwidth={self.bandwidth!r} must be > 0 bytes/s")
         for w, f in self.stragglers.items():
+            if isinstance(w, bool) or not isinstance(w, int) or w < 0:
+                raise ValueError(f"stragglers: worker {w!r} must be an integer index >= 0")
             if not (math.isfinite(f) and f > 0):
                 raise ValueError(f"straggler factor {f!r} of worker {w} must be > 0")
+        if not (math.isfinite(self.step_cv) and self.step_cv >= 0):
+            raise ValueError(f"step_cv={self.step_cv!r} must be a finite number >= 0")
+        if isinstance(self.bytes_per_param, bool) or not (
+            isinstance(self.bytes_per_param, int) and self.bytes_per_param >= 1
+        ):
+            raise ValueError(f"bytes_per_param={self.bytes_per_param!r} must be an integer >= 1")
+        if self.numel is not None and (
+            isinstance(self.numel, bool) or not isinstance(self.numel, int) or self.numel < 1
+        ):
+            raise ValueError(
+                f"numel={self.numel!r} must be an integer >= 1 (parameters in a message), or "
+                "None for the objective's own size"
+            )
 
     def draw_step(self, rank: int, rng: random.Random) -> float:
         mean = self.step_time * self.stragglers.get(rank, 1.0)
@@ -294,6 +309,12 @@ class _Sim:
         self.mode = resolve_mode(hp, schedule)
         x0 = objective.initial_point()
         self.p = hp.workers
+        missing = sorted(w for w in cost.stragglers if w >= self.p)
+        if missing:
+            raise ValueError(
+                f"stragglers: worker {missing[0]} does not exist with workers={self.p} "
+                f"(workers are 0..{self.p - 1})"
+            )
         self.numel = cost.numel if cost.numel is not None else x0.numel()
         self.msg_bytes = self.numel * cost.bytes_per_param
         self.center = Center(hp, x0.clone())

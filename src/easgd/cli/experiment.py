@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from easgd.cli._table import format_table
+from easgd.cli.report import check_writable_folder
 from easgd.experiments import EXPERIMENTS, RUNTIMES, SweepEvent, get_experiment, run_sweep
 from easgd.runlog import SUMMARY_FILE, SweepPaths, SweepStatus
 
@@ -88,10 +91,52 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(func=run)
 
 
+def _only(args: argparse.Namespace) -> list[str] | None:
+    """``--only a,b`` as a list of names (None: every method)."""
+    if args.only is None:
+        return None
+    names = [m.strip() for m in args.only.split(",")]
+    if not all(names):
+        raise ValueError(
+            f"--only {args.only!r} has an empty name; give methods separated by commas, "
+            "e.g. --only easgd,msgd"
+        )
+    return names
+
+
+def _check_args(args: argparse.Namespace, out: str) -> None:
+    """Refuse out-of-range and ignored flags before anything runs (or is listed)."""
+    if not (math.isfinite(args.scale) and args.scale > 0):
+        raise ValueError(
+            f"--scale {args.scale:g} must be a finite number > 0 (e.g. 0.2 for a smoke run)"
+        )
+    if args.seeds is not None and args.seeds < 1:
+        raise ValueError(f"--seeds {args.seeds} must be >= 1 (independent runs per setting)")
+    if args.step_time is not None:
+        if args.runtime != "sim":
+            raise ValueError(
+                f"--step-time {args.step_time:g} applies to --runtime sim only (a real run "
+                "takes the time its steps take); add --runtime sim or drop --step-time"
+            )
+        if not (math.isfinite(args.step_time) and args.step_time > 0):
+            raise ValueError(
+                f"--step-time {args.step_time:g} must be a finite number > 0 of virtual "
+                "seconds; drop it to measure it on this machine"
+            )
+    if args.data_dir is not None and not Path(args.data_dir).is_dir():
+        raise ValueError(
+            f"--data-dir {args.data_dir} is not a folder; give the folder holding the "
+            "dataset's files, or drop --data-dir to use the cache (downloading if needed)"
+        )
+    if Path(out).exists() and not Path(out).is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder; choose a folder")
+    if not args.dry_run:
+        check_writable_folder(out, "--out")
+
+
 def _print_runs(args: argparse.Namespace, out: str) -> int:
     exp = get_experiment(args.name)
-    only = args.only.split(",") if args.only else None
-    runs = exp.runs(lr_grid=args.lr_grid, seeds=args.seeds, only=only)
+    runs = exp.runs(lr_grid=args.lr_grid, seeds=args.seeds, only=_only(args))
     budget = exp.time_budget * args.scale
     sweep = SweepPaths(out)
     rows = [
@@ -127,15 +172,21 @@ def _progress(event: SweepEvent) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.list or not args.name:
+    if args.list:
         rows = [
             {"name": e.name, "version": e.version, "runs": len(e.runs()),
              "budget_s": e.time_budget, "description": e.description}
             for e in EXPERIMENTS.values()
         ]  # fmt: skip
         print(format_table(rows))
-        return 0 if args.list else 2
+        return 0
+    if not args.name:
+        raise ValueError(
+            f"give an experiment NAME, one of {', '.join(EXPERIMENTS)}; "
+            "`easgd experiment --list` describes them"
+        )
     out = args.out or os.path.join("runs", "experiments", args.name)
+    _check_args(args, out)
     if args.dry_run:
         return _print_runs(args, out)
     result = run_sweep(
@@ -145,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
         scale=args.scale,
         seeds=args.seeds,
         lr_grid=args.lr_grid,
-        only=args.only.split(",") if args.only else None,
+        only=_only(args),
         data_dir=args.data_dir,
         step_time=args.step_time,
         progress=None if args.quiet else _progress,

@@ -3,10 +3,39 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["register", "run"]
+__all__ = ["check_writable_folder", "register", "run"]
+
+
+def check_writable_folder(path: str | os.PathLike[str], flag: str) -> None:
+    """Refuse, in one line naming ``flag``, a folder that cannot be written (or created).
+
+    Checked with a real write (a probe file, removed at once) into ``path`` or, when it does
+    not exist yet, into its nearest existing parent: permission bits do not tell the whole
+    story (root, read-only mounts, ACLs). Nothing is left behind.
+    """
+    target = Path(path)
+    existing = target
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "is a file" if existing == target else f"lies under {existing}, which is a file"
+        raise ValueError(f"{flag} {target} {where}, not a folder; choose a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".easgd-probe.", dir=existing)
+    except OSError as exc:
+        where = "" if existing == target else f" (in {existing}, where it would be created)"
+        raise ValueError(
+            f"{flag} {target}: cannot write there{where}: {exc.strerror}; choose a folder "
+            "you can write to"
+        ) from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def register(subparsers: Any) -> None:
@@ -50,14 +79,23 @@ def register(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from easgd.report import build_report, load_runs, write_report
 
+    if args.target is not None and not (math.isfinite(args.target) and 0 < args.target <= 1):
+        raise ValueError(
+            f"--target {args.target:g} must be a center test error in (0, 1], a fraction "
+            "(5% is --target 0.05)"
+        )
     runs = load_runs(args.dirs)
+    if args.out is not None:
+        out, flag = Path(args.out), "--out"
+    else:
+        out, flag = Path(args.dirs[0]) / "report", "--out (default DIR/report)"
+    check_writable_folder(out, flag)  # before drawing anything
     report = build_report(
         runs,
         panel=None if args.panel == "auto" else args.panel,
         target=args.target,
         reference=args.reference,
     )
-    out = Path(args.out) if args.out else Path(args.dirs[0]) / "report"
     written = write_report(report, out, args.title)
     print(f"{len(runs)} runs, {len(report.lines)} lines, target error {report.target:.4f}")
     for path in written:

@@ -3,18 +3,32 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import sys
+from pathlib import Path
 from typing import Any
 
-from easgd.algorithms import METHODS, Hyperparams
+from easgd.algorithms import METHODS, Hyperparams, Mode
 from easgd.cli._help import HelpFormatter
 from easgd.cli._progress import Progress
 from easgd.cli._table import format_table
-from easgd.sim import SCHEDULES, CostModel, Objective, Quadratic, SimResult, simulate
+from easgd.runlog import json_dumps
+from easgd.sim import (
+    SCHEDULES,
+    CostModel,
+    Objective,
+    Quadratic,
+    SimResult,
+    resolve_mode,
+    simulate,
+)
 
-__all__ = ["add_hyperparam_args", "hyperparams_from_args", "register", "run"]
+__all__ = [
+    "add_hyperparam_args",
+    "check_elasticity_args",
+    "hyperparams_from_args",
+    "register",
+    "run",
+]
 
 
 def add_hyperparam_args(
@@ -43,20 +57,22 @@ def add_hyperparam_args(
     )
     g.add_argument("--tau", type=int, default=1, help="communication period in local steps")
     g.add_argument("--lr", type=float, default=0.01, metavar="ETA", help="learning rate eta")
-    g.add_argument(
+    # The paper couples them (alpha = beta/p): give one, the other follows.
+    elastic = g.add_mutually_exclusive_group()
+    elastic.add_argument(
         "--beta",
         type=float,
         default=None,
         metavar="B",
-        help="center's moving rate beta (the paper's 0.9 when neither --beta nor --alpha "
-        "is given); alpha = beta/p unless --alpha is given",
+        help="center's moving rate beta; alpha = beta/p. Not with --alpha (the paper's 0.9 "
+        "when neither is given)",
     )
-    g.add_argument(
+    elastic.add_argument(
         "--alpha",
         type=float,
         default=None,
         metavar="A",
-        help="worker's moving rate alpha (beta/p when not given)",
+        help="worker's moving rate alpha; beta = p*alpha. Not with --beta (default beta/p)",
     )
     g.add_argument(
         "--momentum",
@@ -84,6 +100,29 @@ def add_hyperparam_args(
         default=None,
         help="constant averaging rate of mvadownpour and mvasgd (default 0.001)",
     )
+
+
+def check_elasticity_args(args: argparse.Namespace) -> None:
+    """Refuse a derived moving rate out of range, naming the flag that was given.
+
+    ``--alpha`` sets beta = p*alpha and ``--beta`` sets alpha = beta/p; when the derived one
+    is out of range, :class:`Hyperparams` would name the rate the user never typed.
+    """
+    if not METHODS[args.method].elastic or (args.alpha is None) == (args.beta is None):
+        return
+    p = args.workers
+    paper = f"the paper's choice is --beta 0.9, i.e. --alpha {0.9 / p:.4g} with p={p}"
+    if args.alpha is not None and 0 < args.alpha <= 1 and not p * args.alpha < 2:
+        raise ValueError(
+            f"--alpha {args.alpha:g} with --workers {p} makes beta = p*alpha = "
+            f"{p * args.alpha:g}, outside (0, 2); use --alpha below 2/p = {2 / p:.4g} ({paper})"
+        )
+    if args.beta is not None and 0 < args.beta < 2 and not args.beta / p <= 1:
+        raise ValueError(
+            f"--beta {args.beta:g} with --workers {p} makes alpha = beta/p = "
+            f"{args.beta / p:g}, outside (0, 1]; use --beta <= p = {p}, or give --alpha "
+            f"instead ({paper})"
+        )
 
 
 def hyperparams_from_args(args: argparse.Namespace) -> Hyperparams:
@@ -119,9 +158,11 @@ def register(subparsers: Any) -> None:
         "simulate",
         help="run P workers in one process on a quadratic or a real model (the oracle)",
         description=(
-            "Simulate P workers in one process. Schedules: sync (global clock), round-robin "
-            "(one worker per global step, the paper's analysis) and async (event-driven on a "
-            "virtual clock with a cost model). All replicas start at the center."
+            "Simulate P workers in one process. Schedules: sync (every worker steps on a "
+            "global clock), round-robin (one worker per global step, the paper's analysis) "
+            "and async (event-driven, each worker on its own clock). Every schedule runs on a "
+            "virtual clock priced by the cost model; a cost flag that the method and schedule "
+            "never pay for is refused. All replicas start at the center."
         ),
         formatter_class=HelpFormatter,
     )
@@ -206,11 +247,117 @@ def register(subparsers: Any) -> None:
         help="parameters counted in message sizes",
     )
     parser.set_defaults(func=run)
+    _FLAG_DEFAULTS.update({a.dest: parser.get_default(a.dest) for a in parser._actions})
+
+
+#: The parser's default of every flag (filled by register): a flag whose value differs from
+#: its default was given on the command line.
+_FLAG_DEFAULTS: dict[str, Any] = {}
+_QUADRATIC_FLAGS = {"h": "--h", "noise": "--noise", "x0": "--x0", "dim": "--dim"}
+_DATASET_FLAGS = {"model": "--model", "batch_size": "--batch-size", "data_dir": "--data-dir"}
+
+
+def _given(args: argparse.Namespace, dest: str) -> bool:
+    return dest in _FLAG_DEFAULTS and getattr(args, dest) != _FLAG_DEFAULTS[dest]
+
+
+def _check_problem(args: argparse.Namespace) -> None:
+    """The problem's flags: the problem is known, and no flag of the other kind is given."""
+    from easgd.data.datasets import DATASETS
+
+    if args.problem == "quadratic":
+        for dest, flag in _DATASET_FLAGS.items():
+            if _given(args, dest):
+                raise ValueError(
+                    f"{flag} {getattr(args, dest)} applies to a dataset problem, not to "
+                    f"--problem quadratic; drop {flag}, or choose --problem {DATASETS[0]}"
+                )
+        if not (math.isfinite(args.noise) and args.noise >= 0):
+            raise ValueError(
+                f"--noise {args.noise} must be a standard deviation >= 0, e.g. --noise 0.1"
+            )
+        return
+    if args.problem not in DATASETS:
+        raise ValueError(
+            f"--problem {args.problem} is not known; choose quadratic or a dataset: "
+            f"{', '.join(DATASETS)}"
+        )
+    for dest, flag in _QUADRATIC_FLAGS.items():
+        if _given(args, dest):
+            raise ValueError(
+                f"{flag} {getattr(args, dest)} applies to --problem quadratic only, not to "
+                f"--problem {args.problem}; drop {flag}"
+            )
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size {args.batch_size} must be >= 1, e.g. --batch-size 32")
+    if args.data_dir is not None and not Path(args.data_dir).is_dir():
+        raise ValueError(
+            f"--data-dir {args.data_dir} is not a folder; give the folder holding the "
+            "dataset's files, or drop --data-dir to use the cache (downloading if needed)"
+        )
+
+
+def _check_cost(args: argparse.Namespace, hp: Hyperparams, mode: Mode) -> None:
+    """The cost flags: in range, and paid for by this method on this schedule.
+
+    Every schedule prices local steps (``--step-time``, ``--step-dist``, ``--straggler``).
+    Messages (``--latency``, ``--bandwidth``, ``--numel``) are sent to a parameter server
+    (asynchronous mode) or by an all-reduce of p > 1 workers; ``--server-time`` is paid only
+    where a parameter server answers (the simulator's synchronous schedule serves the
+    DOWNPOUR family that way too).
+    """
+    p = hp.workers
+    seen: set[int] = set()
+    for worker, factor in args.straggler:
+        text = f"--straggler {worker}:{factor:g}"
+        if not 0 <= worker < p:
+            raise ValueError(
+                f"{text}: there is no worker {worker} with --workers {p}; workers are 0..{p - 1}"
+            )
+        if worker in seen:
+            raise ValueError(f"{text}: worker {worker} is given twice; give each worker once")
+        seen.add(worker)
+        if not (math.isfinite(factor) and factor > 0):
+            raise ValueError(f"{text}: the slowdown factor must be a number > 0, e.g. 0:3")
+    if args.numel is not None and args.numel < 1:
+        raise ValueError(
+            f"--numel {args.numel} must be >= 1 parameters, e.g. --numel 1000000; drop it to "
+            "count the problem's own parameters"
+        )
+    if args.eval_interval is not None and not (
+        math.isfinite(args.eval_interval) and args.eval_interval > 0
+    ):
+        raise ValueError(
+            f"--eval-interval {args.eval_interval} must be a finite number > 0 of virtual "
+            "seconds; drop it to evaluate only at the start and the end"
+        )
+    messages: tuple[str, ...] = ("latency", "bandwidth", "numel", "server_time")
+    if mode is Mode.SEQUENTIAL:
+        unpaid, why = messages, f"{hp.method} is sequential and sends no message"
+        fix = "or choose a distributed method, e.g. --method easgd --workers 4"
+    elif mode is Mode.SYNC and p == 1:
+        unpaid, why = messages, f"with --workers 1, {hp.method} on the sync schedule sends nothing"
+        fix = "or use --workers 2 or more"
+    elif mode is Mode.SYNC:
+        unpaid = ("server_time",)
+        why = f"{hp.method} on the sync schedule all-reduces, with no parameter server"
+        fix = (
+            "or use --schedule async"
+            if Mode.ASYNC in hp.spec.modes
+            else "or a method with a parameter server (easgd, downpour) on --schedule async"
+        )
+    else:
+        return  # a parameter server: every cost is paid
+    for dest in unpaid:
+        if _given(args, dest):
+            flag = "--" + dest.replace("_", "-")
+            raise ValueError(
+                f"{flag} {getattr(args, dest):g} has no effect: {why}; drop {flag}, {fix}"
+            )
 
 
 def _objective(args: argparse.Namespace) -> Objective:
-    if args.problem == "quadratic":
-        return Quadratic(h=args.h, sigma=args.noise, x0=args.x0, dim=args.dim)
+    """The dataset problem of ``--problem`` (the quadratic is built in :func:`run`)."""
     from easgd.sim import ModelObjective
     from easgd.task import build_task
 
@@ -225,6 +372,7 @@ def _scalarize(v: Any) -> Any:
 
 def result_json(args: argparse.Namespace, hp: Hyperparams, res: SimResult) -> dict[str, Any]:
     small = res.center.numel() <= 1000
+    used = hp.to_dict()  # a hyperparameter the method does not use is None
     out: dict[str, Any] = {
         "problem": args.problem,
         "method": hp.method,
@@ -232,9 +380,9 @@ def result_json(args: argparse.Namespace, hp: Hyperparams, res: SimResult) -> di
         "p": hp.workers,
         "tau": hp.tau,
         "lr": hp.lr,
-        "alpha": hp.alpha,
-        "beta": hp.beta,
-        "momentum": hp.momentum,
+        "alpha": used["alpha"],
+        "beta": used["beta"],
+        "momentum": used["momentum"],
         "steps": args.steps,
         "seed": args.seed,
         "final": res.metrics[-1],
@@ -253,9 +401,19 @@ def result_json(args: argparse.Namespace, hp: Hyperparams, res: SimResult) -> di
 
 
 def run(args: argparse.Namespace) -> int:
+    # Every flag is checked before the problem is built (a dataset takes a while to load).
+    _check_problem(args)
+    quadratic = (
+        Quadratic(h=args.h, sigma=args.noise, x0=args.x0, dim=args.dim)
+        if args.problem == "quadratic"
+        else None
+    )
+    if args.steps < 0:
+        raise ValueError(f"--steps {args.steps} must be >= 0")
+    check_elasticity_args(args)
     hp = hyperparams_from_args(args)
-    if args.problem == "quadratic":
-        hp.check_quadratic(args.h)
+    mode = resolve_mode(hp, args.schedule)
+    _check_cost(args, hp, mode)
     cost = CostModel(
         step_time=args.step_time,
         step_dist=args.step_dist,
@@ -265,7 +423,9 @@ def run(args: argparse.Namespace) -> int:
         server_time=args.server_time,
         numel=args.numel,
     )
-    problem = _objective(args)
+    if quadratic is not None:
+        hp.check_quadratic(args.h)
+    problem = quadratic if quadratic is not None else _objective(args)
     progress = Progress("simulate", args.steps, enabled=not (args.quiet or args.json))
     res = simulate(
         problem,
@@ -281,8 +441,7 @@ def run(args: argparse.Namespace) -> int:
     progress.close()
     out = result_json(args, hp, res)
     if args.json:
-        json.dump(out, sys.stdout, allow_nan=True)
-        sys.stdout.write("\n")
+        print(json_dumps(out))  # strict JSON: a diverged run's inf/NaN losses are null
         return 0
     rows = [
         {"quantity": k, "value": out[k]}

@@ -10,15 +10,20 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
+
+import numpy as np
 
 from easgd.analysis import figures, stability
 from easgd.cli._table import format_table
+from easgd.cli.report import check_writable_folder
+from easgd.runlog import json_dumps
 
 __all__ = ["register", "run"]
 
 _SHOWN_EIGENVALUES = 10
+_RESOLUTION = (10, 1000)  # figures.write_figures' range
+_MAP_FLAGS = {"p": "--p", "eta": "--eta", "alpha": "--alpha", "rho": "--rho", "beta": "--beta"}
 
 
 def register(subparsers: Any) -> None:
@@ -67,23 +72,79 @@ def register(subparsers: Any) -> None:
         "--resolution",
         type=int,
         default=80,
-        help="grid points per axis of the figures (default: 80)",
+        help=f"grid points per axis of the figures, {_RESOLUTION[0]} to {_RESOLUTION[1]} "
+        "(default: 80; with --figure only)",
     )
     parser.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    """Analyse ``--map`` and/or write ``--figure``; return the exit status."""
+def _check_args(args: argparse.Namespace) -> None:
+    """Every flag is used: the map's parameters with --map, --resolution with --figure."""
     if args.map_name is None and args.figure is None:
         raise ValueError("give --map (with --p, --eta and --alpha or --rho) or --figure DIR")
-    result: dict[str, Any] | None = None
-    if args.map_name is not None:
+    if args.map_name is None:
+        for dest, flag in _MAP_FLAGS.items():
+            if getattr(args, dest) is not None:
+                raise ValueError(
+                    f"{flag} {getattr(args, dest):g} applies to --map only (the figures fix "
+                    f"their own parameters); add --map NAME or drop {flag}"
+                )
+    else:
         missing = [flag for flag in ("p", "eta") if getattr(args, flag) is None]
         if missing:
             raise ValueError(f"--map {args.map_name} needs --{' and --'.join(missing)}")
-        result = stability.analyze(
-            args.map_name, args.p, args.eta, alpha=args.alpha, rho=args.rho, beta=args.beta
+        admm = args.map_name == "admm-roundrobin"
+        takes, other = ("rho", "alpha") if admm else ("alpha", "rho")
+        what = "the ADMM penalty" if admm else "the moving rate eta*rho"
+        if getattr(args, other) is not None:
+            raise ValueError(
+                f"--{other} {getattr(args, other):g} does not apply to --map {args.map_name}, "
+                f"which takes --{takes} ({what}); pass --{takes} instead"
+            )
+        if getattr(args, takes) is None:
+            raise ValueError(f"--map {args.map_name} needs {takes} ({what}): give --{takes}")
+        if args.beta is not None and args.map_name != "easgd-sync":
+            raise ValueError(
+                f"--beta {args.beta:g} applies to --map easgd-sync only, not to "
+                f"--map {args.map_name}; drop --beta"
+            )
+    lo, hi = _RESOLUTION
+    if args.figure is None and args.resolution != 80:
+        raise ValueError(
+            f"--resolution {args.resolution} applies to --figure only; add --figure DIR or "
+            "drop --resolution"
         )
+    if not lo <= args.resolution <= hi:
+        raise ValueError(
+            f"--resolution {args.resolution} is outside [{lo}, {hi}] grid points per axis; "
+            "e.g. --resolution 80"
+        )
+    if args.figure is not None:
+        check_writable_folder(args.figure, "--figure")
+
+
+def _analyze(args: argparse.Namespace) -> dict[str, Any]:
+    given = " ".join(
+        f"{flag} {getattr(args, dest):g}"
+        for dest, flag in _MAP_FLAGS.items()
+        if getattr(args, dest) is not None
+    )
+    try:
+        with np.errstate(all="ignore"):  # an overflow is reported below, once
+            return stability.analyze(
+                args.map_name, args.p, args.eta, alpha=args.alpha, rho=args.rho, beta=args.beta
+            )
+    except np.linalg.LinAlgError:
+        raise ValueError(
+            f"--map {args.map_name} with {given} overflows (the map has infinite or NaN "
+            "entries); use values of order 1, e.g. --eta 0.1"
+        ) from None
+
+
+def run(args: argparse.Namespace) -> int:
+    """Analyse ``--map`` and/or write ``--figure``; return the exit status."""
+    _check_args(args)
+    result = _analyze(args) if args.map_name is not None else None
     paths = (
         [str(p) for p in figures.write_figures(args.figure, resolution=args.resolution)]
         if args.figure is not None
@@ -93,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
         out: dict[str, Any] = dict(result or {})
         if args.figure is not None:
             out["figures"] = paths
-        print(json.dumps(out))
+        print(json_dumps(out))  # strict JSON: an infinite radius is null
         return 0
     if result is not None:
         _print_result(result)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any
 from easgd.cli._help import HelpFormatter
 from easgd.cli._progress import Progress
 from easgd.cli._table import format_table
-from easgd.cli.simulate import add_hyperparam_args
+from easgd.cli.simulate import add_hyperparam_args, check_elasticity_args
 from easgd.config import BUDGET_FIELDS, EXPERIMENT_FIELDS, MODES, TrainConfig
 from easgd.runlog import CONFIG_FILE, RunPaths
 
@@ -200,7 +201,8 @@ def resume_config(args: argparse.Namespace) -> TrainConfig:
             f"--resume {paths.root}: the run left no checkpoint in {paths.checkpoints}; "
             "there is nothing to resume from, start it again"
         )
-    saved = TrainConfig.from_dict(json.loads(paths.config.read_text()))
+    # Resolved: a run saved before config.json recorded resolved values compares the same.
+    saved = TrainConfig.from_dict(json.loads(paths.config.read_text())).resolved()
     for name in EXPERIMENT_FIELDS:
         if _given(args, name) and getattr(args, name) != getattr(saved, name):
             raise ValueError(
@@ -235,15 +237,54 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**fields)
 
 
-def _prepare_out(cfg: TrainConfig, overwrite: bool) -> None:
-    paths = RunPaths(cfg.out)
-    if paths.holds_run():
-        if not overwrite:
+class _Replaced:
+    """The run ``--overwrite`` replaces, moved aside to ``<out>.previous`` until the new run
+    trains: :meth:`discard` deletes it then; :meth:`restore` puts it back when the new run
+    failed to start (the failed attempt goes to ``<out>.failed``, its logs kept)."""
+
+    def __init__(self, paths: RunPaths) -> None:
+        self.paths = paths
+        self.aside = RunPaths(paths.root.with_name(paths.root.name + ".previous"))
+        self.failed = paths.root.with_name(paths.root.name + ".failed")
+        self.done = False
+
+    def move(self) -> _Replaced:
+        if self.aside.root.exists():
             raise ValueError(
-                f"--out {paths.root} already holds a run ({CONFIG_FILE}); choose another "
-                "--out or pass --overwrite to replace it"
+                f"--overwrite {self.paths.root}: {self.aside.root} exists (a run kept aside "
+                "by an earlier --overwrite that did not finish); restore it or delete it first"
             )
-        paths.clear()
+        self.paths.move_run(self.aside.root)
+        return self
+
+    def discard(self) -> None:
+        if not self.done:
+            self.done = True
+            shutil.rmtree(self.aside.root, ignore_errors=True)
+
+    def restore(self) -> str:
+        """Put the replaced run back; returns where the failed attempt's files went."""
+        if self.done:
+            return str(self.paths.root)
+        self.done = True
+        shutil.rmtree(self.failed, ignore_errors=True)
+        self.paths.move_run(self.failed)
+        self.aside.move_run(self.paths.root)
+        shutil.rmtree(self.aside.root, ignore_errors=True)
+        return str(self.failed)
+
+
+def _prepare_out(cfg: TrainConfig, overwrite: bool) -> _Replaced | None:
+    """Refuse an ``--out`` that holds a run unless ``--overwrite``; then move that run aside."""
+    paths = RunPaths(cfg.out)
+    if not paths.holds_run():
+        return None
+    if not overwrite:
+        raise ValueError(
+            f"--out {paths.root} already holds a run ({CONFIG_FILE}); choose another "
+            "--out, continue it with --resume, or pass --overwrite to replace it"
+        )
+    return _Replaced(paths).move()
 
 
 def _warn_lost(summary: dict[str, Any], max_restarts: int) -> None:
@@ -266,40 +307,81 @@ def _torchrun_restart() -> bool:
     return _under_torchrun() and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
 
 
+def _warn_center(summary: dict[str, Any], cfg: TrainConfig) -> None:
+    if summary.get("center_moved") is False:
+        print(f"easgd train: warning: the final center is the initial one: no exchange "
+              f"reached it (--method {cfg.method} --tau {cfg.tau}, {summary['local_steps']} "
+              f"local steps in all); train longer or lower --tau", file=sys.stderr)  # fmt: skip
+
+
+def _preflight(cfg: TrainConfig, args: argparse.Namespace, resume: bool) -> int | None:
+    """Check everything the launcher can before a process starts; the steps per worker."""
+    from easgd.preflight import check_train
+
+    checked = check_train(cfg, overwrite=args.overwrite, resume=resume)
+    for line in checked.warnings:
+        print(f"easgd train: warning: {line}", file=sys.stderr)
+    return checked.steps_per_worker
+
+
 def run(args: argparse.Namespace) -> int:
     from easgd.launch import RunFailed, exit_now, launch_local, run_torchrun
     from easgd.roles.worker import RESUME_ENV
+    from easgd.runlog import RunStatus, json_dumps
 
     if _torchrun_restart() and args.resume is None and args.out is not None:
         # torchrun --max-restarts started this job again after a rank died: the same
         # command, so continue the run in --out from its checkpoints rather than refuse it.
         args.resume = args.out
     resume = args.resume is not None
+    if not resume:
+        check_elasticity_args(args)  # name the flag given, not the rate derived from it
     cfg = resume_config(args) if resume else config_from_args(args)
+    budget = _preflight(cfg, args, resume)
     if _under_torchrun():
+        replaced = None
         if resume:
             os.environ[RESUME_ENV] = "1"  # this rank's roles run in this process
         elif int(os.environ["RANK"]) == 0:
-            _prepare_out(cfg, args.overwrite)
+            replaced = _prepare_out(cfg, args.overwrite)
         summary = run_torchrun(cfg)
+        if replaced is not None:
+            replaced.discard()
         if summary is None:
             exit_now(0)
     else:
-        if not resume:
-            _prepare_out(cfg, args.overwrite)
+        replaced = None if resume else _prepare_out(cfg, args.overwrite)
         progress = Progress("train", enabled=not (args.quiet or args.json))
         try:
-            summary = launch_local(cfg, progress.show, resume=resume)
+            summary = launch_local(
+                cfg, progress.show, resume=resume, budget=budget,
+                on_training=replaced.discard if replaced is not None else None,
+            )  # fmt: skip
         except RunFailed as exc:
             progress.close()
+            message = str(exc)
+            if replaced is not None and not replaced.done:
+                failed = replaced.restore()  # it never trained: the replaced run comes back
+                message = message.replace(str(replaced.paths.root), failed)
+                message += f"; {cfg.out} is restored as it was (the failed start: {failed})"
             if args.json and exc.summary is not None:
-                print(json.dumps(exc.summary))
-            print(f"easgd train: error: {exc}", file=sys.stderr)
-            return 1
+                print(json_dumps(exc.summary))
+            kind = "interrupted" if exc.status is RunStatus.INTERRUPTED else "error"
+            prefix = "" if kind == "interrupted" else "error: "
+            print(f"easgd train: {prefix}{message}", file=sys.stderr)
+            return exc.exit_status
+        except BaseException:
+            progress.close()
+            if replaced is not None and not replaced.done:
+                replaced.restore()
+            raise
         progress.close()
+        if replaced is not None:
+            replaced.discard()
         _warn_lost(summary, cfg.max_restarts)
+        _warn_center(summary, cfg)
     if args.json:
-        print(json.dumps(summary))
+        print(json_dumps(summary))
         if _under_torchrun():
             exit_now(0)
         return 0

@@ -10,7 +10,17 @@
 """
 
 from easgd.data.cifar import RestrictedUnpickler, read_cifar10
-from easgd.data.datasets import DATASETS, SPECS, Dataset, DatasetSpec, load_dataset
+from easgd.data.datasets import (
+    DATASET_INFO,
+    DATASETS,
+    SPECS,
+    Dataset,
+    DatasetInfo,
+    DatasetSpec,
+    dataset_info,
+    load_dataset,
+    locate_dataset,
+)
 from easgd.data.download import default_cache_dir, fetch_file, md5sum
 from easgd.data.errors import (
     ChecksumError,
@@ -19,18 +29,20 @@ from easgd.data.errors import (
     DatasetNotFoundError,
     DownloadError,
 )
-from easgd.data.idx import read_idx, read_idx_images, read_idx_labels
+from easgd.data.idx import read_idx, read_idx_images, read_idx_labels, read_idx_shape
 from easgd.data.loader import BatchStream, iter_batches
 from easgd.data.transforms import RandomCrop, center_crop, channel_stats, normalize_
 
 __all__ = [
     "DATASETS",
+    "DATASET_INFO",
     "SPECS",
     "BatchStream",
     "ChecksumError",
     "CorruptFileError",
     "Dataset",
     "DatasetError",
+    "DatasetInfo",
     "DatasetNotFoundError",
     "DatasetSpec",
     "DownloadError",
@@ -38,14 +50,17 @@ __all__ = [
     "RestrictedUnpickler",
     "center_crop",
     "channel_stats",
+    "dataset_info",
     "default_cache_dir",
     "fetch_file",
     "iter_batches",
     "load_dataset",
+    "locate_dataset",
     "md5sum",
     "normalize_",
     "read_cifar10",
     "read_idx",
     "read_idx_images",
     "read_idx_labels",
+    "read_idx_shape",
 ]

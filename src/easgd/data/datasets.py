@@ -27,7 +27,17 @@ from easgd.data.errors import CorruptFileError
 from easgd.data.idx import read_idx_images, read_idx_labels
 from easgd.data.transforms import RandomCrop, center_crop, channel_stats, normalize_
 
-__all__ = ["DATASETS", "SPECS", "Dataset", "DatasetSpec", "load_dataset"]
+__all__ = [
+    "DATASETS",
+    "DATASET_INFO",
+    "SPECS",
+    "Dataset",
+    "DatasetInfo",
+    "DatasetSpec",
+    "dataset_info",
+    "load_dataset",
+    "locate_dataset",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -169,6 +179,42 @@ SPECS: Mapping[str, DatasetSpec] = MappingProxyType(
 )
 
 
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a data set is, known without loading it: shapes, classes and split sizes.
+
+    ``image_size`` is the side the model sees (CIFAR-10: the 28x28 crops of 32x32 images).
+    The sizes are those of the published files (the files whose MD5s :data:`SPECS` lists).
+    """
+
+    name: str
+    in_channels: int
+    image_size: int
+    num_classes: int
+    train_size: int
+    test_size: int
+
+
+#: Every data set's :class:`DatasetInfo` (digits: scikit-learn's 1797 images split 80/20).
+DATASET_INFO: Mapping[str, DatasetInfo] = MappingProxyType(
+    {
+        "digits": DatasetInfo("digits", 1, 8, 10, 1437, 360),
+        "mnist": DatasetInfo("mnist", 1, 28, 10, 60000, 10000),
+        "fashion-mnist": DatasetInfo("fashion-mnist", 1, 28, 10, 60000, 10000),
+        "cifar10": DatasetInfo("cifar10", 3, CIFAR_CROP, 10, 50000, 10000),
+    }
+)
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    """The :class:`DatasetInfo` of ``name`` (aliases such as ``cifar-10`` accepted).
+
+    Raises:
+        ValueError: an unknown name (the message lists the valid ones).
+    """
+    return DATASET_INFO[_canonical_name(name)]
+
+
 def _canonical_name(name: str) -> str:
     key = name.strip().lower()
     key = _ALIASES.get(key, key)
@@ -287,12 +333,41 @@ def load_dataset(
         train_x, train_y, test_x, test_y = (torch.tensor(a) for a in digits_arrays())
         return _build(key, train_x, train_y, test_x, test_y)
 
+    paths = locate_dataset(
+        key, data_dir=data_dir, cache_dir=cache_dir, download=download, base_url=base_url,
+        spec=spec, timeout=timeout,
+    )  # fmt: skip
+    logger.info("reading %s from %s", key, ", ".join(str(p) for p in paths.values()))
+    return _READERS[key](key, paths)
+
+
+def locate_dataset(
+    name: str,
+    *,
+    data_dir: str | os.PathLike[str] | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    download: bool = True,
+    base_url: str | Sequence[str] | None = None,
+    spec: DatasetSpec | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> dict[str, Path]:
+    """The files of ``name``, found (or downloaded) and MD5-verified, without reading them.
+
+    Looks where :func:`load_dataset` looks, with the same arguments and the same errors;
+    ``{filename: path}`` in the spec's order, empty for ``digits`` (no files: scikit-learn's).
+    A launcher calls it once before starting its workers, which then find the files in place.
+    """
+    key = _canonical_name(name)
+    if spec is not None and spec.name != key:
+        raise ValueError(f"spec is for {spec.name!r} but the data set asked for is {key!r}")
+    if key == "digits":
+        return {}
     spec = spec or SPECS[key]
     if base_url is not None:
         mirrors = (base_url,) if isinstance(base_url, str) else tuple(base_url)
         spec = dataclasses.replace(spec, mirrors=mirrors)
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    paths = {
+    return {
         filename: fetch_file(
             filename,
             md5,
@@ -305,5 +380,3 @@ def load_dataset(
         )
         for filename, md5 in spec.files.items()
     }
-    logger.info("reading %s from %s", key, ", ".join(str(p) for p in paths.values()))
-    return _READERS[key](key, paths)

@@ -17,7 +17,14 @@ import numpy as np
 
 from easgd.data.errors import CorruptFileError
 
-__all__ = ["IDX_IMAGES_MAGIC", "IDX_LABELS_MAGIC", "read_idx", "read_idx_images", "read_idx_labels"]
+__all__ = [
+    "IDX_IMAGES_MAGIC",
+    "IDX_LABELS_MAGIC",
+    "read_idx",
+    "read_idx_images",
+    "read_idx_labels",
+    "read_idx_shape",
+]
 
 IDX_LABELS_MAGIC = 2049
 IDX_IMAGES_MAGIC = 2051
@@ -59,6 +66,35 @@ def read_idx(path: str | os.PathLike[str], *, magic: int) -> np.ndarray:
             f"{dims} ({expected} bytes). {_REMEDY}"
         )
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def read_idx_shape(path: str | os.PathLike[str], *, magic: int) -> tuple[int, ...]:
+    """The dimensions an IDX file's header declares, reading nothing but the header.
+
+    A check that costs microseconds (e.g. how many samples a file holds), not a verification
+    of the data: :func:`read_idx` checks that the data matches the header.
+
+    Raises:
+        CorruptFileError: naming the file, if its gzip stream or header is bad or its magic
+            number differs from ``magic``.
+    """
+    path = Path(path)
+    ndim = magic & 0xFF
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read(4 + 4 * ndim)
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        raise CorruptFileError(f"{path} is not a complete gzip file ({exc}). {_REMEDY}") from exc
+    if len(raw) < 4 + 4 * ndim:
+        raise CorruptFileError(f"{path} ends inside its IDX header. {_REMEDY}")
+    (found,) = struct.unpack(">I", raw[:4])
+    if found != magic:
+        raise CorruptFileError(
+            f"{path} has IDX magic number {found}, expected {magic} "
+            f"({'labels' if magic == IDX_LABELS_MAGIC else 'images'}). Is it the right file? "
+            f"{_REMEDY}"
+        )
+    return tuple(int(d) for d in struct.unpack(f">{ndim}I", raw[4:]))
 
 
 def read_idx_images(path: str | os.PathLike[str]) -> np.ndarray:

@@ -7,6 +7,11 @@ all-reduce group, or none), start from the center, then drive
 finish. The update rules live in :mod:`easgd.algorithms`; nothing here computes one, and
 nothing here asks which method or mode it runs: the method table and the transport know.
 
+A non-finite mini-batch loss (a learning rate far too large) ends the worker at once with
+a ``diverged`` event and :class:`DivergedError`, which the process turns into exit status
+:data:`DIVERGED_EXIT`: the launcher then stops the run as ``diverged`` instead of restarting
+anyone (training on would only spread NaN through the center).
+
 The time budget counts from the first training step (the ``train_start`` event), so a
 slow start-up (importing torch, loading data, waiting for the servers) does not eat it.
 
@@ -49,7 +54,7 @@ from easgd.runlog import (
     save_checkpoint,
 )
 
-__all__ = ["RESUME_ENV", "ResumeError", "run_worker"]
+__all__ = ["DIVERGED_EXIT", "RESUME_ENV", "DivergedError", "ResumeError", "run_worker"]
 
 log_ = logging.getLogger(__name__)
 
@@ -58,8 +63,23 @@ _PERIOD_KEY = "easgd/checkpoint_steps"  # worker 0's checkpoint period, shared b
 _WARMUP = 20  # steps timed to derive the checkpoint period from checkpoint_interval
 
 
+#: The exit status of a worker process whose training diverged (:class:`DivergedError`).
+DIVERGED_EXIT = 3
+
+
 class ResumeError(RuntimeError):
     """A run that cannot be resumed: the message names the files and what to do."""
+
+
+class DivergedError(RuntimeError):
+    """A worker's mini-batch loss was not finite: the run diverged (one line, the fix)."""
+
+    def __init__(self, index: int, step: int, loss: float, lr: float) -> None:
+        super().__init__(
+            f"worker {index}: the training loss is {loss} at step {step} (lr {lr:g}): the run "
+            "diverged; lower --lr (or raise --batch-size)"
+        )
+        self.index, self.step, self.loss, self.lr = index, step, loss, lr
 
 
 def run_worker(cfg: TrainConfig, ctx: RoleContext, index: int) -> None:
@@ -109,7 +129,11 @@ def run_worker(cfg: TrainConfig, ctx: RoleContext, index: int) -> None:
         state.start()
         while not budget.spent(worker, transport):
             comm = worker.communicates()
-            log.step(comm, run_step(worker, grad_fn, transport.serve))
+            loss = run_step(worker, grad_fn, transport.serve)
+            log.step(comm, loss)
+            if not math.isfinite(loss):
+                log.diverged(loss)
+                raise DivergedError(index, worker.t, loss, hp.lr_at(worker.t - 1))
             state.tick(transport)
             if keeper is not None:
                 keeper.tick()
@@ -201,6 +225,10 @@ class _Log:
             exchange_seconds=traffic.last_exchange_seconds if comm else 0.0,
         )  # fmt: skip
         self.losses.clear()
+
+    def diverged(self, loss: float) -> None:
+        lr = self.worker.hp.lr_at(self.worker.t - 1)
+        self._write(Event.DIVERGED, step=self.worker.t, loss=loss, lr=lr)
 
     def done(self) -> None:
         self._write(Event.WORKER_DONE, step=self.worker.t)

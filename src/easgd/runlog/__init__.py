@@ -83,7 +83,9 @@ from easgd.runlog.writers import (
     atomic_write_json,
     atomic_write_text,
     iter_jsonl,
+    json_dumps,
     read_jsonl,
+    strict_json,
 )
 
 __all__ = [
@@ -124,12 +126,14 @@ __all__ = [
     "eval_line",
     "event_errors",
     "iter_jsonl",
+    "json_dumps",
     "load_checkpoint",
     "previous_checkpoint",
     "process_errors",
     "read_jsonl",
     "save_checkpoint",
     "snapshot_wall",
+    "strict_json",
     "summary_errors",
     "training_span",
     "update_summary",

@@ -164,12 +164,31 @@ class RunPaths:
         """Whether a run was started here (its ``config.json`` exists)."""
         return self.config.exists()
 
+    def run_files(self) -> tuple[Path, ...]:
+        """Every file and folder a run writes here (other files are not the run's)."""
+        return (self.metrics, self.eval, self.summary, self.config, self.processes,
+                self.snapshots, self.checkpoints, self.logs)  # fmt: skip
+
     def clear(self) -> None:
-        """Remove what a run writes here (``--overwrite``); other files are left alone."""
-        for path in (self.metrics, self.eval, self.summary, self.config, self.processes):
-            path.unlink(missing_ok=True)
-        for folder in (self.snapshots, self.checkpoints, self.logs):
-            shutil.rmtree(folder, ignore_errors=True)
+        """Remove what a run writes here; other files are left alone."""
+        for path in self.run_files():
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
+    def move_run(self, dest: str | os.PathLike[str]) -> RunPaths:
+        """Move what a run wrote here into the run directory ``dest`` (renames: same file
+        system); other files stay. Returns ``dest``'s paths. ``easgd train --overwrite``
+        moves the run it replaces aside this way, and back if the new one fails to start."""
+        target = RunPaths(dest)
+        target.root.mkdir(parents=True, exist_ok=True)
+        for src, dst in zip(self.run_files(), target.run_files(), strict=True):
+            if src.exists():
+                if dst.is_dir():
+                    shutil.rmtree(dst)
+                os.replace(src, dst)
+        return target
 
 
 class SweepPaths:

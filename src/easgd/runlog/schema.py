@@ -49,12 +49,14 @@ class Event(str, enum.Enum):
     WORKER_DONE = "worker_done"
     SERVER_LOST = "server_lost"  # the worker lost its connection to a server shard
     SERVER_BACK = "server_back"  # ... and is exchanging with it again
+    DIVERGED = "diverged"  # a non-finite training loss: the worker stops, the run ends
     # The launcher (easgd.launch).
     RUN_RESUME = "run_resume"  # easgd train --resume: the run continues from its checkpoints
     WORKER_RESTART = "worker_restart"
     GROUP_RESTART = "group_restart"  # a synchronous rank died: every rank started again
     WORKER_LOST = "worker_lost"
     SERVER_DIED = "server_died"
+    RUN_INTERRUPTED = "run_interrupted"  # SIGINT or SIGTERM: every process was stopped
     # The server role (easgd.roles.server), started again by the launcher.
     SERVER_RESTART = "server_restart"
     # A parameter server (easgd.comm.ps through easgd.roles.server).
@@ -87,6 +89,8 @@ class RunStatus(str, enum.Enum):
     ALL_WORKERS_LOST = "all_workers_lost"  # every worker died beyond --max-restarts
     SERVER_LOST = "server_lost"  # a server shard died beyond --max-restarts
     CENTER_LOST = "center_lost"  # training ended but no checkpoint of the center verifies
+    DIVERGED = "diverged"  # a worker's training loss (or the final center) was not finite
+    INTERRUPTED = "interrupted"  # SIGINT or SIGTERM stopped the run; --resume continues it
 
     def __str__(self) -> str:
         return self.value
@@ -177,8 +181,8 @@ _TRAFFIC = {
 }  # fmt: skip
 _PROGRESS = {
     **_COMMON, **_WORKER, **_STEP,
-    "loss": _f("float", "nats", "mean mini-batch training loss (cross-entropy) since the "
-               "worker's previous event"),
+    "loss": _f("float or null", "nats", "mean mini-batch training loss (cross-entropy) "
+               "since the worker's previous event; null when not finite (a diverged run)"),
     **_TRAFFIC,
 }  # fmt: skip
 _SERVER = {
@@ -212,6 +216,12 @@ EVENT_FIELDS: Final[dict[Event, dict[str, FieldSpec]]] = {
     Event.STEP: _PROGRESS,
     Event.EXCHANGE: _PROGRESS,
     Event.WORKER_DONE: {**_COMMON, **_WORKER, **_STEP},
+    Event.DIVERGED: {
+        **_COMMON, **_WORKER,
+        "step": _f("int", "steps", "the local step whose mini-batch loss was not finite"),
+        "loss": _f("float or null", "nats", "that loss (null: NaN or an infinity)"),
+        "lr": _f("float", "", "the learning rate in use at that step"),
+    },
     Event.SERVER_LOST: {
         **_COMMON, **_WORKER,
         "shard": _f("int", "", "the server shard the worker can no longer reach"),
@@ -257,6 +267,11 @@ EVENT_FIELDS: Final[dict[Event, dict[str, FieldSpec]]] = {
         **_COMMON,
         "worker": _f("int", "", "the dead worker's index; the run goes on without it"),
         "status": _f("int", "", "its exit status (negative: killed by that signal)"),
+    },
+    Event.RUN_INTERRUPTED: {
+        **_COMMON,
+        "signal": _f("str", "", "the signal that stopped the run: SIGINT or SIGTERM"),
+        "training": _f("bool", "", "false: it came before any worker's first step"),
     },
     Event.SERVER_DIED: {
         **_COMMON,
@@ -345,7 +360,8 @@ EVENT_FIELDS: Final[dict[Event, dict[str, FieldSpec]]] = {
 EVAL_FIELDS: Final[dict[str, FieldSpec]] = {
     "wall": _f("float", _RUN_CLOCK, "when the evaluated center was taken: seconds since the "
                "run's start (virtual seconds in a simulated run)"),
-    "test_loss": _f("float", "nats", "the center's mean cross-entropy on the test set"),
+    "test_loss": _f("float or null", "nats", "the center's mean cross-entropy on the test "
+                    "set; null when not finite (a diverged center)"),
     "test_error": _f("float", "fraction", "the center's test error, wrong / total"),
     "snapshot": _f("str", "", "the snapshot's file name in snapshots/; absent in simulated "
                    "runs", required=False),
@@ -385,9 +401,11 @@ SUMMARY_FIELDS: Final[dict[str, FieldSpec]] = {
                         "reason: what is wrong, and the previous checkpoint used instead if "
                         "one verified); [] when none (real runs)", required=False),
     "status": _f("str", "", "what the run did (easgd train): completed, workers_lost (some "
-                 "workers lost, the others finished), all_workers_lost, server_lost or "
-                 "center_lost",
-                 required=False),
+                 "workers lost, the others finished), all_workers_lost, server_lost, "
+                 "center_lost, diverged or interrupted", required=False),
+    "center_moved": _f("bool", "", "false: the final center is the initial one (no "
+                       "exchange reached it, e.g. --steps below --tau); easgd train warns",
+                       required=False),
     "lost_workers": _f("list[int]", "", "workers that died beyond --max-restarts (easgd "
                        "train)", required=False),
     "lost_servers": _f("list[int]", "", "server shards that died beyond --max-restarts "

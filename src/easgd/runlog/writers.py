@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import os
 import tempfile
 import threading
@@ -24,8 +25,33 @@ __all__ = [
     "atomic_write_json",
     "atomic_write_text",
     "iter_jsonl",
+    "json_dumps",
     "read_jsonl",
+    "strict_json",
 ]
+
+
+def strict_json(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, inf) replaced by None, JSON's ``null``.
+
+    Python's ``json`` writes them as bare ``NaN``/``Infinity``, which no strict parser reads;
+    a diverged run's losses must still give valid JSON.
+    """
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [strict_json(v) for v in obj]
+    return obj
+
+
+def json_dumps(obj: Any, **kwargs: Any) -> str:
+    """:func:`json.dumps` that writes strict JSON: non-finite floats become ``null``."""
+    try:
+        return json.dumps(obj, allow_nan=False, **kwargs)
+    except ValueError:  # a NaN or an infinity somewhere (the rare case: convert, then dump)
+        return json.dumps(strict_json(obj), allow_nan=False, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------
@@ -68,8 +94,8 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
 
 
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
-    """Write ``obj`` as indented JSON with sorted keys, atomically."""
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    """Write ``obj`` as indented strict JSON (non-finite floats: null), sorted keys, atomically."""
+    atomic_write_text(path, json_dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def atomic_torch_save(path: str | os.PathLike[str], obj: Any) -> None:
@@ -84,7 +110,8 @@ class JsonlWriter:
 
     Each event is a single ``write`` on a file opened with ``O_APPEND``, so lines from
     different writers never interleave. ``default`` is :func:`json.dumps`'s (e.g. ``str`` for
-    values JSON does not know). :meth:`write` can serve as an event callback as it is.
+    values JSON does not know). Lines are strict JSON (a non-finite float is written as
+    ``null``). :meth:`write` can serve as an event callback as it is.
     """
 
     def __init__(
@@ -97,7 +124,7 @@ class JsonlWriter:
         self._lock = threading.Lock()  # threads of one process (a server's sessions)
 
     def write(self, event: Mapping[str, Any]) -> None:
-        line = (json.dumps(event, allow_nan=True, default=self._default) + "\n").encode()
+        line = (json_dumps(event, default=self._default) + "\n").encode()
         with self._lock:
             if self._fd < 0:
                 raise ValueError(f"JsonlWriter({self.path}) is closed; open a new one to write")
@@ -130,7 +157,24 @@ def read_jsonl(path: str | os.PathLike[str], offset: int = 0) -> tuple[list[dict
     except FileNotFoundError:
         return [], offset
     end = data.rfind(b"\n") + 1
-    events = [json.loads(line) for line in data[:end].splitlines() if line.strip()]
+    events = []
+    for number, line in enumerate(data[:end].splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            event = json.loads(line)
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+            where = f"line {number}" + (f" after byte {offset}" if offset else "")
+            raise ValueError(
+                f"{path}: {where} is not a JSON object ({exc}); the file is damaged or was "
+                "not written by easgd"
+            ) from None
+        if not isinstance(event, dict):
+            raise ValueError(
+                f"{path}: line {number} is {type(event).__name__}, not a JSON object; the file "
+                "is damaged or was not written by easgd"
+            )
+        events.append(event)
     return events, offset + end
 
 
