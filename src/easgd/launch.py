@@ -43,6 +43,7 @@ import json
 import logging
 import math
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -56,7 +57,7 @@ from pathlib import Path
 from typing import IO, Any, NoReturn
 
 from easgd.config import TrainConfig
-from easgd.roles.context import PARENT_ENV, RoleContext
+from easgd.roles.context import PARENT_ENV, SECRET_ENV, RoleContext
 from easgd.roles.server import RESTART_ENV, WORKERS_LOST_KEY, server_pid_key
 from easgd.roles.worker import DIVERGED_EXIT, RESUME_ENV, DivergedError
 from easgd.runlog import (
@@ -395,6 +396,10 @@ class _Launcher:
         self.restarts = 0
         self.server_restarts = 0
         self.group_restarts = 0  # synchronous runs: the whole group started again
+        # Every connection to the servers is authenticated, on loopback too: the user's
+        # EASGD_SECRET, or a fresh random one for this run (only the run's processes get it,
+        # in their environment; it is never written to a file or a log).
+        self.secret = os.environ.get(SECRET_ENV) or secrets.token_hex(32)
         self.worker_port = self.master.port  # the store the workers' process group uses
         self.stores = [self.master]  # every store a group was started on (kept open)
         self.group_resume = resume  # the workers started next continue from checkpoints
@@ -416,6 +421,7 @@ class _Launcher:
             OMP_NUM_THREADS="1", EASGD_RUN_DIR=str(self.paths.root),
             EASGD_START_TIME=repr(self.start), PYTHONUNBUFFERED="1",
         )  # fmt: skip
+        env[SECRET_ENV] = self.secret
         # A resumed run's servers start from their checkpoints, as a restarted shard does.
         resumed_server = self.resume and restart == 0 and self.cfg.role_of(rank)[0] == "server"
         env[RESTART_ENV] = str(1 if resumed_server and role is None else restart)

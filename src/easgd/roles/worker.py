@@ -74,10 +74,11 @@ class ResumeError(RuntimeError):
 class DivergedError(RuntimeError):
     """A worker's mini-batch loss was not finite: the run diverged (one line, the fix)."""
 
-    def __init__(self, index: int, step: int, loss: float, lr: float) -> None:
+    def __init__(self, index: int, step: int, loss: float, lr: float, what: str = "") -> None:
+        found = f"its {what} are not finite" if what else f"the training loss is {loss}"
         super().__init__(
-            f"worker {index}: the training loss is {loss} at step {step} (lr {lr:g}): the run "
-            "diverged; lower --lr (or raise --batch-size)"
+            f"worker {index}: {found} at step {step} (lr {lr:g}): the run diverged; lower "
+            "--lr (or raise --batch-size)"
         )
         self.index, self.step, self.loss, self.lr = index, step, loss, lr
 
@@ -129,6 +130,11 @@ def run_worker(cfg: TrainConfig, ctx: RoleContext, index: int) -> None:
         state.start()
         while not budget.spent(worker, transport):
             comm = worker.communicates()
+            if comm and not bool(torch.isfinite(worker.x).all()):
+                # Never send a non-finite x: it would poison the center (or the peers).
+                log.diverged(math.nan)
+                raise DivergedError(index, worker.t, math.nan, hp.lr_at(max(0, worker.t - 1)),
+                                    what="parameters")  # fmt: skip
             loss = run_step(worker, grad_fn, transport.serve)
             log.step(comm, loss)
             if not math.isfinite(loss):
