@@ -11,6 +11,15 @@ reports medians:
   tensors, one message each (the seed report's anti-pattern);
 * ``ps_elastic``: one asynchronous elastic exchange through :class:`easgd.comm.ps`
   (``client.serve(Request(Op.ELASTIC, x, d))``), the server in its own process;
+* ``ps_elastic_recovering``: the same, by a client that keeps its contributions for a
+  restarted server;
+* ``ps_elastic_authenticated``: the same with a shared secret, every frame authenticated
+  (the best MAC both sides have: Poly1305 with ``cryptography``, see
+  :mod:`easgd.comm.wire`), and ``ps_elastic_authenticated_sha256`` with the standard
+  library's HMAC-SHA256 (what a process without ``cryptography`` gets);
+* ``ps_elastic_tls``: the same over TLS (a self-signed certificate the client verifies,
+  so the TLS records authenticate the frames); skipped without ``openssl`` or
+  ``cryptography`` to make the certificate. These rows are ratios against ``ps_elastic``;
 * ``allreduce_raw``: one raw gloo ``all_reduce`` of the flat vector between 2 ranks (the
   floor of the synchronous rows);
 * ``sync_easgd``: one synchronous EASGD exchange, driven through the library itself (an
@@ -47,9 +56,12 @@ import itertools
 import json
 import math
 import os
+import shutil
 import signal
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -83,8 +95,10 @@ from easgd.algorithms import (
     run_settle,
     run_step,
 )
+from easgd.comm import wire
 from easgd.comm.allreduce import AllReduceTransport
-from easgd.comm.ps import PSClient, serve
+from easgd.comm.ps import ParameterServer, PSClient, serve
+from easgd.runlog import atomic_write_json
 
 HP = Hyperparams(method="easgd", lr=0.01, tau=1, workers=4)
 SYNC_HP = Hyperparams(method="easgd", lr=0.01, tau=1, workers=2)  # the 2-rank gloo world
@@ -244,8 +258,38 @@ def _gloo_peer(port: int, numel: int, periods: int) -> None:
         dist.destroy_process_group()
 
 
-def _server_main(numel: int, address_file: str) -> None:
-    serve(HP, torch.zeros(numel), address_file=address_file, num_threads=1)
+SECRET = "benchmark-secret"  # the authenticated rows' servers and clients share it
+
+
+def _server_main(
+    numel: int, address_file: str, secret: str | None = None, tls: tuple[str, str] | None = None
+) -> None:
+    if tls is None:
+        serve(HP, torch.zeros(numel), address_file=address_file, num_threads=1, secret=secret)
+        return
+    torch.set_num_threads(1)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    ctx = wire.server_tls_context(*tls)
+    with ParameterServer(HP, torch.zeros(numel), secret=secret, tls=ctx) as server:
+        atomic_write_json(address_file, {"host": server.address[0], "port": server.address[1]})
+        while not stop.wait(0.5):
+            pass
+
+
+def self_signed_certificate(directory: Path) -> tuple[str, str] | None:
+    """A throw-away certificate for 127.0.0.1 (``openssl``), or None where there is none."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        return None
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=easgd",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    return str(cert), str(key)
 
 
 # ---------------------------------------------------------------------------------------
@@ -271,8 +315,19 @@ def _gloo_row(mode: int, body: Callable[[], None]) -> Callable[[], None]:
     return run
 
 
+#: The parameter-server rows: name, what they measure.
+PS_ROWS = {
+    "ps_elastic": "asynchronous elastic exchange through easgd.comm.ps",
+    "ps_elastic_recovering": "the same, by a client that keeps its contributions for a "
+    "restarted server",
+    "ps_elastic_authenticated": "the same with a shared secret: every frame authenticated",
+    "ps_elastic_authenticated_sha256": "the same, HMAC-SHA256 (the standard library's)",
+    "ps_elastic_tls": "the same over TLS (the client verifies the server's certificate)",
+}
+
+
 def build_rows(
-    x: torch.Tensor, d: torch.Tensor, client: PSClient, recovering: PSClient, periods: int
+    x: torch.Tensor, d: torch.Tensor, clients: dict[str, PSClient], periods: int
 ) -> list[Row]:
     sync = SyncExchange(x)
 
@@ -300,15 +355,9 @@ def build_rows(
         ),
         Row("gloo_10_tensors", "gloo echo as 10 per-layer tensors", _gloo_row(3, chunks(10))),
         Row("gloo_100_tensors", "gloo echo as 100 per-layer tensors", _gloo_row(4, chunks(100))),
-        Row(
-            "ps_elastic",
-            "asynchronous elastic exchange through easgd.comm.ps",
-            lambda: client.serve(Request(Op.ELASTIC, x, d)),
-        ),
-        Row(
-            "ps_elastic_recovering",
-            "the same, by a client that keeps its contributions for a restarted server",
-            lambda: recovering.serve(Request(Op.ELASTIC, x, d)),
+        *(
+            Row(name, PS_ROWS[name], lambda c=client: c.serve(Request(Op.ELASTIC, x, d)))
+            for name, client in clients.items()
         ),
         Row(
             "allreduce_raw",
@@ -391,7 +440,7 @@ def summarize(samples: dict[str, list[float]], missing: Missing) -> list[dict[st
                 ratio=ratio(cost, raw) if name != "loop_local" else math.nan,
                 baseline="loop_allreduce_raw",
             )
-        elif name == "ps_elastic_recovering":
+        elif name.startswith("ps_elastic_"):
             row.update(ratio=ratio(med[name], med["ps_elastic"]), baseline="ps_elastic")
         elif name.startswith(("allreduce", "sync")):
             row.update(ratio=ratio(med[name], med["allreduce_raw"]), baseline="allreduce_raw")
@@ -416,39 +465,68 @@ def run(
     ctx = mp.get_context("spawn")
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
-        address_file = Path(tmp) / "server.json"
-        server = ctx.Process(target=_server_main, args=(numel, str(address_file)), daemon=True)
+        cert = self_signed_certificate(Path(tmp))
+        if cert is None:
+            missing.add("ps_elastic_tls", "no openssl command to make a certificate with")
+        # One server process per kind: plain, with a secret, with a secret over TLS.
+        kinds: dict[str, tuple[str | None, tuple[str, str] | None]] = {
+            "plain": (None, None), "secret": (SECRET, None),
+            **({"tls": (SECRET, cert)} if cert is not None else {}),
+        }  # fmt: skip
+        servers = {
+            kind: ctx.Process(target=_server_main, args=(numel, f"{tmp}/{kind}.json", *how),
+                              daemon=True)
+            for kind, how in kinds.items()
+        }  # fmt: skip
         peer = ctx.Process(target=_gloo_peer, args=(port, numel, periods), daemon=True)
-        server.start()
-        peer.start()
-        client: PSClient | None = None
-        recovering: PSClient | None = None
+        for proc in (*servers.values(), peer):
+            proc.start()
+        clients: dict[str, PSClient] = {}
         gloo = False
         try:
             init_gloo(0, port, 2)
             gloo = True
-            info = _wait_for(address_file, server)
-            client = PSClient([(info["host"], info["port"])], numel, worker_id=0)
+            where = {
+                kind: [(info["host"], info["port"])]
+                for kind, proc in servers.items()
+                for info in [_wait_for(Path(f"{tmp}/{kind}.json"), proc)]
+            }
             x = torch.randn(numel, generator=torch.Generator().manual_seed(0))
             d = torch.empty(numel)
-            client.join(d)
-            recovering = PSClient([(info["host"], info["port"])], numel, worker_id=1,
-                                  reconnect_timeout=60.0)  # fmt: skip
-            recovering.join(d)
-            rows = build_rows(x, d, client, recovering, periods)
+            clients["ps_elastic"] = PSClient(where["plain"], numel, worker_id=0)
+            clients["ps_elastic_recovering"] = PSClient(where["plain"], numel, worker_id=1,
+                                                        reconnect_timeout=60.0)  # fmt: skip
+            clients["ps_elastic_authenticated"] = PSClient(where["secret"], numel, worker_id=0,
+                                                           secret=SECRET)  # fmt: skip
+            best = wire.MAC_PREFERENCE
+            wire.MAC_PREFERENCE = (wire.MAC_HMAC_SHA256,)  # this client's handshake only
+            try:
+                clients["ps_elastic_authenticated_sha256"] = PSClient(
+                    where["secret"], numel, worker_id=1, secret=SECRET
+                )
+            finally:
+                wire.MAC_PREFERENCE = best
+            if cert is not None:
+                clients["ps_elastic_tls"] = PSClient(
+                    where["tls"], numel, worker_id=0, secret=SECRET,
+                    tls=wire.client_tls_context(ca=cert[0]),
+                )  # fmt: skip
+            for c in clients.values():
+                c.join(d)
+            rows = build_rows(x, d, clients, periods)
             samples = measure(rows, repeats, warmup)
             profiles = {name: profile_row(rows, name) for name in profile}
         finally:
-            for c in (client, recovering):
-                if c is not None:
-                    c.close()
+            for c in clients.values():
+                c.close()
             if gloo:
                 if peer.is_alive():
                     dist.send(torch.tensor([-1], dtype=torch.int64), 1)
                 dist.destroy_process_group()
-            if server.pid is not None and server.is_alive():
-                os.kill(server.pid, signal.SIGTERM)
-            for proc in (peer, server):
+            for server in servers.values():
+                if server.pid is not None and server.is_alive():
+                    os.kill(server.pid, signal.SIGTERM)
+            for proc in (peer, *servers.values()):
                 proc.join(timeout=20)
                 if proc.is_alive():
                     proc.kill()
@@ -473,7 +551,7 @@ def run(
     }
 
 
-ASYNC_TARGET, SYNC_TARGET, RECOVERY_TARGET = 1.3, 1.1, 1.02
+ASYNC_TARGET, SYNC_TARGET, RECOVERY_TARGET, AUTHENTICATED_TARGET = 1.3, 1.1, 1.02, 1.5
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -524,6 +602,10 @@ def main(argv: list[str] | None = None) -> int:
         "recovery bookkeeping (ps_elastic_recovering / ps_elastic)": (
             by["ps_elastic_recovering"]["ratio"],
             RECOVERY_TARGET,
+        ),
+        "authenticated frames (ps_elastic_authenticated / ps_elastic)": (
+            by["ps_elastic_authenticated"]["ratio"],
+            AUTHENTICATED_TARGET,
         ),
     }
     if periods:

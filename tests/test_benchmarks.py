@@ -218,9 +218,11 @@ def test_sim_scale_quick(tmp_path: Path) -> None:
 def test_exchange_quick(tmp_path: Path) -> None:
     result = quick("exchange", tmp_path, timeout=290)
     rows = {r["name"]: r for r in result["rows"]}
-    assert set(rows) == {
+    no_tls = {m["row"] for m in result["missing"]} & {"ps_elastic_tls"}
+    assert set(rows) | no_tls == {
         "gloo_echo", "gloo_echo_elastic", "gloo_10_tensors", "gloo_100_tensors", "ps_elastic",
-        "ps_elastic_recovering", "allreduce_raw", "sync_easgd", "loop_local", "loop_allreduce_raw",
+        "ps_elastic_recovering", "ps_elastic_authenticated", "ps_elastic_authenticated_sha256",
+        "ps_elastic_tls", "allreduce_raw", "sync_easgd", "loop_local", "loop_allreduce_raw",
         "loop_sync_easgd_blocking", "loop_sync_easgd",
     }  # fmt: skip
     assert rows["gloo_echo"]["ratio"] == 1.0 and rows["allreduce_raw"]["ratio"] == 1.0
@@ -228,7 +230,8 @@ def test_exchange_quick(tmp_path: Path) -> None:
     for r in rows.values():
         assert r["median_ms"] > 0 and len(r["samples_ms"]) == result["repeats"]
     assert rows["ps_elastic_recovering"]["baseline"] == "ps_elastic"
-    assert len(result["target_met"]) == 4
+    assert rows["ps_elastic_authenticated"]["baseline"] == "ps_elastic"
+    assert len(result["target_met"]) == 5
 
 
 @pytest.mark.slow

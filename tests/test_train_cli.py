@@ -306,3 +306,32 @@ def test_a_center_that_never_moved_is_reported(tmp_path: Path) -> None:
     summary = _strict(result.stdout)
     assert summary["center_moved"] is False
     assert "the final center is the initial one" in result.stderr
+
+
+# ------------------------------------------------------------------------------------------
+# TLS end to end: --tls-cert/--tls-key on the servers, --tls-ca on the workers and evaluator
+# ------------------------------------------------------------------------------------------
+
+
+def test_a_run_over_tls(tmp_path: Path) -> None:
+    from test_ps_frames import self_signed_certificate
+
+    cert, key = self_signed_certificate(tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-m", "easgd", "train", "--out", str(tmp_path / "run"), "--steps", "40",
+         "--workers", "2", "--tls-cert", str(cert), "--tls-key", str(key), "--tls-ca",
+         str(cert), "--quiet", "--json"], capture_output=True, text=True, cwd=ROOT, timeout=240,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    summary = _strict(result.stdout)
+    assert summary["status"] == "completed" and summary["exchanges"] > 0
+    assert summary["evaluations"] > 0  # the evaluator pulled over TLS too
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["tls_cert"] == str(cert)
+    refused = subprocess.run(
+        [sys.executable, "-m", "easgd", "train", "--out", str(tmp_path / "bad"), "--tls-cert",
+         str(cert), "--tls-key", str(tmp_path / "missing.pem")], capture_output=True,
+        text=True, cwd=ROOT, timeout=240,
+    )  # fmt: skip
+    assert refused.returncode == 2 and "--tls-cert" in _one_line(refused.stderr)
+    assert not (tmp_path / "bad").exists()

@@ -147,6 +147,12 @@ class TrainConfig:
     timeout: float = 60.0
     host: str = "127.0.0.1"
     max_restarts: int = 0
+    #: TLS for the parameter server (PEM files): the servers' certificate chain and key, and
+    #: the CA the workers and the evaluator verify it with (None: the system's CAs). Both
+    #: cert and key, or neither.
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -205,6 +211,14 @@ class TrainConfig:
                 f"checkpoint_steps={self.checkpoint_steps!r} must be an integer >= 1 (or None: "
                 "derived from checkpoint_interval)",
             )  # fmt: skip
+        if (self.tls_cert is None) != (self.tls_key is None):
+            given = "tls_cert" if self.tls_cert is not None else "tls_key"
+            raise ConfigError(
+                given, getattr(self, given),
+                f"{given}={getattr(self, given)!r} without "
+                f"{'tls_key' if given == 'tls_cert' else 'tls_cert'}: a TLS server needs both "
+                "its certificate and its key",
+            )  # fmt: skip
         if self.max_restarts < 0:
             raise ConfigError(
                 "max_restarts", self.max_restarts,
@@ -214,6 +228,22 @@ class TrainConfig:
             raise ConfigError(
                 "device", self.device, f"device={self.device!r}; choose cpu, cuda, cuda:N or auto"
             )
+
+    def client_tls(self) -> Any:
+        """The workers' and evaluator's TLS context for the servers (None: no TLS)."""
+        if self.tls_cert is None:
+            return None
+        from easgd.comm.wire import client_tls_context
+
+        return client_tls_context(self.tls_ca)
+
+    def server_tls(self) -> Any:
+        """A server shard's TLS context (None: no TLS)."""
+        if self.tls_cert is None or self.tls_key is None:
+            return None
+        from easgd.comm.wire import server_tls_context
+
+        return server_tls_context(self.tls_cert, self.tls_key)
 
     def hyperparams(self) -> Hyperparams:
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(Hyperparams)}

@@ -11,8 +11,9 @@ Failure behaviour (the local launcher):
 
 * an asynchronous worker that dies is restarted up to ``max_restarts`` times (it rejoins the
   servers with a new session and pulls the center); beyond that the run goes on without it:
-  the launcher counts it in the store (``easgd/workers_lost``), so the servers stop as soon
-  as every live worker is done. A run that lost every worker raises :class:`RunFailed`.
+  the launcher tells every server shard so (an authenticated CONTROL message, never a
+  store key a stranger could write), so the servers stop as soon as every live worker is
+  done. A run that lost every worker raises :class:`RunFailed`.
 * a server shard that dies is restarted the same way, with the same rank and
   ``EASGD_RESTART=k``: it resumes from its checkpoint and publishes its new address under
   the same store key. Worker restarts wait until every shard serves again. A shard dead
@@ -58,7 +59,7 @@ from typing import IO, Any, NoReturn
 
 from easgd.config import TrainConfig
 from easgd.roles.context import PARENT_ENV, SECRET_ENV, RoleContext
-from easgd.roles.server import RESTART_ENV, WORKERS_LOST_KEY, server_pid_key
+from easgd.roles.server import RESTART_ENV, server_pid_key
 from easgd.roles.worker import DIVERGED_EXIT, RESUME_ENV, DivergedError
 from easgd.runlog import (
     PROGRESS_EVENTS,
@@ -392,6 +393,7 @@ class _Launcher:
         self.events = JsonlWriter(self.paths.metrics)
         self.here = socket.gethostname()
         self.lost_workers: list[int] = []
+        self.finished_workers: set[int] = set()
         self.lost_servers: list[int] = []
         self.restarts = 0
         self.server_restarts = 0
@@ -436,7 +438,7 @@ class _Launcher:
         log_path = self.paths.log(role, index, restarts)
         # A resumed run appends to the logs of the part before.
         mode = "ab" if self.resume else "wb"
-        log_file = open(log_path, mode)  # noqa: SIM115 - closed when the process ends
+        log_file = open(log_path, mode, opener=_private)  # noqa: SIM115 - closed at its end
         # Its own process group: a terminal's Ctrl-C reaches the launcher only, which stops
         # every process itself (stop_all), the whole group of each.
         popen = subprocess.Popen(
@@ -566,8 +568,11 @@ class _Launcher:
             if rc != 0:
                 log.warning("the evaluator exited with status %s; see %s", rc, proc.log_path)
             return
-        if rc == 0:
-            return  # a worker that finished, or a server whose workers all did
+        if rc == 0:  # a worker that finished, or a server whose workers all did
+            if proc.role == "worker" and self.cfg.servers_used:
+                self.finished_workers.add(proc.index)
+                self._tell_servers({"finished": [proc.index]})
+            return
         # A worker whose result lives on the servers can die alone; a synchronous rank cannot.
         if proc.role == "worker" and self.cfg.servers_used:
             self._worker_died(proc, rc)
@@ -632,7 +637,25 @@ class _Launcher:
                 continue  # not yet published, or still the dead predecessor's
             host, port = self.store.get(f"easgd/server/{p.index}").decode().rsplit(":", 1)
             p.host, p.port, learned = host, int(port), True
+            if p.restarts and (self.lost_workers or self.finished_workers):
+                # A restarted shard knows nothing of the workers that ended before it.
+                self._tell_servers({"lost": sorted(set(self.lost_workers)),
+                                    "finished": sorted(self.finished_workers)}, [p])  # fmt: skip
         return learned
+
+    def _tell_servers(self, message: dict[str, Any], servers: list[_Proc] | None = None) -> None:
+        """Send an authenticated CONTROL message to every serving shard (the servers decide
+        the end of the run from these and the workers' goodbyes, never from the store)."""
+        from easgd.comm.ps_client import send_control
+
+        for p in self._servers() if servers is None else servers:
+            if not p.serving or p.host is None or p.port is None:
+                continue  # a shard still restarting is told when it serves (_learn_addresses)
+            try:
+                send_control((p.host, p.port), message, secret=self.secret,
+                             timeout=self.cfg.timeout)  # fmt: skip
+            except (ConnectionError, ValueError, RuntimeError, PermissionError) as exc:
+                log.warning("could not tell server %d %s: %s", p.index, message, exc)
 
     def _worker_died(self, proc: _Proc, rc: int) -> None:
         wall = time.time() - self.start
@@ -645,7 +668,7 @@ class _Launcher:
         else:
             self.lost_workers.append(proc.index)
             # The servers count lost workers with finished ones: nobody waits for this one.
-            self.store.add(WORKERS_LOST_KEY, 1)
+            self._tell_servers({"lost": [proc.index]})
             self.events.write({"event": Event.WORKER_LOST, "wall": wall, "worker": proc.index,
                                "status": rc})  # fmt: skip
             line = _exit_line(proc, rc)
@@ -790,6 +813,11 @@ def _last_wall(paths: RunPaths) -> float:
     return max(walls, default=0.0)
 
 
+def _private(path: str, flags: int) -> int:
+    """``open``'s opener for a run's files: created 0600 (the umask may take more away)."""
+    return os.open(path, flags, 0o600)
+
+
 def _names(indices: list[int]) -> str:
     return ", ".join(str(i) for i in sorted(set(indices)))
 
@@ -884,7 +912,7 @@ def run_torchrun(cfg: TrainConfig) -> dict[str, Any] | None:
         env = dict(os.environ, EASGD_ROLE="evaluator", EASGD_RUN_DIR=str(ctx.paths.root),
                    EASGD_START_TIME=repr(start), OMP_NUM_THREADS="1",
                    **{PARENT_ENV: str(os.getpid())})  # fmt: skip
-        log_file = open(ctx.paths.log("evaluator", 0), "wb")  # noqa: SIM115
+        log_file = open(ctx.paths.log("evaluator", 0), "wb", opener=_private)  # noqa: SIM115
         evaluator = subprocess.Popen([sys.executable, "-m", "easgd.launch"], env=env,
                                      stdout=log_file, stderr=subprocess.STDOUT)  # fmt: skip
     role, index = cfg.role_of(rank)

@@ -148,6 +148,7 @@ def check_train(
         owns_out = "TORCHELASTIC_RUN_ID" not in os.environ or os.environ.get("RANK", "0") == "0"
     target = _check_out(cfg, overwrite=overwrite, resume=resume or not owns_out)
     _check_host(cfg)
+    _check_tls(cfg)
     device = _check_device(cfg.device)
     dataset, model, shape, classes = _check_names(cfg)
     parameters = _check_model(cfg, dataset, model, shape, classes)
@@ -186,6 +187,31 @@ def check_train(
         data_files=tuple(files), size=size, expected_bytes=needed, free_bytes=free,
         warnings=tuple(warnings),
     )  # fmt: skip
+
+
+def _check_tls(cfg: TrainConfig) -> None:
+    """Load the TLS files once: a missing or wrong PEM file is refused here, not in a child."""
+    import ssl
+
+    if cfg.tls_cert is None:
+        if cfg.tls_ca is not None:
+            raise PreflightError(
+                "--tls-ca", cfg.tls_ca,
+                f"--tls-ca {cfg.tls_ca} without --tls-cert: the servers do not speak TLS; "
+                "give --tls-cert and --tls-key, or drop --tls-ca",
+            )  # fmt: skip
+        return
+    for flag, path, build in (("--tls-cert", cfg.tls_cert, cfg.server_tls),
+                              ("--tls-ca", cfg.tls_ca, cfg.client_tls)):  # fmt: skip
+        try:
+            build()
+        except (OSError, ssl.SSLError) as exc:
+            where = path if flag == "--tls-ca" or path is None else f"{path} (key {cfg.tls_key})"
+            raise PreflightError(
+                flag, path,
+                f"{flag} {where}: cannot be loaded ({exc}); give PEM files this user can "
+                "read: the certificate chain, its private key and the CA that signed it",
+            ) from None  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------

@@ -527,9 +527,9 @@ def write_report(report: Report, out: str | Path, title: str | None = None) -> l
     for fmt in ReportPaths.FIGURE_FORMATS:
         buf = io.BytesIO()
         fig.savefig(buf, format=fmt, dpi=110, metadata={"Date": None} if fmt == "svg" else None)
-        atomic_write_bytes(paths.figure(fmt), buf.getvalue())
+        atomic_write_bytes(paths.figure(fmt), buf.getvalue(), mode=0o644)
         written.append(paths.figure(fmt))
-    atomic_write_text(paths.table, table_markdown(report, title))
-    atomic_write_json(paths.report, report_json(report))
+    atomic_write_text(paths.table, table_markdown(report, title), mode=0o644)
+    atomic_write_json(paths.report, report_json(report), mode=0o644)
     written += [paths.table, paths.report]
     return written

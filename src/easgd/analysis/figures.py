@@ -188,7 +188,7 @@ def write_figures(out_dir: str | os.PathLike[str], *, resolution: int = 80) -> l
             path = out / f"{name}.{ext}"
             buf = io.BytesIO()
             fig.savefig(buf, format=ext, dpi=_DPI)
-            atomic_write_bytes(path, buf.getvalue())
+            atomic_write_bytes(path, buf.getvalue(), mode=0o644)  # figures are to share
             paths.append(path)
             logger.info("wrote %s", path)
     return paths

@@ -140,6 +140,13 @@ def register(subparsers: Any) -> None:
         default=_DEFAULTS.host,
         help="address the servers bind (not loopback: set EASGD_SECRET)",
     )
+    g.add_argument("--tls-cert", default=None, metavar="PEM",
+                   help="serve the parameter server over TLS with this certificate chain "
+                        "(with --tls-key): vectors are encrypted on the network")  # fmt: skip
+    g.add_argument("--tls-key", default=None, metavar="PEM", help="the TLS certificate's key")
+    g.add_argument("--tls-ca", default=None, metavar="PEM",
+                   help="the CA the workers verify the servers' certificate with (default: "
+                        "the system's CAs)")  # fmt: skip
     g.add_argument(
         "--max-restarts",
         type=int,
@@ -165,7 +172,7 @@ _FLAG_DEFAULTS: dict[str, Any] = {}
 #: What a resumed run may change without changing its experiment (besides its budget).
 _RUN_SETTINGS = ("data_dir", "device", "eval_interval", "eval_deferred",
                  "checkpoint_interval", "checkpoint_steps", "timeout", "host",
-                 "max_restarts")  # fmt: skip
+                 "max_restarts", "tls_cert", "tls_key", "tls_ca")  # fmt: skip
 
 
 def _given(args: argparse.Namespace, name: str) -> bool:
@@ -233,6 +240,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         "eval_interval": args.eval_interval, "eval_deferred": args.eval_deferred,
         "checkpoint_interval": args.checkpoint_interval, "checkpoint_steps": args.checkpoint_steps,
         "timeout": args.timeout, "host": args.host, "max_restarts": args.max_restarts,
+        "tls_cert": args.tls_cert, "tls_key": args.tls_key, "tls_ca": args.tls_ca,
     }  # fmt: skip
     return TrainConfig(**fields)
 

@@ -121,13 +121,16 @@ def make_transport(
     reconnect_timeout: float = 0.0,
     resolve: Callable[[int], tuple[str, int]] | None = None,
     on_event: Callable[[dict[str, Any]], None] | None = None,
+    tls: Any = None,
 ) -> Transport:
     """The transport of ``mode``: a parameter-server client, an all-reduce group, or none.
 
     Asynchronous: ``addresses`` of the servers (in shard order), ``numel`` of the flat
     vector, ``worker_id``, ``secret`` and ``timeout``; with ``reconnect_timeout`` > 0 a lost
     shard is dialled again (at the address ``resolve(shard)`` gives) and sent the updates
-    its restarted server lacks, reporting ``server_lost``/``server_back`` to ``on_event``.
+    its restarted server lacks, reporting ``server_lost``/``server_back`` to ``on_event``;
+    ``tls``: an ``ssl.SSLContext`` for servers that speak TLS
+    (:func:`easgd.comm.wire.client_tls_context`).
     Synchronous: joins the default process group from the ``env://`` variables
     (``timeout``; gloo, or NCCL for a CUDA ``device``) unless ``group`` is given.
     CUDA workers of a CPU server are staged through pinned memory.
@@ -141,7 +144,7 @@ def make_transport(
             raise ValueError("an asynchronous transport needs the servers' addresses")
         client = PSClient(
             addresses, numel, worker_id=worker_id, secret=secret, timeout=timeout,
-            reconnect_timeout=reconnect_timeout, resolve=resolve, on_event=on_event,
+            reconnect_timeout=reconnect_timeout, resolve=resolve, on_event=on_event, tls=tls,
         )  # fmt: skip
         return Staged(client, device) if device.type == "cuda" else client
     if mode is Mode.SYNC:

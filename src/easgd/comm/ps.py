@@ -17,9 +17,11 @@ Protocol (:mod:`easgd.comm.wire`): an HMAC handshake, then JOIN (reply: the curr
 shard and the server's hyperparameters, ``PSClient.server_hp``; a new or restarted worker
 starts from the center), then exchanges
 (``Op.ELASTIC``: x -> d; ``Op.PUSH_PULL``: acc -> center; ``Op.GRAD_PULL``: g -> center),
-PULL (the center or the evaluation vector, no update), PING (heartbeat) and BYE. One TCP
-connection is one session; payloads are the raw bytes of the shard in the center's dtype,
-received in place into buffers preallocated per session.
+PULL (the center or the evaluation vector, no update), PING (heartbeat), CONTROL (a JSON
+message for the server: :func:`send_control`) and BYE (``BYE_DONE``: the worker finished
+its budget). One TCP connection is one session; payloads are the raw bytes of the shard in
+the center's dtype, received in place into buffers a session allocates at its first
+exchange.
 
 Failure behaviour:
 
@@ -51,7 +53,17 @@ Failure behaviour:
 * The server binds to 127.0.0.1; on any other address it requires a shared secret
   (``secret=`` or ``EASGD_SECRET``) and authenticates every connection (HMAC-SHA256
   challenge-response, both directions). A wrong or missing secret is refused with
-  :class:`AuthenticationError`.
+  :class:`AuthenticationError`. With a secret, every frame after the handshake is
+  authenticated with per-session keys and per-direction sequence numbers (Poly1305 with
+  ``cryptography``, else HMAC-SHA256): a frame altered, replayed, reordered or dropped in
+  transit is an :class:`IntegrityError`, detected before anything in it is used; the server
+  ends that session as ``rejected`` (an ``auth_failure`` event) with its center untouched.
+* Optional TLS (``PSClient(tls=client_tls_context(ca))``, the server's
+  ``server_tls_context(cert, key)``) encrypts the stream; a client that verifies the
+  server's certificate relies on the TLS records instead of the frames' own tags.
+* The server bounds what a peer can hold: the whole handshake within 10 s of the accept,
+  every frame within 30 s of its first byte (plus its size at 1 MB/s), no shard-sized
+  memory for a session that has not exchanged (:mod:`.ps_session`).
 
 Example::
 
@@ -68,10 +80,22 @@ Modules: :mod:`.ps_server` (the server: lifecycle, accept loop, checkpoint loop,
 """
 
 from easgd.comm.ps_checkpoint import CHECKPOINT_FORMAT, read_checkpoint
-from easgd.comm.ps_client import DEFAULT_HEARTBEAT, DEFAULT_TIMEOUT, PSClient, PSConnectionError
+from easgd.comm.ps_client import (
+    DEFAULT_HEARTBEAT,
+    DEFAULT_TIMEOUT,
+    PSClient,
+    PSConnectionError,
+    send_control,
+)
 from easgd.comm.ps_server import DEFAULT_CHECKPOINT_EVERY, DEFAULT_HOST, ParameterServer, serve
 from easgd.comm.ps_session import SessionState, SessionStats
-from easgd.comm.wire import AuthenticationError, shard_ranges
+from easgd.comm.wire import (
+    AuthenticationError,
+    IntegrityError,
+    client_tls_context,
+    server_tls_context,
+    shard_ranges,
+)
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -80,12 +104,16 @@ __all__ = [
     "DEFAULT_HOST",
     "DEFAULT_TIMEOUT",
     "AuthenticationError",
+    "IntegrityError",
     "PSClient",
     "PSConnectionError",
     "ParameterServer",
     "SessionState",
     "SessionStats",
+    "client_tls_context",
     "read_checkpoint",
+    "send_control",
     "serve",
+    "server_tls_context",
     "shard_ranges",
 ]

@@ -6,7 +6,10 @@ connection per server shard and fulfils the exchange requests of
 caller's own tensors, without copies. A background thread pings the servers while the
 trainer computes, so a long local phase is not mistaken for a dead worker. Every failure of
 a server becomes a :class:`PSConnectionError` naming its address; after any error the
-client is closed.
+client is closed. With a shared secret every frame is authenticated both ways
+(:mod:`easgd.comm.wire`): a reply altered, replayed or dropped in transit is an
+:class:`easgd.comm.wire.IntegrityError` (within a ``PSConnectionError``), never used.
+:func:`send_control` sends one CONTROL message (the launcher's, at the end of a run).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import contextlib
 import logging
 import os
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -26,33 +30,36 @@ from torch import Tensor
 from easgd.algorithms import Hyperparams, Mode, Request, contribution
 from easgd.comm.base import Traffic, Transport
 from easgd.comm.wire import (
+    BYE_DONE,
     CMD_OP,
     DEFAULT_HEARTBEAT,
     DEFAULT_TIMEOUT,
     ERRORS,
-    HEADER,
     JOIN_RECOVER,
     OP_CMD,
     AuthenticationError,
+    Channel,
     Cmd,
     DeclaredDeadError,
     Header,
+    IntegrityError,
     PeerClosedError,
     client_handshake,
     configure_socket,
     dtype_code,
-    recv_error_text,
-    recv_exact,
-    recv_header,
-    recv_json,
+    pack_json,
     resolve_secret,
-    send_all,
-    send_header,
     shard_ranges,
     tensor_bytes,
 )
 
-__all__ = ["DEFAULT_HEARTBEAT", "DEFAULT_TIMEOUT", "PSClient", "PSConnectionError"]
+__all__ = [
+    "DEFAULT_HEARTBEAT",
+    "DEFAULT_TIMEOUT",
+    "PSClient",
+    "PSConnectionError",
+    "send_control",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +82,7 @@ class _Conn:
         heartbeat: float,
         timeout: float,
         connect_timeout: float,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.address = (str(address[0]), int(address[1]))
         self.where = f"parameter server {self.address[0]}:{self.address[1]}"
@@ -94,14 +102,24 @@ class _Conn:
                 raise PSConnectionError(f"cannot reach {self.where}: {exc}", self.address) from exc
         try:
             configure_socket(sock)
-            client_handshake(sock, secret, heartbeat, self.where)
+            if tls is not None:
+                sock = tls.wrap_socket(sock, server_hostname=self.address[0])
+            self.chan: Channel = client_handshake(sock, secret, heartbeat, self.where)
         except AuthenticationError:
             sock.close()
             raise
+        except ssl.SSLCertVerificationError as exc:
+            sock.close()
+            raise AuthenticationError(
+                f"{self.where} did not present a certificate this client trusts: {exc}"
+            ) from exc
         except (OSError, ConnectionError) as exc:
             sock.close()
+            hint = ""
+            if tls is None and isinstance(exc, PeerClosedError | ConnectionResetError):
+                hint = " (a server that speaks TLS closes a plain client's connection: tls=?)"
             raise PSConnectionError(
-                f"handshake with {self.where} failed: {exc}", self.address
+                f"handshake with {self.where} failed: {exc}{hint}", self.address
             ) from exc
         self.sock = sock
         self.session = 0
@@ -122,9 +140,15 @@ class _Conn:
 _PIECE = 1 << 18  # elements: a piece of a transfer that is still in cache when it is added
 
 
-def _moved_adding(move: Callable[[memoryview], None], data: Tensor, total: Tensor) -> None:
+def _moved_adding(
+    move: Callable[[memoryview], None],
+    data: Tensor,
+    total: Tensor,
+    finish: Callable[[], None] | None = None,
+) -> None:
     """Send or receive ``data`` piece by piece, adding each piece to ``total`` while it is
-    still in cache (no extra pass over memory); a transfer cut short takes its add back."""
+    still in cache (no extra pass over memory), then ``finish`` (the frame's tag); a
+    transfer cut short, or a reply that fails its integrity check, takes its add back."""
     done = 0
     try:
         for s in range(0, data.numel(), _PIECE):
@@ -132,6 +156,8 @@ def _moved_adding(move: Callable[[memoryview], None], data: Tensor, total: Tenso
             move(tensor_bytes(data[s:e]))
             total[s:e].add_(data[s:e])
             done = e
+        if finish is not None:
+            finish()
     except BaseException:
         total[:done].sub_(data[:done])
         raise
@@ -168,6 +194,9 @@ class PSClient(Transport):
         heartbeat: seconds between pings while idle (default 1; 0 disables them).
         connect_timeout: seconds to retry a refused connection while servers start
             (default 10).
+        tls: a client TLS context (:func:`easgd.comm.wire.client_tls_context`) for servers
+            that speak TLS (default None: plain TCP); the server's certificate is verified
+            against the host name of its address.
 
     Attributes:
         traffic: the counters for the metrics (:class:`easgd.comm.base.Traffic`; also as
@@ -197,6 +226,7 @@ class PSClient(Transport):
         reconnect_timeout: float = 0.0,
         resolve: Callable[[int], tuple[str, int]] | None = None,
         on_event: Callable[[dict[str, Any]], None] | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         if not addresses:
             raise ValueError("addresses is empty; give the (host, port) of every server")
@@ -216,6 +246,7 @@ class PSClient(Transport):
         self._resolve = resolve
         self._on_event = on_event
         self._connect_timeout = connect_timeout
+        self._tls = tls
         self.ranges = shard_ranges(numel, len(addresses))
         self.numel = numel
         self.worker_id = worker_id
@@ -240,7 +271,7 @@ class PSClient(Transport):
                     self._conns.append(self._dial(i, deadline, "joining", first=address))
                 else:
                     self._conns.append(
-                        _Conn(address, secret_b, heartbeat, timeout, connect_timeout)
+                        _Conn(address, secret_b, heartbeat, timeout, connect_timeout, tls)
                     )
         except BaseException:
             self._close_sockets()
@@ -303,7 +334,7 @@ class PSClient(Transport):
                 self._send(conn, Cmd.JOIN, None, dtype=code, numel=b - a, aux=a)
             hps = []
             for conn, (a, b) in zip(self._conns, self.ranges, strict=True):
-                h = self._recv(conn, x[a:b])
+                h = self._recv(conn, x[a:b], more=True)
                 conn.session = h.session
                 hps.append(self._recv_join_trailer(conn)[0])
             self.join_t = self.server_t
@@ -313,11 +344,12 @@ class PSClient(Transport):
     def _recv_join_trailer(self, conn: _Conn) -> tuple[Hyperparams, dict[str, Any]]:
         """The JSON trailer of a JOIN reply: the server's hyperparameters, and what a
         reconnecting worker needs (``restored_seq``, ``applied``)."""
+        before = conn.chan.bytes_received
         try:
-            trailer, nbytes = recv_json(conn.sock)
+            trailer, _ = conn.chan.recv_json()  # ends the reply's frame: verified
         except (OSError, ConnectionError) as exc:
             self._fail_connection(conn, exc)
-        self.traffic.bytes_received += nbytes
+        self.traffic.bytes_received += conn.chan.bytes_received - before
         try:
             return Hyperparams.from_dict(trailer["hp"]), dict(trailer)
         except (KeyError, TypeError, ValueError) as exc:
@@ -462,7 +494,7 @@ class PSClient(Transport):
             conn.session = self.nonce
             self._send(conn, Cmd.JOIN, None, dtype=dtype_code(self._dtype), numel=b - a, aux=a,
                        flags=JOIN_RECOVER)  # fmt: skip
-            conn.session = self._recv(conn, scratch).session
+            conn.session = self._recv(conn, scratch, more=True).session
             hp, info = self._recv_join_trailer(conn)
             if hp.to_dict() != self.server_hp.to_dict():
                 self._fail_value(f"{conn.where} came back with other hyperparameters")
@@ -506,7 +538,7 @@ class PSClient(Transport):
             try:
                 if self._resolve is not None:
                     address = self._resolve(i)
-                return _Conn(address, self._secret, self.heartbeat, self.timeout, 0.0)
+                return _Conn(address, self._secret, self.heartbeat, self.timeout, 0.0, self._tls)
             except AuthenticationError:
                 raise
             except (OSError, ConnectionError) as exc:
@@ -584,18 +616,24 @@ class PSClient(Transport):
                             raise
                         self._reconnect(i, None, None)
 
-    def bye(self) -> None:
-        """End the sessions cleanly (recorded as a goodbye, not a death) and close."""
-        self.close(clean=True)
+    def bye(self, *, done: bool = True) -> None:
+        """End the sessions cleanly (recorded as a goodbye, not a death) and close.
 
-    def close(self, *, clean: bool = True) -> None:
+        ``done``: this worker spent its budget (the BYE carries ``BYE_DONE``, so the servers
+        count it as finished); ``done=False``: a worker that leaves before its end.
+        """
+        self.close(clean=True, done=done)
+
+    def close(self, *, clean: bool = True, done: bool = True) -> None:
         """Close the connections. Idempotent.
 
         ``clean``: say goodbye first, when joined and no server failed (the servers record
-        ``left``); ``clean=False`` just drops the connections (the servers record a death).
+        ``left``; ``done`` as in :meth:`bye`: a worker's clean close at the end of its loop
+        is its finish); ``clean=False`` just drops the connections (the servers record a
+        death).
         """
         if clean:
-            self._goodbye()
+            self._goodbye(done)
         self._closed = True
         if self._hb_thread is not None:
             self._hb_stop.set()
@@ -611,14 +649,14 @@ class PSClient(Transport):
 
     # -- internals ------------------------------------------------------------------------
 
-    def _goodbye(self) -> None:
+    def _goodbye(self, done: bool) -> None:
         with self._lock:
             if self._broken is not None or self._closed or self._dtype is None:
                 return
             try:
                 live = [c for c in self._conns if c.lost is None]
                 for conn in live:
-                    self._send(conn, Cmd.BYE, None)
+                    self._send(conn, Cmd.BYE, None, flags=BYE_DONE if done else 0)
                 for conn in live:
                     self._recv(conn, None)
             except (ConnectionError, ValueError, RuntimeError) as exc:
@@ -657,32 +695,27 @@ class PSClient(Transport):
         add_to: Tensor | None = None,
         **fields: Any,
     ) -> None:
+        chan = conn.chan
+        before = chan.bytes_sent
         try:
             if payload is None:
-                self.traffic.bytes_sent += send_header(
-                    conn.sock, cmd, worker_id=self.worker_id, session=conn.session, **fields
-                )
+                chan.send_header(cmd, worker_id=self.worker_id, session=conn.session, **fields)
             else:
-                view = tensor_bytes(payload)
-                self.traffic.bytes_sent += send_header(
-                    conn.sock,
-                    cmd,
-                    dtype=dtype_code(payload.dtype),
-                    worker_id=self.worker_id,
-                    session=conn.session,
-                    numel=payload.numel(),
-                    **fields,
-                )
+                chan.send_header(cmd, dtype=dtype_code(payload.dtype), worker_id=self.worker_id,
+                                 session=conn.session, numel=payload.numel(),
+                                 **fields)  # fmt: skip
                 if add_to is None:
-                    send_all(conn.sock, view)
+                    chan.send_body(tensor_bytes(payload))
+                    chan.end_send()
                 else:  # a request cut short is not applied: _moved_adding undoes its add
-                    _moved_adding(lambda v: send_all(conn.sock, v), payload, add_to)
-                self.traffic.bytes_sent += len(view)
+                    _moved_adding(chan.send_body, payload, add_to, finish=chan.end_send)
         except (OSError, ConnectionError) as exc:
             # A refused payload is answered with an error before the server closes.
             with contextlib.suppress(OSError, ConnectionError):
                 self._recv(conn, None, timeout=0.5)
             self._fail_connection(conn, exc)
+        finally:
+            self.traffic.bytes_sent += chan.bytes_sent - before
         self._last_io = time.monotonic()
 
     def _recv(
@@ -691,13 +724,17 @@ class PSClient(Transport):
         into: Tensor | None,
         timeout: float | None = None,
         add_to: Callable[[Header], Tensor] | None = None,
+        more: bool = False,
     ) -> Header:
+        """The next reply, into ``into``, verified (``more``: the frame's body goes on, the
+        JOIN reply's JSON: the caller ends it with ``conn.chan.recv_json()``)."""
+        chan = conn.chan
+        before = chan.bytes_received
         try:
             conn.sock.settimeout(self.timeout if timeout is None else timeout)
-            h = recv_header(conn.sock)
-            self.traffic.bytes_received += HEADER.size
+            h = chan.recv_header()
             if h.cmd == Cmd.ERROR:
-                text = recv_error_text(conn.sock, h)
+                text = chan.recv_error_text(h)
                 kind = ERRORS.get(h.aux, RuntimeError)
                 if issubclass(kind, ConnectionError):  # the session is over, not the client
                     raise kind(f"{conn.where}: {text}")
@@ -709,16 +746,19 @@ class PSClient(Transport):
             if h.cmd != Cmd.OK or h.numel != expected:
                 raise ConnectionError(f"unexpected reply (command {h.cmd}, {h.numel} elements)")
             if into is not None:
-                view = tensor_bytes(into)
+                finish = None if more else chan.end_recv
                 if add_to is None:
-                    recv_exact(conn.sock, view)
-                else:  # a reply cut short is asked again: _moved_adding undoes its add
-                    _moved_adding(lambda v: recv_exact(conn.sock, v), into, add_to(h))
-                self.traffic.bytes_received += len(view)
+                    chan.recv_body(tensor_bytes(into))
+                    if finish is not None:
+                        finish()
+                else:  # a reply cut short (or altered) is asked again: the add is undone
+                    _moved_adding(chan.recv_body, into, add_to(h), finish=finish)
         except (AuthenticationError, ValueError, RuntimeError):
             raise
         except (OSError, ConnectionError) as exc:
             self._fail_connection(conn, exc)
+        finally:
+            self.traffic.bytes_received += chan.bytes_received - before
         conn.t = h.aux
         self._last_io = time.monotonic()
         return h
@@ -726,7 +766,13 @@ class PSClient(Transport):
     def _fail_connection(self, conn: _Conn, exc: BaseException) -> NoReturn:
         if self._broken is not None:
             raise self._broken from exc
-        if isinstance(exc, DeclaredDeadError):
+        if isinstance(exc, IntegrityError):
+            msg = (
+                f"the connection to {conn.where} failed its integrity check, so it was "
+                f"closed and nothing of the frame was used: {exc} (is something between "
+                "this worker and the server altering the traffic?)"
+            )
+        elif isinstance(exc, DeclaredDeadError):
             msg = (
                 f"{exc} (the server is alive; this process was silent too long: stopped, "
                 "swapped out or starved of CPU?)"
@@ -784,3 +830,61 @@ class PSClient(Transport):
                 return
             finally:
                 self._lock.release()
+
+
+def send_control(
+    address: tuple[str, int],
+    message: dict[str, Any],
+    *,
+    secret: bytes | str | None,
+    timeout: float,
+    tls: ssl.SSLContext | None = None,
+) -> dict[str, Any]:
+    """Send one CONTROL message to the parameter server at ``address``; return its answer.
+
+    Connects (one attempt), runs the handshake with ``secret`` (None: ``EASGD_SECRET``, if
+    set), sends ``message`` as JSON in one authenticated frame, reads the server's JSON
+    answer (``ParameterServer.control``), says goodbye and closes. No session is recorded.
+    ``timeout`` bounds each wait.
+
+    Raises:
+        ValueError: the server refused the message (its reason, e.g. an unknown key).
+        AuthenticationError: a wrong or missing secret, or refused for its origin.
+        RuntimeError: the server failed answering it.
+        PSConnectionError: the server is unreachable, or the connection was lost (an
+            altered frame included) before the answer came.
+    """
+    if not isinstance(message, dict):
+        raise ValueError(f"message={message!r} must be a dict (a JSON object)")
+    if not timeout > 0:
+        raise ValueError(f"timeout={timeout} must be > 0 seconds")
+    body = pack_json(message)
+    conn = _Conn(address, resolve_secret(secret), 0.0, timeout, 0.0, tls)
+    chan = conn.chan
+    try:
+        conn.sock.settimeout(timeout)
+        chan.send_frame(Cmd.CONTROL, body, numel=len(body))
+        h = chan.recv_header()
+        if h.cmd == Cmd.ERROR:
+            text = chan.recv_error_text(h)
+            raise ERRORS.get(h.aux, RuntimeError)(
+                f"{conn.where} refused the control message: {text}"
+            )
+        if h.cmd != Cmd.OK:
+            raise ConnectionError(f"unexpected reply to CONTROL (command {h.cmd})")
+        answer, _ = chan.recv_json()
+        if not isinstance(answer, dict):
+            raise ConnectionError(f"the answer to CONTROL is not a JSON object: {answer!r}")
+        with contextlib.suppress(OSError, ConnectionError):
+            chan.send_frame(Cmd.BYE)
+            chan.recv_header()
+        return answer
+    except (AuthenticationError, ValueError, RuntimeError):
+        raise
+    except (OSError, ConnectionError) as exc:
+        raise PSConnectionError(
+            f"control message to {conn.where} failed: {type(exc).__name__}: {exc}", conn.address
+        ) from exc
+    finally:
+        with contextlib.suppress(OSError):
+            conn.sock.close()

@@ -6,6 +6,30 @@ to a :class:`easgd.comm.ps_session.Session` thread, which speaks the protocol an
 the server only through the methods of :class:`easgd.comm.ps_session.SessionHost`.
 :func:`serve` runs one server as a process. The design and the failure behaviour are
 described in :mod:`easgd.comm.ps`.
+
+Limits, so that no client (a stranger on the machine, a buggy or diverged worker) can hold
+the server or damage the center:
+
+* The silence after which a session is declared dead follows the heartbeat the client
+  announces, clamped into ``[min_heartbeat, max_heartbeat]`` (0.1 to 10 s): a client that
+  announces none (0) or an absurd period gets the longest, so every session ends within
+  ``5 x max_heartbeat`` of its last message (``timeout=``, when given, is the silence).
+* At most ``max_connections`` connections at once (default ``2 P + 4``: every worker, a
+  reconnecting one's old and new connection, the evaluator and the launcher's control
+  messages). One more is refused at accept, with an error message the client reads, and no
+  thread; a ``reject`` event (at most one a second) counts them.
+* One active session per worker id. A JOIN for a worker whose session is active is refused,
+  naming the worker and the peer of that session, unless it carries the same client nonce
+  (``Header.session`` of the JOIN): that is the same process reconnecting (its old
+  connection broke on its side first), so the old session is declared dead and the new one
+  opens. A restarted worker is a new process with a new nonce: it joins once its
+  predecessor's session ended, which a killed process's closed socket does at once (a
+  vanished host's within the silence above).
+* A payload or re-sent sum holding a NaN or an infinity is refused before anything is
+  applied (:class:`NonFiniteError`, a ``ValueError``); the center stays bitwise unchanged.
+* The run ends when every worker ``0..P-1`` has finished (a BYE with the ``done`` flag: its
+  budget is spent) or was declared lost by the launcher (an authenticated CONTROL message
+  ``{"lost": [ids]}``): :meth:`ParameterServer.finished`. No store counter decides it.
 """
 
 from __future__ import annotations
@@ -17,6 +41,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -29,15 +54,29 @@ from torch import Tensor
 from easgd.algorithms import Center, Hyperparams, Op
 from easgd.comm.ps_checkpoint import read_checkpoint, write_checkpoint
 from easgd.comm.ps_session import Clocks, Session, SessionState, SessionStats
-from easgd.comm.wire import SECRET_ENV, Header, dtype_code, dtype_from_code, resolve_secret
+from easgd.comm.wire import (
+    SECRET_ENV,
+    Cmd,
+    ErrorKind,
+    Header,
+    dtype_code,
+    dtype_from_code,
+    handshake_refusal,
+    resolve_secret,
+)
 from easgd.runlog import Event, JsonlWriter, atomic_write_json, previous_checkpoint
 
 __all__ = [
     "DEFAULT_CHECKPOINT_EVERY",
     "DEFAULT_HOST",
+    "MAX_HEARTBEAT",
+    "MIN_HEARTBEAT",
     "MIN_SILENCE",
     "SILENCE_FACTOR",
+    "JoinRefusedError",
+    "NonFiniteError",
     "ParameterServer",
+    "default_max_connections",
     "serve",
 ]
 
@@ -47,6 +86,27 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_CHECKPOINT_EVERY = 5.0
 SILENCE_FACTOR = 5  # missed heartbeats before the server declares a session dead
 MIN_SILENCE = 5.0
+#: The range the heartbeat a client announces is clamped into (seconds).
+MIN_HEARTBEAT = 0.1
+MAX_HEARTBEAT = 10.0
+_REFUSED_LINGER = 2.0  # seconds a refused connection may take to read why before it is closed
+_REFUSED_KEPT = 64  # refused connections draining at once; more are closed at once
+_REPORT_EVERY = 1.0  # seconds between two reports of refused connections
+
+
+def default_max_connections(workers: int) -> int:
+    """Connections a server of a ``workers``-worker run allows by default: each worker's,
+    a reconnecting worker's old and new one, the evaluator's and a few control messages."""
+    return 2 * workers + 4
+
+
+class NonFiniteError(ValueError):
+    """A worker sent a NaN or an infinity; nothing of it was applied."""
+
+
+class JoinRefusedError(ValueError):
+    """A JOIN for a worker id whose session is active, from another process."""
+
 
 #: The event each way a session can end is reported as.
 _END_EVENT = {
@@ -55,6 +115,10 @@ _END_EVENT = {
     SessionState.CLOSED: Event.CLOSED,
     SessionState.REJECTED: Event.REJECTED,
 }
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def _is_loopback(host: str) -> bool:
@@ -80,7 +144,20 @@ class ParameterServer:
         checkpoint_every: seconds between saves while the center changes (default 5).
         on_event: called with a dict for every join, bye, death, rejection, checkpoint.
         timeout: seconds of silence before a session is declared dead (default: 5 x the
-            heartbeat the client announces, at least 5 s).
+            heartbeat the client announces, clamped as below, at least 5 s).
+        workers: the run's workers P: ids ``0..P-1`` must each finish or be lost before
+            :meth:`finished` (default ``hp.workers``).
+        max_connections: connections at once; more are refused at accept (default
+            :func:`default_max_connections` of ``workers``: ``2 P + 4``).
+        min_heartbeat, max_heartbeat: the range (seconds) the heartbeat period a client
+            announces is clamped into (default 0.1 and 10); a client that announces none
+            gets ``max_heartbeat``, so a silent session always ends, within
+            ``5 x max_heartbeat`` seconds.
+        tls: a server TLS context (:func:`easgd.comm.wire.server_tls_context`): every
+            connection speaks TLS beneath the handshake (default: none).
+        handshake_timeout, frame_timeout: the sessions' deadlines, seconds (default
+            :data:`easgd.comm.ps_session.HANDSHAKE_TIMEOUT` from the accept to the end of
+            the handshake, and ``FRAME_TIMEOUT`` for a frame to arrive whole).
 
     Example::
 
@@ -101,6 +178,13 @@ class ParameterServer:
         checkpoint_every: float = DEFAULT_CHECKPOINT_EVERY,
         on_event: Callable[[dict[str, Any]], None] | None = None,
         timeout: float | None = None,
+        workers: int | None = None,
+        max_connections: int | None = None,
+        min_heartbeat: float = MIN_HEARTBEAT,
+        max_heartbeat: float = MAX_HEARTBEAT,
+        tls: ssl.SSLContext | None = None,
+        handshake_timeout: float | None = None,
+        frame_timeout: float | None = None,
     ) -> None:
         if center_shard.dim() != 1 or not center_shard.is_contiguous():
             raise ValueError("center_shard must be a flat, contiguous 1-D tensor")
@@ -111,8 +195,27 @@ class ParameterServer:
             raise ValueError(f"offset={offset} must be >= 0")
         if not checkpoint_every > 0:
             raise ValueError(f"checkpoint_every={checkpoint_every} must be > 0 seconds")
-        if timeout is not None and not timeout > 0:
-            raise ValueError(f"timeout={timeout} must be > 0 seconds or None")
+        if timeout is not None and not 0 < timeout < float("inf"):
+            raise ValueError(f"timeout={timeout} must be > 0 seconds (and finite) or None")
+        for name, value in (("handshake_timeout", handshake_timeout),
+                            ("frame_timeout", frame_timeout)):  # fmt: skip
+            if value is not None and not 0 < value < float("inf"):
+                raise ValueError(f"{name}={value} must be > 0 seconds (and finite) or None")
+        if not 0 < min_heartbeat <= max_heartbeat < float("inf"):
+            raise ValueError(
+                f"min_heartbeat={min_heartbeat}, max_heartbeat={max_heartbeat}: need "
+                "0 < min_heartbeat <= max_heartbeat (seconds, finite), e.g. 0.1 and 10"
+            )
+        workers = hp.workers if workers is None else workers
+        if not _is_count(workers):
+            raise ValueError(f"workers={workers!r} must be an integer >= 1 (the run's P)")
+        if max_connections is None:
+            max_connections = default_max_connections(workers)
+        if not _is_count(max_connections):
+            raise ValueError(
+                f"max_connections={max_connections!r} must be an integer >= 1; the default "
+                f"for {workers} workers is {default_max_connections(workers)}"
+            )
         self._secret = resolve_secret(secret)
         if not _is_loopback(host) and self._secret is None:
             raise ValueError(
@@ -133,6 +236,12 @@ class ParameterServer:
         self.checkpoint_every = float(checkpoint_every)
         self.on_event = on_event
         self.timeout = timeout
+        self.workers = workers
+        self.max_connections = max_connections
+        self.min_heartbeat = float(min_heartbeat)
+        self.max_heartbeat = float(max_heartbeat)
+        self._tls = tls
+        self._deadlines = {"handshake_timeout": handshake_timeout, "frame_timeout": frame_timeout}
         self._exchange_op: Op = server_op
         self._lock = threading.Lock()  # the center and every counter
         self._save_lock = threading.Lock()
@@ -152,7 +261,14 @@ class ParameterServer:
         self._restored_seq = 0  # the checkpoint this server was restarted from
         self._worker_exchanges: dict[int, int] = {}  # updates applied per client nonce
         self._recovered = 0  # updates re-sent by workers after a restart
-        self._conns: set[socket.socket] = set()
+        # The end of the run (module docstring): workers that finished, and those lost.
+        self._done: set[int] = set()
+        self._lost: set[int] = set()
+        self._conns: dict[str, socket.socket] = {}  # by peer, "host:port"
+        self._refused: list[tuple[socket.socket, float]] = []  # draining, until a deadline
+        self._refusals = 0  # connections refused over max_connections
+        self._refusals_reported = 0
+        self._reported_at = -float("inf")
         self._threads: list[threading.Thread] = []
         self._accept_thread: threading.Thread | None = None
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -227,8 +343,11 @@ class ParameterServer:
         if self._accept_thread is not None:
             self._accept_thread.join()  # polls the stop event every 0.2 s
         self._listener.close()
+        for conn, _ in self._refused:  # the accept thread, their only other user, is gone
+            conn.close()
+        self._refused.clear()
         with self._lock:
-            conns, threads = list(self._conns), list(self._threads)
+            conns, threads = list(self._conns.values()), list(self._threads)
         for conn in conns:
             with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_RDWR)
@@ -329,16 +448,28 @@ class ParameterServer:
 
     # -- what sessions use (easgd.comm.ps_session.SessionHost) ----------------------------
 
-    def silence(self, heartbeat_ms: int) -> float | None:
-        """Seconds without a message before a client announcing ``heartbeat_ms`` is dead."""
+    def silence(self, heartbeat_ms: int) -> float:
+        """Seconds without a message before a client announcing ``heartbeat_ms`` is dead.
+
+        ``timeout=`` when given; else 5 heartbeats (at least 5 s), the announced period
+        clamped into ``[min_heartbeat, max_heartbeat]``. A client that announces no
+        heartbeat (0) gets the longest: it may be computing, but not forever.
+        """
         if self.timeout is not None:
             return self.timeout
-        if heartbeat_ms <= 0:
-            return None  # the client sends no heartbeat: only EOF and keepalive detect death
-        return max(MIN_SILENCE, SILENCE_FACTOR * heartbeat_ms / 1000)
+        period = heartbeat_ms / 1000 if heartbeat_ms > 0 else self.max_heartbeat
+        period = min(max(period, self.min_heartbeat), self.max_heartbeat)
+        longest = SILENCE_FACTOR * self.max_heartbeat
+        return max(min(MIN_SILENCE, longest), SILENCE_FACTOR * period)
 
     def check_request(self, h: Header, *, offset: int | None = None) -> str:
-        """Why a request does not fit this shard ("" when it does)."""
+        """Why a request does not fit this shard ("" when it does); for a JOIN, also why
+        its worker may not join (another process holds its session)."""
+        if h.cmd == Cmd.JOIN:
+            with self._lock:
+                clash = self._clash(h.worker_id, h.session)
+            if clash:
+                return clash
         if offset is not None and (h.numel, offset) != (self.numel, self.offset):
             return (
                 f"worker {h.worker_id} expects a shard of {h.numel} floats at offset {offset}, "
@@ -358,15 +489,41 @@ class ParameterServer:
             )
         return ""
 
-    def open_session(self, worker_id: int, peer: str, into: Tensor) -> tuple[SessionStats, int]:
-        """Record a new session and copy the center into ``into``; returns it and the clock."""
+    def open_session(
+        self, worker_id: int, peer: str, into: Tensor, *, client: int | None = None
+    ) -> tuple[SessionStats, int]:
+        """Record a new session and copy the center into ``into``; returns it and the clock.
+
+        ``client``: the JOIN's client nonce. An active session of ``worker_id`` with another
+        nonce refuses the JOIN (:class:`JoinRefusedError`, a ``ValueError``); one with the
+        same nonce is that process's broken connection: it is declared dead first.
+        ``client=None`` (a caller that does not pass it): the check is
+        :meth:`check_request`'s, and any active session of the worker is replaced.
+        """
         with self._lock:
+            if client is not None:
+                clash = self._clash(worker_id, client)
+                if clash:
+                    raise JoinRefusedError(clash)
+            stale = [s for s in self._sessions
+                     if s.worker_id == worker_id and s.state is SessionState.ACTIVE]  # fmt: skip
+            reason = f"replaced by a new connection of the same worker process from {peer}"
+            for old in stale:
+                old.state, old.reason, old.ended_at = SessionState.DIED, reason, time.time()
+            broken = [c for c in (self._conns.get(old.peer) for old in stale) if c is not None]
             into.copy_(self.center.center)
             t = self.center.t
             stats = SessionStats(worker_id, self._next_session, peer, time.time())
+            if client is not None:
+                stats.client = client
             self._next_session += 1
             others = [s.session_id for s in self._sessions if s.worker_id == worker_id]
             self._sessions.append(stats)
+        for old in stale:
+            self._report_end(old)
+        for conn in broken:  # its thread wakes up, finds its session ended, and goes
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
         logger.info(
             "parameter server %s: worker %d joined (session %d, t=%d%s)",
             self._where,
@@ -380,8 +537,26 @@ class ParameterServer:
         )
         return stats, t
 
+    def _clash(self, worker_id: int, client: int) -> str:
+        """Under the lock: why ``client`` may not open a session for ``worker_id`` ("": it may)."""
+        for s in self._sessions:
+            if s.worker_id == worker_id and s.state is SessionState.ACTIVE and s.client != client:
+                return (
+                    f"worker {worker_id} already has an active session on this server "
+                    f"(session {s.session_id}, from {s.peer}, joined "
+                    f"{time.time() - s.joined_at:.0f} s ago): two processes may not share a "
+                    "worker id. A dead process's session ends when its connection does (at "
+                    "once when it was killed, after its silence when its host vanished); "
+                    "otherwise start each worker with its own index"
+                )
+        return ""
+
     def apply(self, op: Op, payload: Tensor, reply: Tensor, stats: SessionStats) -> Clocks:
-        """One exchange of ``stats``'s session, atomically; returns the clocks after it."""
+        """One exchange of ``stats``'s session, atomically; returns the clocks after it.
+
+        Raises :class:`NonFiniteError` (nothing applied) when ``payload`` is not finite.
+        """
+        self._check_finite(payload, stats, "payload")
         with self._lock:
             self.center.handle(op, payload, reply)
             self._exchanges += 1
@@ -413,6 +588,7 @@ class ParameterServer:
                 f"{self.hp.method}'s center is not a sum of the workers' contributions; "
                 "a restarted server cannot rebuild it (see the README's Failures section)"
             )
+        self._check_finite(contributions, stats, "re-sent sum of updates")
         with self._lock:
             self.center.center.add_(contributions)
             self.center.t += count
@@ -428,6 +604,29 @@ class ParameterServer:
         self.emit(Event.RECOVERY, worker=stats.worker_id, session=stats.session_id,
                   exchanges=count, t=clocks.t)  # fmt: skip
         return clocks
+
+    def _check_finite(self, tensor: Tensor, stats: SessionStats, what: str) -> None:
+        """Refuse a non-finite ``tensor`` (:class:`NonFiniteError`) before it reaches the center.
+
+        Exact and cheap: one NaN or infinity makes the sum NaN or infinite, so a finite sum
+        proves every element finite (one pass, no allocation); only a sum that is not
+        finite (a non-finite element, or finite elements whose sum overflows) is checked
+        element by element.
+        """
+        if bool(torch.isfinite(tensor.sum())):
+            return
+        bad = ~torch.isfinite(tensor)
+        count = int(bad.sum())
+        if count == 0:
+            return  # the sum overflowed; every element is finite
+        first = (bad.nonzero().flatten()[:5] + self.offset).tolist()
+        more = ", ..." if count > len(first) else ""
+        raise NonFiniteError(
+            f"the {what} of worker {stats.worker_id} (session {stats.session_id}) holds "
+            f"{count} non-finite values (NaN or inf) at elements "
+            f"{', '.join(map(str, first))}{more} of the flat vector: refused, the center is "
+            "unchanged; the worker's state diverged (lower the learning rate)"
+        )
 
     def _recovery_state(self) -> dict[str, Any]:
         """Under the lock: number this checkpoint; what it records for recovery."""
@@ -452,9 +651,21 @@ class ParameterServer:
             return self.center.t
 
     def end_session(self, stats: SessionStats, state: SessionState, reason: str) -> None:
-        """Record how a session ended, log it and report it as an event."""
+        """Record how a session ended, log it and report it as an event.
+
+        A BYE of a worker that spent its budget (``stats.done``) counts it as finished.
+        A session already ended (replaced by its process's new connection) stays as it is.
+        """
         with self._lock:
+            if stats.state is not SessionState.ACTIVE:
+                return
             stats.state, stats.reason, stats.ended_at = state, reason, time.time()
+            if state is SessionState.LEFT and stats.done:
+                self._done.add(stats.worker_id)
+        self._report_end(stats)
+
+    def _report_end(self, stats: SessionStats) -> None:
+        state = stats.state
         level = logging.WARNING if state is SessionState.DIED else logging.INFO
         logger.log(
             level,
@@ -463,16 +674,101 @@ class ParameterServer:
             stats.worker_id,
             stats.session_id,
             state.value,
-            reason,
+            stats.reason,
             stats.exchanges,
         )
         self.emit(
             _END_EVENT[state],
             worker=stats.worker_id,
             session=stats.session_id,
-            reason=reason,
+            reason=stats.reason,
             exchanges=stats.exchanges,
         )
+
+    # -- the end of the run ---------------------------------------------------------------
+
+    def finished(self) -> bool:
+        """Whether every worker ``0..P-1`` finished its budget or was declared lost."""
+        with self._lock:
+            return self._finished()
+
+    def _finished(self) -> bool:
+        return all(i in self._done or i in self._lost for i in range(self.workers))
+
+    def control(self, message: dict[str, Any]) -> dict[str, Any]:
+        """Answer one CONTROL message (authenticated JSON, from the launcher); returns the
+        run's status as this shard sees it.
+
+        Messages: ``{"lost": [ids]}``: workers dead beyond their restarts (nobody waits for
+        them); ``{"finished": [ids]}``: workers whose process exited after its budget (for a
+        shard restarted after their goodbye); ``{"query": "status"}``: only the status.
+        Several keys may come in one message. The reply: ``finished`` (bool), ``workers``
+        (P), ``done``, ``lost`` and ``active`` (worker ids), ``t``, ``exchanges`` and
+        ``refused`` (connections refused over ``max_connections``). Raises ``ValueError``
+        naming what is wrong, and ``PermissionError`` for ``lost``/``finished`` on a server
+        without a secret (nothing is changed then).
+        """
+        if not isinstance(message, dict) or not message:
+            raise ValueError(
+                f"a control message is a non-empty JSON object, got {message!r}; e.g. "
+                '{"lost": [1]} or {"query": "status"}'
+            )
+        unknown = sorted(set(message) - {"lost", "finished", "query"})
+        if unknown:
+            raise ValueError(
+                f"unknown control keys {unknown}; a control message holds 'lost', "
+                "'finished' or 'query'"
+            )
+        if "query" in message and message["query"] != "status":
+            raise ValueError(f"query={message['query']!r}: the only query is 'status'")
+        lost = self._worker_ids("lost", message.get("lost", []))
+        done = self._worker_ids("finished", message.get("finished", []))
+        if (lost or done) and self._secret is None:
+            # Unauthenticated, anyone on the machine could end the run (as a store counter
+            # could): only a server with a secret takes them.
+            raise PermissionError(
+                f"this server has no shared secret, so it cannot tell the launcher's "
+                f"messages from anyone's; it ignores {sorted(set(message) - {'query'})}. "
+                f"Start it with a secret ({SECRET_ENV})"
+            )
+        with self._lock:
+            new_lost, new_done = lost - self._lost, done - self._done
+            self._lost |= lost
+            self._done |= done
+        if new_lost or new_done:
+            logger.info(
+                "parameter server %s: the launcher says workers %s are lost, %s finished",
+                self._where, sorted(new_lost), sorted(new_done),
+            )  # fmt: skip
+        return self.run_status()
+
+    def run_status(self) -> dict[str, Any]:
+        """The reply to ``{"query": "status"}`` (see :meth:`control`)."""
+        with self._lock:
+            active = {s.worker_id for s in self._sessions if s.state is SessionState.ACTIVE}
+            return {
+                "finished": self._finished(),
+                "workers": self.workers,
+                "done": sorted(self._done),
+                "lost": sorted(self._lost),
+                "active": sorted(active),
+                "t": self.center.t,
+                "exchanges": self._exchanges,
+                "refused": self._refusals,
+            }
+
+    def _worker_ids(self, key: str, value: Any) -> set[int]:
+        ids = value if isinstance(value, list) else [value]
+        bad = [
+            i for i in ids if isinstance(i, bool) or not isinstance(i, int)
+            or not 0 <= i < self.workers
+        ]  # fmt: skip
+        if bad or not isinstance(value, list):
+            raise ValueError(
+                f"{key}={value!r}: give a list of worker ids, each an integer from 0 to "
+                f"{self.workers - 1} (this run has {self.workers} workers)"
+            )
+        return set(ids)
 
     def emit(self, event: Event, **fields: Any) -> None:
         """Report an event to ``on_event`` (a failing callback is logged, never raised)."""
@@ -496,18 +792,82 @@ class ParameterServer:
     def _accept_loop(self) -> None:
         self._listener.settimeout(0.2)
         while not self._stop_event.is_set():
+            self._drain_refused()
             try:
                 conn, peer = self._listener.accept()
+                accepted = time.monotonic()
             except TimeoutError:
                 continue
             except OSError:
                 break  # closed by stop()
+            where = f"{peer[0]}:{peer[1]}"
             with self._lock:
                 if self._stopping:
                     conn.close()
                     break
-                self._conns.add(conn)
-            self._spawn(self._serve_connection, f"ps-session-{peer[1]}", conn, peer)
+                full = len(self._conns) >= self.max_connections
+                if not full:
+                    self._conns[where] = conn
+            if full:
+                self._refuse(conn, where)
+            else:
+                self._spawn(self._serve_connection, f"ps-session-{peer[1]}", conn, where,
+                            accepted)  # fmt: skip
+
+    def _refuse(self, conn: socket.socket, peer: str) -> None:
+        """Refuse a connection over ``max_connections`` without a thread: a server hello and
+        a refusal the client's handshake raises as the reason (a ``ConnectionError``), sent
+        without blocking; the connection then drains briefly, so that the client's hello
+        does not turn our close into a reset that would drop the message."""
+        reason = (
+            f"parameter server {self._where} already has {self.max_connections} connections, "
+            "its limit (max_connections); the run's own processes stay below it: is "
+            "another program connecting to this port?"
+        )
+        refusal = handshake_refusal(
+            reason, auth_required=self._secret is not None, kind=ErrorKind.SERVER
+        )
+        with self._lock:  # counted before the client can read it
+            self._refusals += 1
+        try:
+            if self._tls is not None:  # the client expects TLS first: it sees a closed socket
+                raise OSError("no plaintext refusal under TLS")
+            conn.setblocking(False)
+            conn.sendall(refusal)  # a few hundred bytes: the new socket's buffer takes them
+            conn.shutdown(socket.SHUT_WR)
+        except OSError:
+            conn.close()
+        else:
+            if len(self._refused) < _REFUSED_KEPT:
+                self._refused.append((conn, time.monotonic() + _REFUSED_LINGER))
+            else:
+                conn.close()
+        now = time.monotonic()
+        if now - self._reported_at >= _REPORT_EVERY:
+            count = self._refusals - self._refusals_reported
+            self._refusals_reported, self._reported_at = self._refusals, now
+            logger.warning("parameter server %s refused %d connection(s), the last from %s: "
+                           "%s", self._where, count, peer, reason)  # fmt: skip
+            self.emit(Event.REJECT, worker=-1, peer=peer,
+                      reason=f"{reason} ({count} refused since the last report)")  # fmt: skip
+
+    def _drain_refused(self) -> None:
+        """Read and drop what refused clients still send; close them at EOF or deadline."""
+        if not self._refused:
+            return
+        now, keep = time.monotonic(), []
+        for conn, deadline in self._refused:
+            try:
+                eof = any(not conn.recv(4096) for _ in range(4))  # bounded: a peer may stream
+            except BlockingIOError:
+                eof = False
+            except OSError:
+                eof = True
+            if eof or now >= deadline:
+                conn.close()
+            else:
+                keep.append((conn, deadline))
+        self._refused = keep
 
     def _checkpoint_loop(self) -> None:
         while not self._stop_event.wait(self.checkpoint_every):
@@ -517,12 +877,13 @@ class ParameterServer:
                 except Exception:
                     logger.exception("parameter server %s: checkpoint failed", self._where)
 
-    def _serve_connection(self, conn: socket.socket, peer: tuple[Any, ...]) -> None:
+    def _serve_connection(self, conn: socket.socket, peer: str, accepted: float) -> None:
         try:
-            Session(self, conn, f"{peer[0]}:{peer[1]}", secret=self._secret).run()
+            Session(self, conn, peer, secret=self._secret, tls=self._tls, accepted=accepted,
+                    **self._deadlines).run()  # fmt: skip
         finally:
             with self._lock:
-                self._conns.discard(conn)
+                self._conns.pop(peer, None)
             conn.close()
 
 
@@ -546,6 +907,7 @@ def serve(
     events_path: str | os.PathLike[str] | None = None,
     num_threads: int | None = 1,
     timeout: float | None = None,
+    max_connections: int | None = None,
 ) -> None:
     """Run a parameter server in this process until SIGTERM/SIGINT or a stop.
 
@@ -567,6 +929,7 @@ def serve(
             "checkpoint_every": checkpoint_every,
             "on_event": on_event,
             "timeout": timeout,
+            "max_connections": max_connections,
         }
         if resume is not None and (Path(resume).exists() or previous_checkpoint(resume).exists()):
             ckpt = checkpoint_path if checkpoint_path is not None else resume

@@ -11,11 +11,13 @@ from typing import Any
 
 import torch
 
+from easgd.comm.wire import SECRET_ENV, resolve_secret
 from easgd.runlog import RunPaths
 
 __all__ = [
     "PARENT_ENV",
     "RESUME_ENV",
+    "SECRET_ENV",
     "RoleContext",
     "advertised_host",
     "publish_server",
@@ -24,7 +26,6 @@ __all__ = [
     "server_addresses",
 ]
 
-SECRET_ENV = "EASGD_SECRET"
 #: Set (to 1) by ``easgd train --resume`` (and a torchrun restart attempt): every role
 #: continues from its checkpoint.
 RESUME_ENV = "EASGD_RESUME"
@@ -58,9 +59,14 @@ def resolve_device(device: str, local_rank: int) -> torch.device:
 
 
 def secret() -> bytes | None:
-    """The run's shared secret (``EASGD_SECRET``), if any."""
-    value = os.environ.get(SECRET_ENV)
-    return value.encode() if value else None
+    """The run's shared secret (``EASGD_SECRET``), if any.
+
+    Set, it is every role's: the servers authenticate every connection with it, on loopback
+    too, and the workers and the evaluator prove it. The local launcher sets a fresh one per
+    run when the user gives none. It is read from the environment only, and never logged or
+    written to a file.
+    """
+    return resolve_secret(None)
 
 
 def publish_server(store: Any, shard: int, host: str, port: int) -> None:

@@ -128,7 +128,7 @@ class _ServerSnapshots:
         try:
             addresses = server_addresses(self.ctx.store, self.cfg.servers, self.cfg.timeout)
             self.client = PSClient(addresses, self.numel, worker_id=-1, timeout=self.cfg.timeout,
-                                   connect_timeout=1.0)  # fmt: skip
+                                   connect_timeout=1.0, tls=self.cfg.client_tls())  # fmt: skip
         except ConnectionError as exc:
             log.info("the servers do not answer yet: %s", exc)
 

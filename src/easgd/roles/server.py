@@ -1,5 +1,11 @@
 """The server role: one shard of the center, served until every live worker is done.
 
+The shard decides the end of the run from authenticated messages only
+(:meth:`easgd.comm.ps_server.ParameterServer.finished`): every worker ``0..P-1`` said its
+goodbye with its budget spent, or the launcher declared it lost (a CONTROL message
+``{"lost": [ids]}``). No counter in the run's store does: anyone who can reach the store
+could write one.
+
 A shard the launcher starts again after its process died (``EASGD_RESTART`` = k > 0)
 resumes from its checkpoint when there is one (else from the initial center), publishes its
 new address under the same store key, so that workers that reconnect find it, and writes a
@@ -23,7 +29,8 @@ __all__ = ["RESTART_ENV", "WORKERS_DONE_KEY", "WORKERS_LOST_KEY", "run_server", 
 
 #: The environment variable that tells a restarted process which restart it is (0: none).
 RESTART_ENV = "EASGD_RESTART"
-#: Store counters: workers that finished their budget, and workers the launcher gave up on.
+#: Store counters: workers that finished their budget (torchrun's rank 0 waits on it before
+#: its summary), and workers the launcher gave up on. The servers read neither.
 WORKERS_DONE_KEY = "easgd/workers_done"
 WORKERS_LOST_KEY = "easgd/workers_lost"
 
@@ -38,8 +45,9 @@ def server_pid_key(shard: int) -> str:
 
 
 def run_server(cfg: TrainConfig, ctx: RoleContext, shard: int) -> None:
-    """Serve shard ``shard`` until every live worker is done or SIGTERM arrives."""
+    """Serve shard ``shard`` until every worker finished or was lost, or SIGTERM arrives."""
     from easgd.comm.ps import ParameterServer, shard_ranges
+    from easgd.comm.ps_server import default_max_connections
     from easgd.flat import parameters_to_flat_views
     from easgd.task import build_task
 
@@ -57,6 +65,8 @@ def run_server(cfg: TrainConfig, ctx: RoleContext, shard: int) -> None:
     common: dict[str, Any] = {
         "host": cfg.host, "port": 0, "secret": secret(), "checkpoint_path": path,
         "checkpoint_every": cfg.checkpoint_interval, "on_event": on_event,
+        "workers": cfg.workers, "max_connections": default_max_connections(cfg.workers),
+        "tls": cfg.server_tls(),
     }  # fmt: skip
     resumed_t: int | None = None
     task = build_task(cfg.dataset, cfg.model, seed=cfg.seed, data_dir=cfg.data_dir)
@@ -84,24 +94,14 @@ def run_server(cfg: TrainConfig, ctx: RoleContext, shard: int) -> None:
                        "pid": os.getpid(), "restart": restart, "resumed_t": resumed_t,
                        "address": address})  # fmt: skip
     try:
-        while not stop.wait(0.2):
-            if _workers_ended(ctx.store) >= cfg.workers:
-                break
+        while not stop.wait(0.2) and not server.finished():
+            pass
     finally:
         server.stop()
         metrics.write({"event": Event.SERVER_DONE, "wall": ctx.wall(), "shard": shard,
                        **_scalars(server.stats())})  # fmt: skip
         metrics.close()
         ctx.store.set(f"easgd/server_saved/{shard}", "1")
-
-
-def _workers_ended(store: Any) -> int:
-    """Workers that will exchange no more: finished, or lost for good (the launcher's count).
-
-    Counting the lost ones is what lets a run whose worker died beyond its restarts end as
-    soon as the live workers are done, instead of waiting for a worker that never comes.
-    """
-    return int(store.add(WORKERS_DONE_KEY, 0)) + int(store.add(WORKERS_LOST_KEY, 0))
 
 
 def _scalars(stats: dict[str, Any]) -> dict[str, Any]:

@@ -112,7 +112,7 @@ def run_worker(cfg: TrainConfig, ctx: RoleContext, index: int) -> None:
         secret=secret(), timeout=cfg.timeout,
         reconnect_timeout=_reconnect_timeout(cfg),
         resolve=lambda shard: server_addresses(ctx.store, cfg.servers, cfg.timeout)[shard],
-        on_event=lambda event: log.event(**event),
+        on_event=lambda event: log.event(**event), tls=cfg.client_tls(),
     )  # fmt: skip
     transport.start(flat.params)  # every worker starts from the center
     worker = Worker(hp, flat.params, mode, grad=flat.grads)
@@ -130,7 +130,7 @@ def run_worker(cfg: TrainConfig, ctx: RoleContext, index: int) -> None:
         state.start()
         while not budget.spent(worker, transport):
             comm = worker.communicates()
-            if comm and not bool(torch.isfinite(worker.x).all()):
+            if comm and not _finite(worker.x):
                 # Never send a non-finite x: it would poison the center (or the peers).
                 log.diverged(math.nan)
                 raise DivergedError(index, worker.t, math.nan, hp.lr_at(max(0, worker.t - 1)),
@@ -159,6 +159,12 @@ def run_worker(cfg: TrainConfig, ctx: RoleContext, index: int) -> None:
     log.done()
     transport.close()
     ctx.store.add("easgd/workers_done", 1)
+
+
+def _finite(x: torch.Tensor) -> bool:
+    """Whether every element of ``x`` is finite: a finite sum proves it (one pass, no
+    allocation); only a non-finite sum (an overflow, or a NaN) needs the exact test."""
+    return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
 
 
 def _reconnect_timeout(cfg: TrainConfig) -> float:

@@ -157,7 +157,7 @@ class RunPaths:
     def make(self) -> RunPaths:
         """Create the run directory and its folders; returns ``self``."""
         for d in (self.root, self.snapshots, self.checkpoints, self.logs):
-            d.mkdir(parents=True, exist_ok=True)
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)  # the run's files are private
         return self
 
     def holds_run(self) -> bool:
@@ -182,7 +182,7 @@ class RunPaths:
         system); other files stay. Returns ``dest``'s paths. ``easgd train --overwrite``
         moves the run it replaces aside this way, and back if the new one fails to start."""
         target = RunPaths(dest)
-        target.root.mkdir(parents=True, exist_ok=True)
+        target.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         for src, dst in zip(self.run_files(), target.run_files(), strict=True):
             if src.exists():
                 if dst.is_dir():

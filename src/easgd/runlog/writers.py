@@ -1,4 +1,10 @@
-"""The only writers of a run's files: atomic files (bytes, text, JSON, tensors) and JSON lines."""
+"""The only writers of a run's files: atomic files (bytes, text, JSON, tensors) and JSON lines.
+
+A run's files are private: created ``0600`` (folders they need, ``0700``), and a stricter
+umask is honoured (``mode & ~umask``), because checkpoints, logs and events say what the run
+computed and where its servers listen. Results meant to be shared (``easgd report``'s
+figures and tables) pass ``mode=0o644`` (folders ``0755``).
+"""
 
 from __future__ import annotations
 
@@ -59,18 +65,40 @@ def json_dumps(obj: Any, **kwargs: Any) -> str:
 # ------------------------------------------------------------------------------------------
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+#: The mode of every file a run writes (before the umask): private to its owner.
+PRIVATE = 0o600
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def _folder_mode(mode: int) -> int:
+    """The mode of a folder made for a file of ``mode``: searchable where readable."""
+    return mode | ((mode & 0o444) >> 2)
+
+
+def _make_parent(path: Path, mode: int) -> None:
+    """Create ``path``'s missing folders with the folder mode of ``mode`` (umask applied)."""
+    missing = [p for p in (path.parent, *path.parent.parents) if not p.exists()]
+    for folder in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # made meanwhile by another process
+            folder.mkdir(mode=_folder_mode(mode))
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, mode: int = PRIVATE) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the new one, never half.
 
-    The only atomic writer: JSON, text and tensors go through it.
+    ``mode``: the new file's permissions before the umask (default ``0600``; ``0o644`` for
+    results meant to be shared). The only atomic writer: JSON, text and tensors go through it.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(path, mode)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results are meant to be shared
+        os.chmod(tmp, mode & ~_umask())  # mkstemp makes 0600, whatever the umask
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -88,21 +116,21 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
             os.close(dir_fd)
 
 
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-    """Write ``text`` (UTF-8) atomically."""
-    atomic_write_bytes(path, text.encode())
+def atomic_write_text(path: str | os.PathLike[str], text: str, *, mode: int = PRIVATE) -> None:
+    """Write ``text`` (UTF-8) atomically (``mode``: as :func:`atomic_write_bytes`)."""
+    atomic_write_bytes(path, text.encode(), mode=mode)
 
 
-def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
+def atomic_write_json(path: str | os.PathLike[str], obj: Any, *, mode: int = PRIVATE) -> None:
     """Write ``obj`` as indented strict JSON (non-finite floats: null), sorted keys, atomically."""
-    atomic_write_text(path, json_dumps(obj, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(path, json_dumps(obj, indent=2, sort_keys=True) + "\n", mode=mode)
 
 
-def atomic_torch_save(path: str | os.PathLike[str], obj: Any) -> None:
+def atomic_torch_save(path: str | os.PathLike[str], obj: Any, *, mode: int = PRIVATE) -> None:
     """``torch.save`` atomically (serialized in memory, then :func:`atomic_write_bytes`)."""
     buf = io.BytesIO()
     torch.save(obj, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue(), mode=mode)
 
 
 class JsonlWriter:
@@ -118,9 +146,10 @@ class JsonlWriter:
         self, path: str | os.PathLike[str], *, default: Callable[[Any], Any] | None = None
     ) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _make_parent(self.path, PRIVATE)
         self._default = default
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        # Created 0600 (the umask applies); an existing file keeps its mode.
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, PRIVATE)
         self._lock = threading.Lock()  # threads of one process (a server's sessions)
 
     def write(self, event: Mapping[str, Any]) -> None:
