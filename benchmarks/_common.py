@@ -341,13 +341,16 @@ class ProcessSampler:
     """Samples the CPU time of this process's descendants (a thread, every ``period`` s).
 
     The last sample before each process exits is its CPU time (to within ``period``). The
-    role of a process is taken from its environment (``EASGD_ROLE``, ``RANK``), so a
-    benchmark can say how the CPU was shared between workers, servers and the evaluator.
+    role of a process is taken from the run's ``processes.json`` (``run_dir``: the local
+    launcher forks its processes from a fork server, so their /proc environment is the
+    launcher's), else from its environment (``EASGD_ROLE``, ``RANK``), so a benchmark can
+    say how the CPU was shared between workers, servers and the evaluator.
     """
 
-    def __init__(self, period: float = 0.2) -> None:
+    def __init__(self, period: float = 0.2, run_dir: str | os.PathLike[str] | None = None) -> None:
         import threading
 
+        self.run_dir = Path(run_dir) if run_dir is not None else None
         self.period = period
         self.cpu: dict[int, float] = {}
         self.series: dict[int, list[tuple[float, float]]] = {}  # (time.time(), cpu seconds)
@@ -390,6 +393,14 @@ class ProcessSampler:
                 continue
 
     def _label(self, pid: int) -> str:
+        if self.run_dir is not None:
+            try:
+                doc = json.loads((self.run_dir / "processes.json").read_text())
+            except (OSError, ValueError):
+                doc = {"processes": []}
+            for proc in doc["processes"]:
+                if proc["pid"] == pid:
+                    return "evaluator" if proc["role"] == "evaluator" else f"rank{proc['rank']}"
         try:
             env = dict(
                 item.split("=", 1)

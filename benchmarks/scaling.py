@@ -284,7 +284,7 @@ def run_once(
             eval_interval=eval_interval,
             out=os.path.join(tmp, "run"),
         )
-        with CpuMeter() as meter, ProcessSampler() as sampler:
+        with CpuMeter() as meter, ProcessSampler(run_dir=cfg.out) as sampler:
             launch_local(cfg)
         events = list(iter_jsonl(RunPaths(cfg.out).metrics))
     roles = by_role(cfg, sampler.by_label())

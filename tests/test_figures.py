@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,9 +28,9 @@ def test_every_figure_goes_through_the_atomic_writer(
     written: list[Path] = []
     real = easgd.runlog.atomic_write_bytes
 
-    def spy(path: str | Path, data: bytes) -> None:
+    def spy(path: str | Path, data: bytes, **kwargs: Any) -> None:
         written.append(Path(path))
-        real(path, data)
+        real(path, data, **kwargs)
 
     monkeypatch.setattr(easgd.runlog, "atomic_write_bytes", spy)
     paths = write_figures(tmp_path, resolution=10)

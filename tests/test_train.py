@@ -288,14 +288,20 @@ def test_a_torchrun_restart_resumes_the_run_from_its_checkpoints(tmp_path: Path)
 
 
 def _processes_of(run_dir: Path) -> list[int]:
-    """Live processes of a run (their EASGD_RUN_DIR is ``run_dir``), from /proc."""
+    """Live processes of a run, from /proc: an EASGD_RUN_DIR of ``run_dir`` in their
+    environment, or ``run_dir`` in their command line (the ranks torchrun started, and what
+    they forked: the spawner's fork server and its children, whose /proc environ and
+    cmdline are the forking rank's)."""
     found = []
     needle = f"EASGD_RUN_DIR={run_dir}".encode()
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
-            if needle in (entry / "environ").read_bytes().split(b"\0"):
+            ours = needle in (entry / "environ").read_bytes().split(b"\0") or (
+                str(run_dir).encode() in (entry / "cmdline").read_bytes().split(b"\0")
+            )
+            if ours and (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
                 found.append(int(entry.name))
         except OSError:
             continue

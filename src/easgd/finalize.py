@@ -210,6 +210,13 @@ def finalize(
     workers = [e for e in totals.values() if "exchanges" in e]
     local_steps = sum(max(0, n - resumed.get(key, 0)) for key, n in steps.items())
     start, train_seconds = _training_time(events)
+    if result is not None and not any(True for _ in iter_jsonl(paths.eval)):
+        # A run too short for the evaluator's first look: its curve is the final center,
+        # at the end of training, rather than no point at all.
+        end = max((float(e["wall"]) for e in events if e.get("event") == Event.WORKER_DONE),
+                  default=wall_seconds)  # fmt: skip
+        with JsonlWriter(paths.eval) as out:
+            out.write(eval_line(end, result))
     summary = write_summary(
         paths, cfg, runtime="real", center=result,
         curve=[math.nan if e["test_error"] is None else float(e["test_error"])

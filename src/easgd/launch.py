@@ -38,7 +38,6 @@ a ``run_resume`` event marks where the resumed part begins.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import json
 import logging
@@ -55,7 +54,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, NoReturn
+from typing import Any, NoReturn
 
 from easgd.config import TrainConfig
 from easgd.roles.context import PARENT_ENV, SECRET_ENV, RoleContext
@@ -72,6 +71,7 @@ from easgd.runlog import (
     read_jsonl,
     update_summary,
 )
+from easgd.spawner import Child, shared
 
 __all__ = ["RunFailed", "launch_local", "role_main", "run_torchrun"]
 
@@ -210,14 +210,13 @@ def role_main() -> int:
 
 @dataclass
 class _Proc:
-    """One process of the run: its role, its current ``Popen``, and what the launcher knows."""
+    """One process of the run: its role, its current process, and what the launcher knows."""
 
     role: str
     index: int
     rank: int
-    popen: subprocess.Popen[bytes]
+    popen: Child  # easgd.spawner's: the part of subprocess.Popen used here, plus killpg
     log_path: Path
-    log_file: IO[bytes]
     restarts: int = 0
     finished: bool = False
     host: str | None = None  # a server's published address, once the launcher has read it
@@ -376,6 +375,11 @@ class _Launcher:
     ) -> None:
         import torch.distributed as dist
 
+        # Every process of the run is a fork of the spawner's fork server: easgd train has
+        # forked it from this process already (warm(fork=True), before any thread); called
+        # from a library, an interpreter of its own starts now, before the store's thread.
+        self.spawner = shared()
+        self.spawner.warm()
         self.cfg = cfg
         self.budget = budget if budget is not None else cfg.steps
         self.paths = RunPaths(cfg.out).make()
@@ -431,23 +435,18 @@ class _Launcher:
             env[RESUME_ENV] = "1"
         if role == "evaluator":
             env["EASGD_ROLE"] = "evaluator"
-            env[PARENT_ENV] = str(os.getpid())  # it stops when this process is gone
+            # It stops when its parent is gone: the fork server, which dies with this process.
+            env[PARENT_ENV] = str(self.spawner.parent_pid)
         return env
 
     def spawn(self, role: str, index: int, rank: int, restarts: int = 0) -> _Proc:
         log_path = self.paths.log(role, index, restarts)
-        # A resumed run appends to the logs of the part before.
-        mode = "ab" if self.resume else "wb"
-        log_file = open(log_path, mode, opener=_private)  # noqa: SIM115 - closed at its end
-        # Its own process group: a terminal's Ctrl-C reaches the launcher only, which stops
-        # every process itself (stop_all), the whole group of each.
-        popen = subprocess.Popen(
-            [sys.executable, "-m", "easgd.launch"],
-            env=self.env(rank, role if role == "evaluator" else None, restarts),
-            stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            process_group=0,
-        )  # fmt: skip
-        proc = _Proc(role, index, rank, popen, log_path, log_file, restarts)
+        # Its own process group (every child of the spawner leads one): a terminal's Ctrl-C
+        # reaches the launcher only, which stops every process itself (stop_all), the whole
+        # group of each. A resumed run appends to the logs of the part before.
+        env = self.env(rank, role if role == "evaluator" else None, restarts)
+        popen = self.spawner.start(env, log_path, append=self.resume)
+        proc = _Proc(role, index, rank, popen, log_path, restarts)
         self.procs.append(proc)
         self.current[(role, index)] = proc
         return proc
@@ -462,7 +461,7 @@ class _Launcher:
         self.pending.clear()
         live = [p for p in self.procs if p.popen.poll() is None]
         for p in live:
-            _signal_group(p.popen, signal.SIGTERM)
+            p.popen.killpg(signal.SIGTERM)
         deadline = time.monotonic() + grace
         for p in live:
             try:
@@ -470,10 +469,8 @@ class _Launcher:
             except subprocess.TimeoutExpired:
                 log.warning("%s %d did not stop within %.0f s of SIGTERM; killing it",
                             p.role, p.index, grace)  # fmt: skip
-                _signal_group(p.popen, signal.SIGKILL)
+                p.popen.killpg(signal.SIGKILL)
                 p.popen.wait()
-        for p in self.procs:
-            p.log_file.close()
 
     def fail(self, proc: _Proc, rc: int, status: RunStatus | None = None) -> RunFailed:
         self.stop_all()
@@ -596,13 +593,12 @@ class _Launcher:
         # The others fail at their next collective: name the one a signal killed, if any.
         killed = [p for p in workers if (p.popen.poll() or 0) < 0]
         if killed and dead not in killed:
-            dead, rc = killed[0], int(killed[0].popen.returncode)
+            dead, rc = killed[0], killed[0].popen.wait()  # it has ended: its status
         for p in workers:
             if p.popen.poll() is None:
                 p.popen.send_signal(signal.SIGKILL)  # blocked in a collective: no grace
             p.popen.wait()
             p.finished = True
-            p.log_file.close()
         resume = all(
             self.paths.worker_checkpoint(i).exists()
             or previous_checkpoint(self.paths.worker_checkpoint(i)).exists()
@@ -813,11 +809,6 @@ def _last_wall(paths: RunPaths) -> float:
     return max(walls, default=0.0)
 
 
-def _private(path: str, flags: int) -> int:
-    """``open``'s opener for a run's files: created 0600 (the umask may take more away)."""
-    return os.open(path, flags, 0o600)
-
-
 def _names(indices: list[int]) -> str:
     return ", ".join(str(i) for i in sorted(set(indices)))
 
@@ -832,17 +823,6 @@ def _exit_line(proc: _Proc, rc: int) -> str:
 
 
 _SIGNALS = {s.value for s in signal.Signals}
-
-
-def _signal_group(popen: Any, sig: int) -> None:
-    """Send ``sig`` to the process group ``popen`` leads (the process alone if it leads none)."""
-    if popen.poll() is not None:
-        return
-    try:
-        os.killpg(popen.pid, sig)
-    except (ProcessLookupError, PermissionError):
-        with contextlib.suppress(ProcessLookupError):
-            popen.send_signal(sig)
 
 
 def _catch_signals(handler: Callable[[int, Any], None]) -> dict[int, Any] | None:
@@ -909,12 +889,11 @@ def run_torchrun(cfg: TrainConfig) -> dict[str, Any] | None:
     ctx = _context(cfg, store, start)
     evaluator = None
     if rank == 0:
+        spawner = shared()  # easgd train forked its fork server before the store existed
         env = dict(os.environ, EASGD_ROLE="evaluator", EASGD_RUN_DIR=str(ctx.paths.root),
                    EASGD_START_TIME=repr(start), OMP_NUM_THREADS="1",
-                   **{PARENT_ENV: str(os.getpid())})  # fmt: skip
-        log_file = open(ctx.paths.log("evaluator", 0), "wb", opener=_private)  # noqa: SIM115
-        evaluator = subprocess.Popen([sys.executable, "-m", "easgd.launch"], env=env,
-                                     stdout=log_file, stderr=subprocess.STDOUT)  # fmt: skip
+                   **{PARENT_ENV: str(spawner.parent_pid)})  # fmt: skip
+        evaluator = spawner.start(env, ctx.paths.log("evaluator", 0))
     role, index = cfg.role_of(rank)
     try:
         _run_role(cfg, ctx, role, index)

@@ -336,6 +336,7 @@ def run(args: argparse.Namespace) -> int:
     from easgd.launch import RunFailed, exit_now, launch_local, run_torchrun
     from easgd.roles.worker import RESUME_ENV
     from easgd.runlog import RunStatus, json_dumps
+    from easgd.spawner import shared
 
     if _torchrun_restart() and args.resume is None and args.out is not None:
         # torchrun --max-restarts started this job again after a rank died: the same
@@ -352,6 +353,10 @@ def run(args: argparse.Namespace) -> int:
             os.environ[RESUME_ENV] = "1"  # this rank's roles run in this process
         elif int(os.environ["RANK"]) == 0:
             replaced = _prepare_out(cfg, args.overwrite)
+        if int(os.environ["RANK"]) == 0:
+            # Rank 0 starts the evaluator: a fork of a fork server forked from here, now,
+            # before the store starts its thread.
+            shared().warm(fork=True)
         summary = run_torchrun(cfg)
         if replaced is not None:
             replaced.discard()
@@ -359,6 +364,9 @@ def run(args: argparse.Namespace) -> int:
             exit_now(0)
     else:
         replaced = None if resume else _prepare_out(cfg, args.overwrite)
+        # Every process of the run is a fork of a fork server forked from here, now: torch
+        # is imported and no thread runs yet (the launcher's store starts one).
+        shared().warm(fork=True)
         progress = Progress("train", enabled=not (args.quiet or args.json))
         try:
             summary = launch_local(
