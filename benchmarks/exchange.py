@@ -98,6 +98,7 @@ from easgd.algorithms import (
 from easgd.comm import wire
 from easgd.comm.allreduce import AllReduceTransport
 from easgd.comm.ps import ParameterServer, PSClient, serve
+from easgd.comm.ps_server import nonfinite_count
 from easgd.runlog import atomic_write_json
 
 HP = Hyperparams(method="easgd", lr=0.01, tau=1, workers=4)
@@ -324,6 +325,9 @@ PS_ROWS = {
     "ps_elastic_authenticated_sha256": "the same, HMAC-SHA256 (the standard library's)",
     "ps_elastic_tls": "the same over TLS (the client verifies the server's certificate)",
 }
+#: The server's refusal of non-finite payloads, alone, on the same vector (part of every
+#: ps_elastic row already): its share of an exchange.
+FINITE_ROW = "ps_elastic_finite_check"
 
 
 def build_rows(
@@ -359,6 +363,8 @@ def build_rows(
             Row(name, PS_ROWS[name], lambda c=client: c.serve(Request(Op.ELASTIC, x, d)))
             for name, client in clients.items()
         ),
+        Row(FINITE_ROW, "the server's check that a payload is finite, alone (nonfinite_count)",
+            lambda: nonfinite_count(x)),
         Row(
             "allreduce_raw",
             "one raw gloo all_reduce of the flat vector (2 ranks)",
@@ -552,6 +558,7 @@ def run(
 
 
 ASYNC_TARGET, SYNC_TARGET, RECOVERY_TARGET, AUTHENTICATED_TARGET = 1.3, 1.1, 1.02, 1.5
+FINITE_TARGET = 0.1  # "a few percent" of the exchange (measured 3-5%); 10% leaves room for load
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -606,6 +613,10 @@ def main(argv: list[str] | None = None) -> int:
         "authenticated frames (ps_elastic_authenticated / ps_elastic)": (
             by["ps_elastic_authenticated"]["ratio"],
             AUTHENTICATED_TARGET,
+        ),
+        f"non-finite payload check ({FINITE_ROW} / ps_elastic)": (
+            by[FINITE_ROW]["ratio"],
+            FINITE_TARGET,
         ),
     }
     if periods:

@@ -222,7 +222,8 @@ def test_exchange_quick(tmp_path: Path) -> None:
     assert set(rows) | no_tls == {
         "gloo_echo", "gloo_echo_elastic", "gloo_10_tensors", "gloo_100_tensors", "ps_elastic",
         "ps_elastic_recovering", "ps_elastic_authenticated", "ps_elastic_authenticated_sha256",
-        "ps_elastic_tls", "allreduce_raw", "sync_easgd", "loop_local", "loop_allreduce_raw",
+        "ps_elastic_tls", "ps_elastic_finite_check", "allreduce_raw", "sync_easgd", "loop_local",
+        "loop_allreduce_raw",
         "loop_sync_easgd_blocking", "loop_sync_easgd",
     }  # fmt: skip
     assert rows["gloo_echo"]["ratio"] == 1.0 and rows["allreduce_raw"]["ratio"] == 1.0
@@ -231,7 +232,8 @@ def test_exchange_quick(tmp_path: Path) -> None:
         assert r["median_ms"] > 0 and len(r["samples_ms"]) == result["repeats"]
     assert rows["ps_elastic_recovering"]["baseline"] == "ps_elastic"
     assert rows["ps_elastic_authenticated"]["baseline"] == "ps_elastic"
-    assert len(result["target_met"]) == 5
+    assert rows["ps_elastic_finite_check"]["baseline"] == "ps_elastic"
+    assert len(result["target_met"]) == 6
 
 
 @pytest.mark.slow
