@@ -22,7 +22,7 @@ from easgd import __version__
 __all__ = ["build_parser", "main"]
 
 # Subcommand modules, in the order `easgd --help` lists them.
-_SUBCOMMANDS = ("train", "simulate", "stability", "experiment", "report", "models")
+_SUBCOMMANDS = ("train", "simulate", "stability", "experiment", "report", "models", "export")
 
 
 class _Parser(argparse.ArgumentParser):
