@@ -335,3 +335,40 @@ def test_a_run_over_tls(tmp_path: Path) -> None:
     )  # fmt: skip
     assert refused.returncode == 2 and "--tls-cert" in _one_line(refused.stderr)
     assert not (tmp_path / "bad").exists()
+
+
+# ------------------------------------------------------------------------------------------
+# --config FILE: a run's own config.json reproduces it; flags override the file
+# ------------------------------------------------------------------------------------------
+
+
+def test_config_file_reproduces_a_run_and_flags_override_it(
+    finished_run: Path, tmp_path: Path
+) -> None:
+    again = tmp_path / "again"
+    result = subprocess.run(
+        [sys.executable, "-m", "easgd", "train", "--config", str(finished_run / "config.json"),
+         "--out", str(again), "--quiet", "--json"], capture_output=True, text=True, cwd=ROOT,
+        timeout=240,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    old = json.loads((finished_run / "config.json").read_text())
+    new = json.loads((again / "config.json").read_text())
+    assert {k for k in old if old[k] != new[k]} == {"out"}
+    toml = tmp_path / "run.toml"
+    toml.write_text('method = "localsgd"\ntau = 4\nworkers = 2\nsteps = 8\nlr = 0.05\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "easgd", "train", "--config", str(toml), "--tau", "2", "--out",
+         str(tmp_path / "toml"), "--quiet", "--json"], capture_output=True, text=True,
+        cwd=ROOT, timeout=240,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    cfg = json.loads((tmp_path / "toml" / "config.json").read_text())
+    assert (cfg["method"], cfg["tau"], cfg["steps"], cfg["lr"]) == ("localsgd", 2, 8, 0.05)
+    (tmp_path / "bad.toml").write_text("tua = 3\n")
+    bad = subprocess.run(
+        [sys.executable, "-m", "easgd", "train", "--config", str(tmp_path / "bad.toml"),
+         "--out", str(tmp_path / "bad")], capture_output=True, text=True, cwd=ROOT, timeout=240,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "unknown field tua" in _one_line(bad.stderr)
+    assert not (tmp_path / "bad").exists()

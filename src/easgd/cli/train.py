@@ -91,6 +91,13 @@ def register(subparsers: Any) -> None:
     )
     g.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     g.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE",
+        help="take the run's settings from FILE (TOML or JSON, the fields of config.json: a "
+        "run's own config.json reproduces it, with another --out); flags given override it",
+    )
+    g.add_argument(
         "--resume",
         default=None,
         metavar="DIR",
@@ -322,6 +329,40 @@ def _warn_center(summary: dict[str, Any], cfg: TrainConfig) -> None:
               f"local steps in all); train longer or lower --tau", file=sys.stderr)  # fmt: skip
 
 
+def _apply_config_file(args: argparse.Namespace) -> None:
+    """Fill the flags not given on the command line from ``--config FILE`` (TOML or JSON)."""
+    import dataclasses
+
+    import tomllib
+
+    path = Path(args.config)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ValueError(f"--config {path}: cannot be read ({exc.strerror or exc})") from None
+    try:
+        data = json.loads(text) if path.suffix.lower() == ".json" else tomllib.loads(text)
+    except (ValueError, tomllib.TOMLDecodeError) as exc:
+        kind = "JSON" if path.suffix.lower() == ".json" else "TOML (name it .json for JSON)"
+        raise ValueError(f"--config {path}: not valid {kind}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path}: holds a {type(data).__name__}, not a table of fields")
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise ValueError(
+            f"--config {path}: unknown field{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(unknown)}; the fields are those of config.json (docs/run-directory.md)"
+        )
+    # A budget on the command line replaces the file's budget (they are alternatives).
+    budget_given = any(getattr(args, name) is not None for name in BUDGET_FIELDS)
+    for name, value in data.items():
+        if name in BUDGET_FIELDS and budget_given:
+            continue
+        if not _given(args, name):  # a flag on the command line wins over the file
+            setattr(args, name, value)
+
+
 def _preflight(cfg: TrainConfig, args: argparse.Namespace, resume: bool) -> int | None:
     """Check everything the launcher can before a process starts; the steps per worker."""
     from easgd.preflight import check_train
@@ -343,6 +384,11 @@ def run(args: argparse.Namespace) -> int:
         # command, so continue the run in --out from its checkpoints rather than refuse it.
         args.resume = args.out
     resume = args.resume is not None
+    if args.config is not None:
+        if resume:
+            raise ValueError(f"--config {args.config} with --resume: a resumed run keeps its "
+                             "own config.json; drop one of the two")  # fmt: skip
+        _apply_config_file(args)
     if not resume:
         check_elasticity_args(args)  # name the flag given, not the rate derived from it
     cfg = resume_config(args) if resume else config_from_args(args)
