@@ -24,6 +24,15 @@ Notes:
   flattening on the hot path); the optimizer keeps working on the same ``Parameter`` objects.
 * ``state_dict()`` holds the local optimizer's state plus the center and the step counter;
   ``load_state_dict()`` restores both and warns (does not fail) on a checkpoint without them.
+* The wrapper is a ``torch.optim.Optimizer`` of its own: step, ``state_dict`` and
+  ``load_state_dict`` hooks registered on it fire once per call of the wrapper (those of the
+  local optimizer keep firing on its own calls; global hooks therefore fire for both).
+* Every parameter group must be given to the local optimizer before wrapping it:
+  ``add_param_group`` on the wrapper raises (the new parameters would never be averaged).
+* Convert or move the model (``model.double()``, ``model.to(...)``) before wrapping: a
+  parameter whose storage changed afterwards is reported by the next exchange (a
+  ``RuntimeError`` naming it) instead of silently dropping out of the averaging.
+* Optimizers that evaluate a closure many times per step (``LBFGS``) are refused.
 * With a plain ``torch.optim.SGD`` local optimizer the result equals the simulator's EASGD;
   with ``SGD(momentum=delta, nesterov=True)`` it is EAMSGD in PyTorch's parametrization of
   Nesterov momentum (the authors' form is ``easgd train --method eamsgd``).
@@ -31,8 +40,10 @@ Notes:
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -84,6 +95,8 @@ class ElasticAveraging(torch.optim.Optimizer):
         spec = METHODS.get(method)
         if spec is None or not spec.wraps_optimizer or spec.sequential:
             raise ValueError(f"method={method!r}; the wrapper supports easgd and localsgd")
+        _refuse_closure_optimizers(optimizer)
+        self._init_optimizer_hooks()
         self.optimizer = optimizer
         self.client = client
         self.process_group = process_group
@@ -98,8 +111,13 @@ class ElasticAveraging(torch.optim.Optimizer):
                 "the asynchronous parameter server"
             )
         params = [q for group in optimizer.param_groups for q in group["params"]]
+        self._names: list[str | None] = []  # known when built from named_parameters()
+        for group in optimizer.param_groups:
+            self._names += group.get("param_names", [None] * len(group["params"]))
         self.flat = parameters_to_flat_views(torch.nn.ParameterList(params))
         x = self.flat.params
+        # Where each parameter lives now; a change means it left the flat buffer.
+        self._data_ptrs = tuple(q.data_ptr() for q in self.flat.parameters)
         self._transport: Transport | None = None
         self._loss: Any = None  # the local optimizer's last return value
         if enabled and (client is not None or dist.is_initialized()):
@@ -115,6 +133,53 @@ class ElasticAveraging(torch.optim.Optimizer):
             fields.update({k: v for k, v in requested.items() if v is not None})
         self.hp = Hyperparams(**fields)
         self.worker = Worker(self.hp, x, mode, grad=self.flat.grads, external_local=True)
+
+    def _init_optimizer_hooks(self) -> None:
+        # What torch.optim.Optimizer.__init__ sets up for hooks and profiling, without its
+        # parameter handling (the local optimizer owns the parameter groups).
+        self._optimizer_step_pre_hooks = OrderedDict()
+        self._optimizer_step_post_hooks = OrderedDict()
+        self._optimizer_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        self._patch_step_function()  # step() runs the step hooks (profile_hook_step)
+        self._warned_capturable_if_run_uncaptured = True
+
+    def _check_parameters(self) -> None:
+        """Raise if a parameter left the flat buffer (a few int compares per parameter)."""
+        count = sum(len(group["params"]) for group in self.optimizer.param_groups)
+        if count != len(self.flat.parameters):
+            raise RuntimeError(
+                f"the local optimizer has {count} parameters but the wrapper averages "
+                f"{len(self.flat.parameters)}: a parameter group was added to it after "
+                "wrapping. Pass every parameter group to the local optimizer before "
+                "wrapping it, or build a new wrapper around it"
+            )
+        x = self.flat.params
+        for i, (p, ptr) in enumerate(zip(self.flat.parameters, self._data_ptrs, strict=True)):
+            if p.data_ptr() == ptr and p.dtype == x.dtype and p.device == x.device:
+                continue
+            name = self._names[i]
+            label = f"parameter {i}" + ("" if name is None else f" ({name!r})")
+            raise RuntimeError(
+                f"{label} of shape {tuple(p.shape)} no longer lives in the wrapper's flat "
+                f"buffer (it is now {p.dtype} on {p.device}; the buffer is {x.dtype} on "
+                f"{x.device}, and its storage was replaced), so elastic averaging would "
+                "silently stop for it. model.double(), model.to(...) or "
+                "load_state_dict(..., assign=True) after wrapping replace parameter storage: "
+                "convert or move the model (and load with assign=True) before building the "
+                "local optimizer and the wrapper, or load without assign=True (copies in place)"
+            )
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Refused: the flat buffer (what is averaged) is fixed at construction."""
+        raise ValueError(
+            "add_param_group on an elastic averaging wrapper: the new parameters would be "
+            "stepped but never averaged (the wrapper's flat buffer is fixed when it is built). "
+            "Pass every parameter group to the local optimizer before wrapping it, or build "
+            "a new wrapper around the local optimizer after adding the group to it"
+        )
 
     def _open_transport(self, client: PSClient | None, device: torch.device) -> Transport:
         if client is not None:
@@ -194,6 +259,7 @@ class ElasticAveraging(torch.optim.Optimizer):
                 "torch.distributed.init_process_group before constructing it (torchrun "
                 "sets the variables), or pass client= for the parameter server"
             )
+        self._check_parameters()
         self._transport.serve(req)
 
     def _local_step(self, closure: Callable[[], float] | None) -> float:
@@ -215,9 +281,11 @@ class ElasticAveraging(torch.optim.Optimizer):
         return self._loss
 
     def state_dict(self) -> dict[str, Any]:
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
         self.settle()
         w = self.worker
-        return {
+        state: dict[str, Any] = {
             "local": self.optimizer.state_dict(),
             "easgd": {
                 "t": w.t, "center": None if w.center is None else w.center.clone(),
@@ -225,15 +293,30 @@ class ElasticAveraging(torch.optim.Optimizer):
                 "method": self.hp.method,
             },
         }  # fmt: skip
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, state)
+            if result is not None:
+                state = result
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = state_dict.copy()  # shallow, like torch.optim (hooks may edit it)
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        self._load_state_dict(state_dict)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "local" not in state_dict:
             # A plain optimizer checkpoint: restore it, keep counters at their current values.
             warnings.warn(
                 "loaded a checkpoint without easgd state (step counter, center); the step "
                 "counter stays at its current value and the center at the parameters",
                 UserWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
             self.optimizer.load_state_dict(state_dict)
             return
@@ -243,6 +326,19 @@ class ElasticAveraging(torch.optim.Optimizer):
         center = extra.get("center")
         if center is not None and self.worker.center is not None:
             self.worker.center.copy_(center)
+
+
+def _refuse_closure_optimizers(optimizer: torch.optim.Optimizer) -> None:
+    """Refuse optimizers whose step needs a closure it evaluates many times (LBFGS)."""
+    step = inspect.signature(type(optimizer).step).parameters.get("closure")
+    needs_closure = step is not None and step.default is inspect.Parameter.empty
+    if isinstance(optimizer, torch.optim.LBFGS) or needs_closure:
+        raise ValueError(
+            f"optimizer={type(optimizer).__name__}: its step(closure) evaluates the loss many "
+            "times and keeps curvature history that each elastic exchange would invalidate, "
+            "so the wrapper does not support it; wrap a first-order optimizer (SGD, Adam, "
+            "AdamW, ...) instead"
+        )
 
 
 def EASGD(optimizer: torch.optim.Optimizer, **kwargs: Any) -> ElasticAveraging:
