@@ -97,19 +97,6 @@ def servers() -> Iterator[Callable[..., ParameterServer]]:
 
 
 @pytest.fixture
-def clients() -> Iterator[Callable[..., PSClient]]:
-    made: list[PSClient] = []
-
-    def make(*args: Any, **kwargs: Any) -> PSClient:
-        made.append(PSClient(*args, **kwargs))
-        return made[-1]
-
-    yield make
-    for client in made:
-        client.close(clean=False)
-
-
-@pytest.fixture
 def procs(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
     started: list[subprocess.Popen[bytes]] = []
 

@@ -36,6 +36,7 @@ from easgd.comm import wire
 from easgd.comm.ps import AuthenticationError, ParameterServer, PSClient, PSConnectionError
 from easgd.comm.ps_client import send_control
 from easgd.comm.wire import HEADER, MAGIC, VERSION, Cmd
+from test_ps import sessions_of, wait_until
 
 N = 256
 HP = Hyperparams(method="downpour", lr=0.1, tau=1, workers=24)  # PUSH_PULL: center += payload
@@ -44,19 +45,6 @@ PATIENCE = 60.0  # bounds every wait; the waits end on events, not on this
 TAG = wire.TAG_SIZE
 
 torch.set_num_threads(1)
-
-
-def wait_until(pred: Callable[[], bool], timeout: float = PATIENCE) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.02)
-    return pred()
-
-
-def sessions_of(server: ParameterServer, worker_id: int) -> list[dict[str, Any]]:
-    return [s for s in server.stats()["sessions"] if s["worker_id"] == worker_id]
 
 
 @pytest.fixture
@@ -70,19 +58,6 @@ def servers() -> Iterator[Callable[..., ParameterServer]]:
     yield make
     for server in made:
         server.stop()
-
-
-@pytest.fixture
-def clients() -> Iterator[Callable[..., PSClient]]:
-    made: list[PSClient] = []
-
-    def make(*args: Any, **kwargs: Any) -> PSClient:
-        made.append(PSClient(*args, **kwargs))
-        return made[-1]
-
-    yield make
-    for client in made:
-        client.close(clean=False)
 
 
 # ---------------------------------------------------------------------------------------

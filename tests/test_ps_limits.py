@@ -35,6 +35,7 @@ from easgd.algorithms import Hyperparams, Op, Request
 from easgd.comm.ps import ParameterServer, PSClient, SessionState
 from easgd.comm.ps_server import NonFiniteError, default_max_connections
 from easgd.comm.wire import client_handshake
+from test_ps import sessions_of, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 N = 128
@@ -45,19 +46,6 @@ SILENCE = 5 * MAX_HEARTBEAT
 CAP = 6  # max_connections of the server under attack
 
 torch.set_num_threads(1)
-
-
-def wait_until(pred: Callable[[], bool], timeout: float = PATIENCE) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.02)
-    return pred()
-
-
-def sessions_of(server: ParameterServer, worker_id: int) -> list[dict[str, Any]]:
-    return [s for s in server.stats()["sessions"] if s["worker_id"] == worker_id]
 
 
 class Honest:
