@@ -27,7 +27,6 @@ would fail (it is the run continued), and counts its checkpoints as space alread
 from __future__ import annotations
 
 import errno
-import ipaddress
 import logging
 import math
 import os
@@ -39,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from easgd.comm.ps_server import is_loopback
 from easgd.config import TrainConfig
 from easgd.runlog import CONFIG_FILE, RunPaths
 
@@ -382,21 +382,11 @@ def _mb(n: float) -> str:
 # ------------------------------------------------------------------------------------------
 
 
-def _is_loopback(host: str) -> bool:
-    """As the parameter server decides (easgd.comm.ps_server)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _check_host(cfg: TrainConfig) -> None:
     if not cfg.servers_used:
         return  # only the parameter servers bind --host
     host = cfg.host
-    if not _is_loopback(host) and not os.environ.get(SECRET_ENV):
+    if not is_loopback(host) and not os.environ.get(SECRET_ENV):
         raise PreflightError(
             "--host", host,
             f"--host {host} is not a loopback address: parameter servers reachable from other "

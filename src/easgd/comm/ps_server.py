@@ -77,6 +77,7 @@ __all__ = [
     "NonFiniteError",
     "ParameterServer",
     "default_max_connections",
+    "is_loopback",
     "nonfinite_count",
     "serve",
 ]
@@ -132,7 +133,8 @@ def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is a loopback address (where a server may run without a secret)."""
     if host == "localhost":
         return True
     try:
@@ -228,7 +230,7 @@ class ParameterServer:
                 f"for {workers} workers is {default_max_connections(workers)}"
             )
         self._secret = resolve_secret(secret)
-        if not _is_loopback(host) and self._secret is None:
+        if not is_loopback(host) and self._secret is None:
             raise ValueError(
                 f"host={host!r} is not a loopback address: a parameter server reachable from "
                 f"other machines requires a shared secret; pass secret= or set {SECRET_ENV}"

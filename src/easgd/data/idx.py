@@ -47,13 +47,7 @@ def read_idx(path: str | os.PathLike[str], *, magic: int) -> np.ndarray:
         raise CorruptFileError(f"{path} is not a complete gzip file ({exc}). {_REMEDY}") from exc
     if len(raw) < 4:
         raise CorruptFileError(f"{path} is too short for an IDX header. {_REMEDY}")
-    (found,) = struct.unpack(">I", raw[:4])
-    if found != magic:
-        raise CorruptFileError(
-            f"{path} has IDX magic number {found}, expected {magic} "
-            f"({'labels' if magic == IDX_LABELS_MAGIC else 'images'}). Is it the right file? "
-            f"{_REMEDY}"
-        )
+    _check_magic(path, raw, magic)
     ndim = magic & 0xFF
     header = 4 + 4 * ndim
     if len(raw) < header:
@@ -66,6 +60,17 @@ def read_idx(path: str | os.PathLike[str], *, magic: int) -> np.ndarray:
             f"{dims} ({expected} bytes). {_REMEDY}"
         )
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def _check_magic(path: Path, raw: bytes, magic: int) -> None:
+    """Refuse a file whose IDX magic number (its first 4 bytes) is not ``magic``."""
+    (found,) = struct.unpack(">I", raw[:4])
+    if found != magic:
+        raise CorruptFileError(
+            f"{path} has IDX magic number {found}, expected {magic} "
+            f"({'labels' if magic == IDX_LABELS_MAGIC else 'images'}). Is it the right file? "
+            f"{_REMEDY}"
+        )
 
 
 def read_idx_shape(path: str | os.PathLike[str], *, magic: int) -> tuple[int, ...]:
@@ -87,13 +92,7 @@ def read_idx_shape(path: str | os.PathLike[str], *, magic: int) -> tuple[int, ..
         raise CorruptFileError(f"{path} is not a complete gzip file ({exc}). {_REMEDY}") from exc
     if len(raw) < 4 + 4 * ndim:
         raise CorruptFileError(f"{path} ends inside its IDX header. {_REMEDY}")
-    (found,) = struct.unpack(">I", raw[:4])
-    if found != magic:
-        raise CorruptFileError(
-            f"{path} has IDX magic number {found}, expected {magic} "
-            f"({'labels' if magic == IDX_LABELS_MAGIC else 'images'}). Is it the right file? "
-            f"{_REMEDY}"
-        )
+    _check_magic(path, raw, magic)
     return tuple(int(d) for d in struct.unpack(f">{ndim}I", raw[4:]))
 
 
