@@ -660,6 +660,9 @@ class Request:
     op: Op
     payload: Tensor
     reply: Tensor | None = None
+    #: The worker's step counter when it made the request (collectives carry it so that a
+    #: transport can check that every rank is at the same exchange); -1 where unset.
+    step: int = -1
     #: Set by a driver that started a ``SUM`` without completing it (an asynchronous
     #: all-reduce); the worker then yields ``WAIT`` on the same payload before it reads it.
     deferred: bool = False
@@ -679,6 +682,9 @@ class Worker:
         grad: where ``GRAD`` requests are to write the gradient (default: a new buffer).
         external_local: yield ``LOCAL`` (take your own optimizer's step on ``x``) instead of
             computing the method's own local step; the exchanges stay the method's.
+        trainable: only ``x[:trainable]`` is stepped (gradient, momentum, weight decay);
+            the rest of ``x`` (a model's floating-point buffers, e.g. BatchNorm running
+            statistics) is only exchanged with the center. Default: all of ``x``.
     """
 
     def __init__(
@@ -689,6 +695,7 @@ class Worker:
         grad: Tensor | None = None,
         *,
         external_local: bool = False,
+        trainable: int | None = None,
     ) -> None:
         spec = hp.spec
         if external_local and not spec.wraps_optimizer:
@@ -704,13 +711,26 @@ class Worker:
         self.spec = spec
         self.x = x
         self.t = 0
-        if grad is not None and grad.shape != x.shape:
-            raise ValueError(f"grad has shape {tuple(grad.shape)}, x has {tuple(x.shape)}")
+        n = x.numel() if trainable is None else trainable
+        if not 0 <= n <= x.numel():
+            raise ValueError(f"trainable={trainable} but x has {x.numel()} values")
+        if n < x.numel() and not spec.elastic:
+            raise ValueError(
+                f"method={hp.method!r} exchanges gradients or accumulated updates, which "
+                "buffers do not have: only the elastic methods exchange extra values"
+            )
+        # The stepped part of x: the parameters (the rest is buffers, exchanged only).
+        self.xt = x if n == x.numel() else x[:n]
+        if grad is not None and grad.shape != self.xt.shape:
+            raise ValueError(
+                f"grad has shape {tuple(grad.shape)}, the stepped part of x has "
+                f"{tuple(self.xt.shape)}"
+            )
         # The gradient buffer may be a model's flat gradient (its .grad tensors are views).
-        self.grad = torch.zeros_like(x) if grad is None else grad
+        self.grad = torch.zeros_like(self.xt) if grad is None else grad
         zeros = torch.zeros_like
         local_momentum = spec.momentum is Momentum.LOCAL and hp.momentum > 0
-        self.v = zeros(x) if local_momentum and not external_local else None
+        self.v = zeros(self.xt) if local_momentum and not external_local else None
         self.acc = zeros(x) if spec.exchange is Exchange.DOWNPOUR else None
         # Synchronous EASGD: every worker holds an identical copy of the center, and one
         # buffer serves as its difference x_t - c_t and then as the all-reduced sum.
@@ -750,7 +770,7 @@ class Worker:
         """
         yield from self.settle()
         if self.mode is Mode.SYNC and not self.result_is_current():
-            yield Request(Op.MEAN, self.x)
+            yield Request(Op.MEAN, self.x, step=self.t)
 
     def state_dict(self) -> dict[str, Any]:
         """The worker's state: ``x``, ``v``, ``acc``, ``center``, ``z`` (None where unused), ``t``.
@@ -807,10 +827,28 @@ class Worker:
         return self.x  # X, and MEAN_X right after an average (result_is_current)
 
     def step(self) -> Generator[Request, Any, None]:
-        hp, spec, x = self.hp, self.spec, self.x
-        lr = hp.lr_at(self.t)
-        comm = self.communicates()
-        if spec.elastic and comm:
+        """One step: :meth:`begin_step`, the gradient (or external step), :meth:`end_step`."""
+        yield from self.begin_step()
+        self.last_loss = yield self.compute_request()
+        yield from self.end_step()
+
+    def compute_request(self) -> Request:
+        """The request in the middle of a step: ``GRAD`` at x, or ``LOCAL`` (external step)."""
+        if self.external_local:
+            # A user's own optimizer (easgd.optim) takes the local step, whatever it is.
+            return Request(Op.LOCAL, self.x)
+        return Request(Op.GRAD, self.grad)
+
+    def begin_step(self) -> Generator[Request, Any, None]:
+        """The part of a step before its gradient: the exchange's first half, the look-ahead.
+
+        A driver that gets the gradient from outside (``easgd.optim``, where the user's
+        loop computes it before calling ``step()``) runs this at the end of the previous
+        call, so that the gradient is taken where the method takes it (EAMSGD: at the
+        Nesterov look-ahead point ``x + delta*v``, after the elastic exchange).
+        """
+        spec, x = self.spec, self.x
+        if spec.elastic and self.communicates():
             if self.mode is Mode.ASYNC:
                 assert self.diff is not None
                 yield Request(Op.ELASTIC, x, self.diff)
@@ -824,14 +862,15 @@ class Worker:
         if self.z is not None:
             # Sequential averages use x_t, before this step's update.
             assert spec.average is not None
-            self.z.lerp_(x, average_rate(spec.average, self.t, moving_rate=hp.moving_rate))
-        if self.external_local:
-            # A user's own optimizer (easgd.optim) takes the local step, whatever it is.
-            self.last_loss = yield Request(Op.LOCAL, x)
-        else:
-            if self.v is not None:
-                nesterov_lookahead_(x, self.v, momentum=hp.momentum)
-            self.last_loss = yield Request(Op.GRAD, self.grad)
+            self.z.lerp_(x, average_rate(spec.average, self.t, moving_rate=self.hp.moving_rate))
+        if not self.external_local and self.v is not None:
+            nesterov_lookahead_(self.xt, self.v, momentum=self.hp.momentum)
+
+    def end_step(self) -> Generator[Request, Any, None]:
+        """The part of a step after its gradient: the update, the exchange's second half."""
+        hp, spec, x = self.hp, self.spec, self.x
+        lr = hp.lr_at(self.t)
+        comm = self.communicates()
         g = self.grad
         if spec.exchange is Exchange.DOWNPOUR:
             assert self.acc is not None
@@ -849,14 +888,14 @@ class Worker:
             yield Request(Op.GRAD_PULL, g, x)
         else:
             if spec.exchange is Exchange.GRAD_MEAN:
-                yield Request(Op.MEAN, g)
+                yield Request(Op.MEAN, g, step=self.t)
             if not self.external_local:
-                local_step_(x, g, self.v, lr=lr, weight_decay=hp.weight_decay)
+                local_step_(self.xt, g, self.v, lr=lr, weight_decay=hp.weight_decay)
             if spec.elastic and comm:
                 if self.mode is Mode.SYNC:
                     assert self.center is not None and self.sum_buf is not None
                     x.sub_(self.sum_buf, alpha=hp.alpha)  # x -= alpha*(x_t - c_t)
-                    req = Request(Op.SUM, self.sum_buf)
+                    req = Request(Op.SUM, self.sum_buf, step=self.t)
                     yield req
                     if req.deferred:
                         # In flight during the next tau - 1 local steps, which never read
@@ -868,7 +907,7 @@ class Worker:
                     assert self.diff is not None
                     x.sub_(self.diff)  # the server's d = alpha*(x - c)
             elif spec.exchange is Exchange.PARAM_MEAN and comm:
-                yield Request(Op.MEAN, x)
+                yield Request(Op.MEAN, x, step=self.t)
         self.t += 1
 
 

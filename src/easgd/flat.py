@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-__all__ = ["FlatParams", "parameters_to_flat_views"]
+__all__ = ["FlatParams", "buffer_of", "floating_buffers", "parameters_to_flat_views"]
 
 
 def _is_view_of(t: torch.Tensor, buffer: torch.Tensor, offset: int, shape: torch.Size) -> bool:
@@ -54,6 +54,15 @@ class FlatParams:
     shapes: tuple[torch.Size, ...]
     offsets: tuple[int, ...]
     parameters: tuple[nn.Parameter, ...] = field(repr=False, compare=False)
+    #: ``params`` followed by the buffers' values (``params`` is its head); equal to
+    #: ``params`` when no buffers were included.
+    vector: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    #: The included buffers as ``(module, name, qualified name)``, in ``vector`` order.
+    buffers: tuple[tuple[nn.Module, str, str], ...] = field(default=(), compare=False)
+
+    def __post_init__(self) -> None:
+        if self.vector is None:
+            self.vector = self.params
 
     @property
     def numel(self) -> int:
@@ -91,11 +100,36 @@ class FlatParams:
         self.grads.zero_()
 
 
-def parameters_to_flat_views(model: nn.Module) -> FlatParams:
+def buffer_of(module: nn.Module, name: str) -> torch.Tensor:
+    """``module``'s buffer ``name`` (registered and not None)."""
+    buf = module._buffers[name]
+    assert buf is not None, name
+    return buf
+
+
+def floating_buffers(model: nn.Module) -> list[tuple[nn.Module, str, str]]:
+    """``model``'s floating-point buffers as ``(module, name, qualified name)``.
+
+    These are the statistics a forward pass updates (BatchNorm's running mean and
+    variance); integer buffers (``num_batches_tracked``) are counters, not averaged.
+    """
+    out = []
+    for qualified, module in model.named_modules():
+        for name, buf in module._buffers.items():
+            if buf is not None and buf.is_floating_point():
+                out.append((module, name, f"{qualified}.{name}" if qualified else name))
+    return out
+
+
+def parameters_to_flat_views(
+    model: nn.Module, *, buffers: list[tuple[nn.Module, str, str]] | None = None
+) -> FlatParams:
     """Move ``model``'s parameters (and gradients) into flat buffers; see :class:`FlatParams`.
 
     Current values and any existing gradients are preserved. All parameters must share one
-    dtype and device. Example::
+    dtype and device. ``buffers`` (e.g. :func:`floating_buffers` of a model) are placed
+    after the parameters in the same storage (``FlatParams.vector``), their modules holding
+    views, so one collective moves parameters and buffers together. Example::
 
         >>> model = torch.nn.Linear(3, 2)
         >>> flat = parameters_to_flat_views(model)
@@ -114,7 +148,19 @@ def parameters_to_flat_views(model: nn.Module) -> FlatParams:
     sizes = [s.numel() for s in shapes]
     offsets = tuple(itertools.accumulate(sizes[:-1], initial=0)) if sizes else ()
     total = sum(sizes)
-    flat = torch.empty(total, dtype=dtype, device=device)
+    extra = list(buffers or ())
+    for module, name, qualified in extra:
+        buf = module._buffers[name]
+        assert buf is not None
+        if (buf.dtype, buf.device) != (dtype, device):
+            raise ValueError(
+                f"buffer {qualified!r} is {buf.dtype} on {buf.device} but the parameters are "
+                f"{dtype} on {device}: one flat vector holds both; convert the model as a "
+                "whole (model.to(dtype)) or leave buffers out of the averaging"
+            )
+    extra_total = sum(buffer_of(module, name).numel() for module, name, _ in extra)
+    vector = torch.empty(total + extra_total, dtype=dtype, device=device)
+    flat = vector[:total] if extra else vector
     flat_grad = torch.zeros(total, dtype=dtype, device=device)
     with torch.no_grad():
         for p, shape, offset in zip(params, shapes, offsets, strict=True):
@@ -124,4 +170,12 @@ def parameters_to_flat_views(model: nn.Module) -> FlatParams:
             if p.grad is not None:
                 flat_grad[offset : offset + n].copy_(p.grad.reshape(-1))
             p.grad = flat_grad[offset : offset + n].view(shape)
-    return FlatParams(flat, flat_grad, shapes, offsets, params)
+        at = total
+        for module, name, _ in extra:
+            buf = module._buffers[name]
+            assert buf is not None
+            view = vector[at : at + buf.numel()].view(buf.shape)
+            view.copy_(buf)
+            module._buffers[name] = view
+            at += buf.numel()
+    return FlatParams(flat, flat_grad, shapes, offsets, params, vector, tuple(extra))

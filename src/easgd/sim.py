@@ -275,6 +275,8 @@ class SimResult:
     metrics: list[dict[str, float]] = field(default_factory=list)
     center_trajectory: list[Tensor] = field(default_factory=list)
     workers: list[Tensor] = field(default_factory=list)
+    #: Each worker's momentum ``v`` at the end (None for methods without local momentum).
+    worker_momenta: list[Tensor | None] = field(default_factory=list)
     exchanges: int = 0
     bytes_moved: int = 0
     virtual_seconds: float = 0.0
@@ -544,6 +546,7 @@ def simulate(
         record(now, force=True)
     result.center = sim.center_vector().clone()
     result.workers = [w.x.clone() for w in sim.workers]
+    result.worker_momenta = [None if w.v is None else w.v.clone() for w in sim.workers]
     result.exchanges = sim.exchanges
     result.bytes_moved = sim.bytes
     result.virtual_seconds = now

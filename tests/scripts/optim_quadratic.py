@@ -1,7 +1,13 @@
 """Run under torchrun: the EASGD wrapper around plain SGD on the simulator's quadratic.
 
 Prints (rank 0) the center and the workers' variables as JSON, to be compared with
-``easgd.sim.simulate(Quadratic(...), ..., schedule="sync")``.
+``easgd.sim.simulate(Quadratic(...), ..., schedule="sync")``. ``--method eamsgd`` is the
+paper's EAMSGD (``easgd.optim.EAMSGD``; it also prints the workers' momenta).
+
+Faults to inject: ``--skip RANK:STEP`` (that rank does not call ``step()`` at that
+iteration); ``--scaler`` runs the steps through ``torch.amp.GradScaler`` and ``--inf
+RANK:STEP`` puts an inf in that rank's gradient at that iteration. Every rank then prints
+one JSON line: its step counter, or the ``OutOfStepError`` it raised.
 """
 
 from __future__ import annotations
@@ -14,7 +20,8 @@ import sys
 import torch
 import torch.distributed as dist
 
-from easgd.optim import EASGD, LocalSGD
+from easgd.comm.allreduce import OutOfStepError
+from easgd.optim import EAMSGD, EASGD, LocalSGD
 from easgd.sim import Quadratic
 
 
@@ -27,27 +34,61 @@ def main() -> None:
     parser.add_argument("--sigma", type=float, default=0.5)
     parser.add_argument("--dim", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--momentum", type=float, default=0.9)
+    parser.add_argument("--skip", default=None)
+    parser.add_argument("--inf", default=None)
+    parser.add_argument("--scaler", action="store_true")
     args = parser.parse_args()
+    skip = tuple(map(int, args.skip.split(":"))) if args.skip else None
+    inf = tuple(map(int, args.inf.split(":"))) if args.inf else None
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     problem = Quadratic(h=1.0, sigma=args.sigma, x0=1.0, dim=args.dim)
     grad_fn = problem.grad_fn(rank, args.seed)  # the simulator's noise stream of this worker
     x = torch.nn.Parameter(problem.initial_point())
-    local = torch.optim.SGD([x], lr=args.lr)
-    wrap = EASGD if args.method == "easgd" else LocalSGD
-    opt = wrap(local, tau=args.tau)
-    for _ in range(args.steps):
-        opt.zero_grad()
-        g = torch.empty_like(x)
-        grad_fn(x.detach(), g)
-        x.grad = g
-        opt.step()
-    opt.finish()
+    if args.method == "eamsgd":
+        opt = EAMSGD([x], lr=args.lr, momentum=args.momentum, tau=args.tau)
+    else:
+        local = torch.optim.SGD([x], lr=args.lr)
+        opt = (EASGD if args.method == "easgd" else LocalSGD)(local, tau=args.tau)
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0) if args.scaler else None
+    try:
+        for i in range(args.steps):
+            opt.zero_grad()
+            g = torch.empty_like(x)
+            grad_fn(x.detach(), g)
+            if inf == (rank, i):
+                g[0] = float("inf")
+            if scaler is not None:
+                g.mul_(scaler.scale(torch.ones(())).item())  # backward of a scaled loss
+            x.grad = g
+            if skip == (rank, i):
+                continue
+            if scaler is not None:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
+        opt.finish()
+    except OutOfStepError as error:
+        print(json.dumps({"rank": rank, "error": str(error)}), flush=True)
+        os._exit(0)
+    if skip is not None or inf is not None:
+        scale = None if scaler is None else scaler.get_scale()
+        print(json.dumps({"rank": rank, "t": opt.worker.t, "scale": scale}), flush=True)
+        dist.barrier()
+        os._exit(0)
     workers = [torch.empty_like(x.detach()) for _ in range(world)]
     dist.all_gather(workers, x.detach().clone())
+    momenta = None
+    if opt.worker.v is not None:  # EAMSGD: the momenta, after the pending look-ahead
+        momenta = [torch.empty_like(x.detach()) for _ in range(world)]
+        dist.all_gather(momenta, opt.worker.v.clone())
     if rank == 0:
-        print(json.dumps({"center": opt.center.tolist(), "workers": [w.tolist() for w in workers]}))
+        out = {"center": opt.center.tolist(), "workers": [w.tolist() for w in workers]}
+        out["momenta"] = None if momenta is None else [m.tolist() for m in momenta]
+        print(json.dumps(out))
     dist.barrier()
     dist.destroy_process_group()
     sys.stdout.flush()
