@@ -33,29 +33,20 @@ def has_batchnorm(model: torch.nn.Module) -> bool:
     return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
-@torch.no_grad()
 def recalibrate_batchnorm(
     model: torch.nn.Module, x: Tensor, batch_size: int = 256, batches: int = 8
 ) -> None:
     """Recompute batch-norm running statistics for the current parameters.
 
-    The center is an average of parameters and has no statistics of its own (as in SWA,
-    whose ``update_bn`` does the same); they are re-estimated on the first training images.
+    The center is an average of parameters and has no statistics of its own (as in SWA):
+    ``torch.optim.swa_utils.update_bn`` re-estimates them, as a cumulative average, on the
+    first ``batches`` batches of the training images ``x``.
     """
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    if not norms:
+    if not has_batchnorm(model):
         return
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average over the calibration batches
-    was_training = model.training
-    model.train()
-    for start in range(0, min(len(x), batch_size * batches), batch_size):
-        model(x[start : start + batch_size])
-    for m, momentum in zip(norms, momenta, strict=True):
-        m.momentum = momentum
-    model.train(was_training)
+    limit = min(len(x), batch_size * batches)
+    chunks = [x[start : start + batch_size] for start in range(0, limit, batch_size)]
+    torch.optim.swa_utils.update_bn(chunks, model)
 
 
 def evaluate_center(
