@@ -38,7 +38,15 @@ def torchrun_lines(script: Path, *args: str, timeout: float = 150) -> list[dict]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    # The ranks print at the same time: two objects may share a line.
+    decoder, out = json.JSONDecoder(), []
+    for line in proc.stdout.splitlines():
+        at = line.find("{")
+        while at != -1:
+            obj, end = decoder.raw_decode(line, at)
+            out.append(obj)
+            at = line.find("{", end)
+    return out
 
 
 def _sim(method: str, steps: int, tau: int, **kw: float) -> object:
@@ -376,3 +384,18 @@ def test_eamsgd_refuses_what_it_cannot_be() -> None:
         ElasticAveraging(torch.optim.SGD(params(), lr=0.1, momentum=0.9), method="eamsgd")
     with pytest.raises(ValueError, match=r"momentum=0\.5 with method=.easgd."):
         ElasticAveraging(torch.optim.SGD(params(), lr=0.1), momentum=0.5, enabled=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_step_counters_survive_the_sum_in_every_dtype(dtype: torch.dtype) -> None:
+    # Each rank writes its own block of the reserved tail; the all-reduce sums the blocks.
+    from easgd.comm.allreduce import _Counters
+
+    world, size = 3, _Counters.size(dtype, 3)
+    assert size <= 3 * 7  # a few elements per rank, whatever the dtype
+    total = torch.zeros(size, dtype=dtype)
+    for rank, (step, done) in enumerate([(123_456_789, False), (2**39 + 5, True), (0, False)]):
+        mine = torch.zeros(size, dtype=dtype)
+        _Counters(mine, world).write(rank, step, finishing=done)
+        total += mine
+    assert _Counters(total, world).read() == ([123_456_789, 2**39 + 5, 0], [False, True, False])

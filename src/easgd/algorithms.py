@@ -663,6 +663,9 @@ class Request:
     #: The worker's step counter when it made the request (collectives carry it so that a
     #: transport can check that every rank is at the same exchange); -1 where unset.
     step: int = -1
+    #: How many trailing elements of ``payload`` are not data but the transport's own (a
+    #: synchronous exchange's step counters); 0 where none were reserved.
+    tail: int = 0
     #: Set by a driver that started a ``SUM`` without completing it (an asynchronous
     #: all-reduce); the worker then yields ``WAIT`` on the same payload before it reads it.
     deferred: bool = False
@@ -685,6 +688,9 @@ class Worker:
         trainable: only ``x[:trainable]`` is stepped (gradient, momentum, weight decay);
             the rest of ``x`` (a model's floating-point buffers, e.g. BatchNorm running
             statistics) is only exchanged with the center. Default: all of ``x``.
+        reserve: extra trailing elements of the synchronous exchange's buffer that belong
+            to the transport (``AllReduceTransport(check_steps=True)`` carries every rank's
+            step counter there, in the same collective as the data).
     """
 
     def __init__(
@@ -696,6 +702,7 @@ class Worker:
         *,
         external_local: bool = False,
         trainable: int | None = None,
+        reserve: int = 0,
     ) -> None:
         spec = hp.spec
         if external_local and not spec.wraps_optimizer:
@@ -736,7 +743,11 @@ class Worker:
         # buffer serves as its difference x_t - c_t and then as the all-reduced sum.
         sync_elastic = spec.elastic and self.mode is Mode.SYNC
         self.center = x.clone() if sync_elastic else None
-        self.sum_buf = zeros(x) if sync_elastic else None
+        self._sum_full = x.new_zeros(x.numel() + reserve) if sync_elastic else None
+        self._reserve = reserve
+        self.sum_buf = None
+        if self._sum_full is not None:
+            self.sum_buf = self._sum_full[: x.numel()] if reserve else self._sum_full
         self.diff = zeros(x) if spec.elastic and not sync_elastic else None
         self.z = x.clone() if (spec.average and self.mode is Mode.SEQUENTIAL) else None
         self.last_loss = math.nan
@@ -758,7 +769,8 @@ class Worker:
         if not self._in_flight:
             return
         assert self.center is not None and self.sum_buf is not None
-        yield Request(Op.WAIT, self.sum_buf)
+        assert self._sum_full is not None
+        yield Request(Op.WAIT, self._sum_full, tail=self._reserve)
         elastic_center_sync_(self.center, self.sum_buf, beta=self.hp.beta, p=self.hp.workers)
         self._in_flight = False
 
@@ -895,7 +907,8 @@ class Worker:
                 if self.mode is Mode.SYNC:
                     assert self.center is not None and self.sum_buf is not None
                     x.sub_(self.sum_buf, alpha=hp.alpha)  # x -= alpha*(x_t - c_t)
-                    req = Request(Op.SUM, self.sum_buf, step=self.t)
+                    assert self._sum_full is not None
+                    req = Request(Op.SUM, self._sum_full, step=self.t, tail=self._reserve)
                     yield req
                     if req.deferred:
                         # In flight during the next tau - 1 local steps, which never read

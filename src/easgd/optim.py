@@ -199,9 +199,10 @@ class ElasticAveraging(torch.optim.Optimizer):
                 fields["workers"] = dist.get_world_size(process_group)
             fields.update({k: v for k, v in requested.items() if v is not None})
         self.hp = Hyperparams(**fields)
+        reserve = getattr(self._transport, "reserve", None)  # room for the step counters
         self.worker = Worker(
             self.hp, x, mode, grad=self.flat.grads, external_local=not self._own_step,
-            trainable=self.flat.numel,
+            trainable=self.flat.numel, reserve=reserve(x.dtype) if reserve else 0,
         )  # fmt: skip
         # EAMSGD: whether the current step's first half (exchange, look-ahead) has run.
         self._begun = False

@@ -16,15 +16,19 @@ Failure behaviour:
   (``easgd.comm.ps``) where workers must come and go.
 * with ``check_steps``, ranks that fall out of step (one took more ``step()`` calls than
   another) get an :class:`OutOfStepError` naming the ranks and their step counters at the
-  next exchange, or at :meth:`AllReduceTransport.finish_check` at the latest, never a hang:
-  every exchange carries each rank's step counter in a small collective issued just
-  before its data, and the counters are read before the data is waited for.
+  next exchange, or at :meth:`AllReduceTransport.finish_check` at the latest, never a hang.
+  Every exchange carries each rank's step counter: EASGD's sum in its own buffer's
+  reserved tail (the same collective: ``p * (digits + 1)`` extra elements), the means in a
+  small float64 collective issued just before the data and read before it is waited for.
+  The finish check has the shape of the rank's exchanges, so it pairs with a peer's next
+  exchange if that peer is still training, and both raise.
 """
 
 from __future__ import annotations
 
 import datetime
 import logging
+import math
 import time
 from typing import Any
 
@@ -102,9 +106,9 @@ class AllReduceTransport(Transport):
             use only the worker's own difference, never the sum. ``MEAN`` (all-reduce SGD's
             gradients, local SGD's parameters) is needed at once and always blocks.
         owns_group: ``close()`` destroys the default group (the transport created it).
-        check_steps: every exchange also all-reduces each rank's step counter (``2p``
-            float64 values, issued just before the data and read before it is waited for)
-            and raises :class:`OutOfStepError` when the ranks disagree; call
+        check_steps: every exchange also carries each rank's step counter (see the module
+            notes; reserve :meth:`reserve` elements at the end of EASGD's sum buffer) and
+            raises :class:`OutOfStepError` when the ranks disagree; call
             :meth:`finish_check` at the end of training on every rank.
     """
 
@@ -127,6 +131,7 @@ class AllReduceTransport(Transport):
         self.traffic = Traffic()
         # payload data_ptr -> (work, seconds to start it, the step check in flight)
         self._in_flight: dict[int, tuple[Any, float, _Check | None]] = {}
+        self._sum_like: Tensor | None = None  # the shape of this rank's sums (finish_check)
         self._vote = torch.zeros(1)
         self._vote_work: Any = None  # the time-budget vote in flight
 
@@ -145,7 +150,20 @@ class AllReduceTransport(Transport):
                 "only collectives (sum, mean)"
             )
         started = time.perf_counter()
-        check = self._start_check(req.step, finishing=False) if self.check_steps else None
+        check: _Check | None = None
+        if self.check_steps and req.tail:
+            # The counters ride in the payload's reserved tail: the same collective.
+            if req.tail != self.reserve(req.payload.dtype):
+                raise ValueError(
+                    f"the request reserves {req.tail} elements; this transport needs "
+                    f"{self.reserve(req.payload.dtype)} (Worker(reserve=transport.reserve(dtype)))"
+                )
+            counters = _Counters(req.payload[-req.tail :], self.world)
+            counters.write(self.rank, req.step, finishing=False)
+            check = _Check(None, counters)
+            self._sum_like = req.payload
+        elif self.check_steps:
+            check = self._start_check(req.step, finishing=False)
         if req.op is Op.SUM and self.overlap:
             key = req.payload.data_ptr()
             if key in self._in_flight:
@@ -156,8 +174,10 @@ class AllReduceTransport(Transport):
             self._in_flight[key] = (work, time.perf_counter() - started, check)
             req.deferred = True
         else:
-            if check is None:
+            if check is None or check.work is None:
                 dist.all_reduce(req.payload, op=dist.ReduceOp.SUM, group=self.group)
+                if check is not None:
+                    check.verify()
             else:
                 # Both in flight; the counters first: a peer out of step raises here
                 # instead of leaving this rank waiting for data that never comes.
@@ -182,30 +202,46 @@ class AllReduceTransport(Transport):
             raise RuntimeError("WAIT for a buffer with no SUM in flight")
         work, start_seconds, check = entry
         started = time.perf_counter()
-        if check is not None:
-            check.verify()
+        if check is not None and check.work is not None:
+            check.verify()  # a separate collective: its counters before the data
         work.wait()
+        if check is not None and check.work is None:
+            check.verify()  # counters in the payload's tail
         self.traffic.last_exchange_seconds = start_seconds + time.perf_counter() - started
 
+    def reserve(self, dtype: torch.dtype) -> int:
+        """How many trailing elements of an EASGD sum buffer the step counters need."""
+        return _Counters.size(dtype, self.world) if self.check_steps else 0
+
     def _start_check(self, step: int, *, finishing: bool) -> _Check:
-        slots = torch.zeros(2 * self.world, dtype=torch.float64)
-        slots[self.rank] = float(step)
-        slots[self.world + self.rank] = 1.0 if finishing else 0.0
+        slots = torch.zeros(_Counters.size(torch.float64, self.world), dtype=torch.float64)
+        counters = _Counters(slots, self.world)
+        counters.write(self.rank, step, finishing=finishing)
         work = dist.all_reduce(slots, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
         moved = 2 * (self.world - 1) * slots.numel() * 8 // max(self.world, 1)
         self.traffic.bytes_sent += moved
         self.traffic.bytes_received += moved
-        return _Check(work, slots, self.world)
+        return _Check(work, counters)
 
     def finish_check(self, step: int) -> None:
         """End of training, on every rank: check that every rank finishes at ``step`` too.
 
-        Pairs with a peer's next exchange if that peer is still training (it then raises
-        there too), so a rank that took fewer steps is an error on both sides, not a hang.
-        Call it after every exchange has completed (settle first).
+        It has the shape of this rank's exchanges (an EASGD sum with its counters, or the
+        small counter collective), so it pairs with a peer's next exchange if that peer is
+        still training (the peer then raises there too): a rank that took fewer steps is an
+        error on both sides, not a hang. Call it after every exchange has completed.
         """
-        if self.check_steps:
+        if not self.check_steps:
+            return
+        like = self._sum_like
+        if like is None:
             self._start_check(step, finishing=True).verify()
+            return
+        final = torch.zeros_like(like)
+        counters = _Counters(final[-self.reserve(like.dtype) :], self.world)
+        counters.write(self.rank, step, finishing=True)
+        dist.all_reduce(final, op=dist.ReduceOp.SUM, group=self.group)
+        _Check(None, counters).verify()
 
     def stop_vote(self, over: bool) -> bool:
         """Agree on a time budget: MAX over the ranks of "my budget is over", one call late.
@@ -230,9 +266,11 @@ class AllReduceTransport(Transport):
     def settle(self) -> None:
         """Wait for every collective still in flight (sums nobody waited for, the vote)."""
         for work, _, check in self._in_flight.values():
-            if check is not None:
+            if check is not None and check.work is not None:
                 check.verify()
             work.wait()
+            if check is not None and check.work is None:
+                check.verify()
         self._in_flight.clear()
         if self._vote_work is not None:
             self._vote_work.wait()
@@ -248,17 +286,67 @@ class AllReduceTransport(Transport):
             dist.destroy_process_group()
 
 
-class _Check:
-    """The step counters of one exchange, all-reduced in flight (see ``check_steps``)."""
+#: Step counters are exact below 2**_COUNTER_BITS (written in digits the dtype holds exactly).
+_COUNTER_BITS = 40
 
-    def __init__(self, work: Any, slots: Tensor, world: int) -> None:
-        self.work, self.slots, self.world = work, slots, world
+
+class _Counters:
+    """Every rank's step counter and finishing flag, in ``p * (digits + 1)`` elements.
+
+    Rank r writes only its own block (the others are zero), so the all-reduced sum holds
+    every rank's values exactly, in any floating dtype: a counter is written as base
+    ``2**bits`` digits, ``bits`` small enough for the dtype to hold each digit exactly.
+    """
+
+    def __init__(self, slots: Tensor, world: int) -> None:
+        self.slots, self.world = slots, world
+        self.bits = self.digit_bits(slots.dtype)
+        self.digits = math.ceil(_COUNTER_BITS / self.bits)
+
+    @staticmethod
+    def digit_bits(dtype: torch.dtype) -> int:
+        mantissa = round(-math.log2(torch.finfo(dtype).eps))  # bf16 7, fp16 10, fp32 23
+        return min(mantissa, 20)
+
+    @classmethod
+    def size(cls, dtype: torch.dtype, world: int) -> int:
+        return world * (math.ceil(_COUNTER_BITS / cls.digit_bits(dtype)) + 1)
+
+    def write(self, rank: int, step: int, *, finishing: bool) -> None:
+        if not 0 <= step < 2**_COUNTER_BITS:
+            raise ValueError(f"step counter {step} outside [0, 2**{_COUNTER_BITS})")
+        mask = (1 << self.bits) - 1
+        block = [float((step >> (self.bits * i)) & mask) for i in range(self.digits)]
+        block.append(1.0 if finishing else 0.0)
+        width = self.digits + 1
+        self.slots.zero_()
+        values = torch.tensor(block, dtype=self.slots.dtype, device=self.slots.device)
+        self.slots[rank * width : (rank + 1) * width].copy_(values)
+
+    def read(self) -> tuple[list[int], list[bool]]:
+        values = self.slots.tolist()
+        width = self.digits + 1
+        steps, finishing = [], []
+        for r in range(self.world):
+            block = values[r * width : (r + 1) * width]
+            steps.append(sum(round(d) << (self.bits * i) for i, d in enumerate(block[:-1])))
+            finishing.append(block[-1] > 0.5)
+        return steps, finishing
+
+
+class _Check:
+    """The step counters of one exchange (see ``check_steps``).
+
+    ``work`` is the separate counter collective in flight, or None when the counters ride
+    in the payload's tail (read them once the payload's collective completed).
+    """
+
+    def __init__(self, work: Any, counters: _Counters) -> None:
+        self.work, self.counters = work, counters
 
     def verify(self) -> None:
-        self.work.wait()
-        values = self.slots.tolist()
-        steps = [int(v) for v in values[: self.world]]
-        finishing = [v > 0 for v in values[self.world :]]
-        problem = _out_of_step(steps, finishing)
+        if self.work is not None:
+            self.work.wait()
+        problem = _out_of_step(*self.counters.read())
         if problem is not None:
             raise OutOfStepError(problem)
