@@ -25,7 +25,14 @@ reports medians:
 * ``sync_easgd``: one synchronous EASGD exchange, driven through the library itself (an
   exchange step of ``Worker``, served by ``AllReduceTransport``, the local step left out):
   the difference, the worker's pull, the all-reduce, the center update. Back to back there
-  is nothing to overlap it with, so it pays the all-reduce in full.
+  is nothing to overlap it with, so it pays the all-reduce in full;
+* ``sync_easgd_bf16`` / ``sync_easgd_int8``: the same exchange compressed
+  (``AllReduceTransport(compress=...)``: error feedback, the two-phase all-to-all +
+  all-gather of :class:`easgd.algorithms.CompressedSum`), ratios against ``sync_easgd``,
+  with the bytes each rank sends per exchange;
+* ``codec_copy``: one copy of the flat vector (memory bandwidth), and ``codec_bf16`` /
+  ``codec_int8``: encode + decode of the vector (:mod:`easgd.compress`), ratios against
+  ``codec_copy``.
 
 In a training loop (``--loop``, on by default): both ranks train a 4.6M-parameter MLP
 (batch 8, one thread) for tau = 10 local steps per period, and a period ends with
@@ -99,6 +106,7 @@ from easgd.comm import wire
 from easgd.comm.allreduce import AllReduceTransport
 from easgd.comm.ps import ParameterServer, PSClient, serve
 from easgd.comm.ps_server import nonfinite_count
+from easgd.compress import codec, padded
 from easgd.runlog import atomic_write_json
 
 HP = Hyperparams(method="easgd", lr=0.01, tau=1, workers=4)
@@ -145,9 +153,9 @@ class SyncExchange:
     for it here, so only the exchange is timed): the difference, the pull, the all-reduce,
     then ``settle`` (wait, center update)."""
 
-    def __init__(self, x: torch.Tensor) -> None:
+    def __init__(self, x: torch.Tensor, compress: str = "none") -> None:
         self.worker = Worker(SYNC_HP, x, Mode.SYNC, external_local=True)
-        self.transport = AllReduceTransport()
+        self.transport = AllReduceTransport(compress=compress)
 
     def __call__(self) -> None:
         self.worker.t = 0  # every call is an exchange step (t % tau == 0)
@@ -164,6 +172,20 @@ def _sync_peer(buf: torch.Tensor, state: dict[str, Any]) -> None:
     if "sync" not in state:
         state["sync"] = SyncExchange(buf)
     state["sync"]()
+
+
+def _sync_compressed_peer(name: str) -> Callable[[torch.Tensor, dict[str, Any]], None]:
+    def run(buf: torch.Tensor, state: dict[str, Any]) -> None:
+        key = f"sync-{name}"
+        if key not in state:
+            state[key] = SyncExchange(buf.clone(), compress=name)
+        state[key]()
+
+    return run
+
+
+COMPRESSED = ("bf16", "int8")
+_COMPRESSED_MODE = 20  # + index in COMPRESSED
 
 
 # ---------------------------------------------------------------------------------------
@@ -238,6 +260,7 @@ _PEER_MODES: dict[int, Callable[[torch.Tensor, dict[str, torch.Tensor]], None]] 
     5: _peer_allreduce,
     6: _sync_peer,
     **{7 + i: _loop_peer(kind) for i, kind in enumerate(LOOP_KINDS)},
+    **{_COMPRESSED_MODE + i: _sync_compressed_peer(name) for i, name in enumerate(COMPRESSED)},
 }
 
 
@@ -330,10 +353,29 @@ PS_ROWS = {
 FINITE_ROW = "ps_elastic_finite_check"
 
 
+def _codec_round_trip(
+    name: str, x: torch.Tensor, packed: torch.Tensor, out: torch.Tensor
+) -> Callable[[], None]:
+    c = codec(name)
+
+    def run() -> None:
+        c.encode(x, packed)
+        c.decode(packed, out)
+
+    return run
+
+
 def build_rows(
     x: torch.Tensor, d: torch.Tensor, clients: dict[str, PSClient], periods: int
 ) -> list[Row]:
     sync = SyncExchange(x)
+    xp = torch.zeros(padded(x.numel()))  # the vector in whole int8 chunks
+    xp[: x.numel()] = x
+    scratch = torch.empty_like(xp)
+    packed = {
+        name: torch.empty(codec(name).packed_size(xp.numel()), dtype=torch.uint8)
+        for name in COMPRESSED
+    }
 
     def echo() -> None:
         dist.send(x, 1)
@@ -372,6 +414,17 @@ def build_rows(
         ),
         Row("sync_easgd", "one synchronous EASGD exchange (Worker + AllReduceTransport)",
             _gloo_row(6, sync)),
+        *(
+            Row(f"sync_easgd_{name}", f"the same exchange compressed to {name}",
+                _gloo_row(_COMPRESSED_MODE + i, SyncExchange(x.clone(), compress=name)))
+            for i, name in enumerate(COMPRESSED)
+        ),
+        Row("codec_copy", "one copy of the flat vector", lambda: scratch.copy_(xp)),
+        *(
+            Row(f"codec_{name}", f"{name} encode + decode of the flat vector",
+                _codec_round_trip(name, xp, packed[name], scratch))
+            for name in COMPRESSED
+        ),
     ]  # fmt: skip
     if periods:
         for i, kind in enumerate(LOOP_KINDS):
@@ -420,6 +473,19 @@ def profile_row(rows: list[Row], name: str, calls: int = 10) -> str:
     return table
 
 
+def sync_bytes(name: str, numel: int | None = None, world: int = 2) -> int:
+    """Bytes one rank sends per synchronous EASGD exchange (a ring all-reduce, or the
+    compressed two-phase sum)."""
+    n = SUMMARY_NUMEL[0] if numel is None else numel
+    if name == "none":
+        return 2 * (world - 1) * n * 4 // world
+    c = codec(name)
+    return 2 * (world - 1) * c.packed_size(padded(math.ceil(n / world), c.align))
+
+
+SUMMARY_NUMEL = [0]  # the numel of the run being summarized (set by run)
+
+
 def summarize(samples: dict[str, list[float]], missing: Missing) -> list[dict[str, Any]]:
     """One result row per measured row: its median and its ratio to its baseline.
 
@@ -448,6 +514,20 @@ def summarize(samples: dict[str, list[float]], missing: Missing) -> list[dict[st
             )
         elif name.startswith("ps_elastic_"):
             row.update(ratio=ratio(med[name], med["ps_elastic"]), baseline="ps_elastic")
+        elif name.startswith("sync_easgd_"):
+            row.update(
+                ratio=ratio(med[name], med["sync_easgd"]),
+                baseline="sync_easgd",
+                bytes_sent_per_exchange=sync_bytes(name.removeprefix("sync_easgd_")),
+            )
+        elif name == "sync_easgd":
+            row.update(
+                ratio=ratio(med[name], med["allreduce_raw"]),
+                baseline="allreduce_raw",
+                bytes_sent_per_exchange=sync_bytes("none"),
+            )
+        elif name.startswith("codec_"):
+            row.update(ratio=ratio(med[name], med["codec_copy"]), baseline="codec_copy")
         elif name.startswith(("allreduce", "sync")):
             row.update(ratio=ratio(med[name], med["allreduce_raw"]), baseline="allreduce_raw")
         else:
@@ -537,6 +617,7 @@ def run(
                 if proc.is_alive():
                     proc.kill()
                     proc.join()
+    SUMMARY_NUMEL[0] = numel
     rows = summarize(samples, missing)
     return {
         "missing": missing.rows,

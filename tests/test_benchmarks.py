@@ -224,9 +224,16 @@ def test_exchange_quick(tmp_path: Path) -> None:
         "ps_elastic_recovering", "ps_elastic_authenticated", "ps_elastic_authenticated_sha256",
         "ps_elastic_tls", "ps_elastic_finite_check", "allreduce_raw", "sync_easgd", "loop_local",
         "loop_allreduce_raw",
-        "loop_sync_easgd_blocking", "loop_sync_easgd",
+        "loop_sync_easgd_blocking", "loop_sync_easgd", "sync_easgd_bf16", "sync_easgd_int8",
+        "codec_copy", "codec_bf16", "codec_int8",
     }  # fmt: skip
     assert rows["gloo_echo"]["ratio"] == 1.0 and rows["allreduce_raw"]["ratio"] == 1.0
+    # Compressed exchanges: fewer bytes per rank and exchange, side by side with float32.
+    full = rows["sync_easgd"]["bytes_sent_per_exchange"]
+    assert full / rows["sync_easgd_bf16"]["bytes_sent_per_exchange"] >= 2.0
+    assert full / rows["sync_easgd_int8"]["bytes_sent_per_exchange"] >= 3.5
+    assert rows["codec_int8"]["baseline"] == "codec_copy"
+    assert rows["sync_easgd_int8"]["baseline"] == "sync_easgd"
     assert rows["loop_sync_easgd"]["baseline"] == "loop_allreduce_raw"
     for r in rows.values():
         assert r["median_ms"] > 0 and len(r["samples_ms"]) == result["repeats"]

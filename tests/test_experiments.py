@@ -173,7 +173,8 @@ def _fake_runner(calls: list[str], fail: Collection[str] = ()) -> Any:
 
 def test_sweep_resumes_and_skips_done_runs(tmp_path: Path) -> None:
     exp = get_experiment("digits-fig2")
-    kw: dict[str, Any] = {"runtime": "sim", "only": ["easgd"], "step_time": 0.01}
+    kw: dict[str, Any] = {"runtime": "sim", "only": ["easgd"], "step_time": 0.01,
+                          "max_extensions": 0}  # fmt: skip
     calls: list[str] = []
     first = run_sweep(exp, tmp_path, runner=_fake_runner(calls), **kw)
     n = len(exp.runs(only=["easgd"]))
@@ -200,7 +201,7 @@ def test_failed_run_is_recorded_and_the_sweep_goes_on(tmp_path: Path) -> None:
     calls: list[str] = []
     bad = "easgd_tau4_p4_lr0.03_s0"
     res = run_sweep(exp, tmp_path, runtime="sim", only=["easgd"], step_time=0.01,
-                    runner=_fake_runner(calls, {bad}))  # fmt: skip
+                    max_extensions=0, runner=_fake_runner(calls, {bad}))  # fmt: skip
     assert list(res.failed) == [bad] and "status 1" in res.failed[bad]
     assert len(res.done) == len(calls) - 1
     failed = json.loads((tmp_path / bad / "failed.json").read_text())
@@ -210,7 +211,7 @@ def test_failed_run_is_recorded_and_the_sweep_goes_on(tmp_path: Path) -> None:
     # The next sweep retries only the failed run.
     calls.clear()
     res = run_sweep(exp, tmp_path, runtime="sim", only=["easgd"], step_time=0.01,
-                    runner=_fake_runner(calls))  # fmt: skip
+                    max_extensions=0, runner=_fake_runner(calls))  # fmt: skip
     assert calls == [bad] and not res.failed
 
 
@@ -224,7 +225,7 @@ def test_cli_exit_status_counts_failures(
         SimRuntime, "__call__", lambda self, ctx, run, folder: fake(ctx, run, folder)
     )
     rc = main(["experiment", "digits-fig2", "--runtime", "sim", "--only", "easgd",
-               "--out", str(tmp_path), "--step-time", "0.01"])  # fmt: skip
+               "--out", str(tmp_path), "--step-time", "0.01", "--lr-extensions", "0"])  # fmt: skip
     captured = capsys.readouterr()
     assert rc == 2
     assert "2 failed of 8" in captured.out

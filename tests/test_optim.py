@@ -105,6 +105,10 @@ def test_state_dict_round_trip_and_old_checkpoints(tmp_path: Path) -> None:
 def test_synchronous_wrapper_needs_a_process_group() -> None:
     with pytest.raises(RuntimeError, match="init_process_group"):
         ElasticAveraging(torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=0.1))
+    # Local SGD too, at construction (it used to fail at its first average, in torch's words).
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        ElasticAveraging(torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=0.1),
+                         method="localsgd")  # fmt: skip
     with pytest.raises(ValueError, match="method='downpour'"):
         ElasticAveraging(torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=0.1),
                          method="downpour", enabled=False)  # fmt: skip

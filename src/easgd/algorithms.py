@@ -8,7 +8,9 @@ Pure, in-place functions on flat 1-D tensors, and two thin state holders that se
   ``easgd.optim`` wrappers all drive this same generator, so the order of operations of
   every method is written here and nowhere else.
 * :class:`Center` holds the center variable and answers exchanges, atomically; the
-  parameter server calls it under its lock, the simulator calls it directly.
+  parameter server calls it under its lock, the simulator calls it directly. The atomic
+  exchange is **our choice**: the authors' server adds each update to its copy without a
+  lock and expects inconsistent reads (paper-spec 2.2).
 
 The rules follow ``paper-spec.md`` (Zhang, Choromanska & LeCun 2015, and the authors' code):
 
@@ -22,14 +24,33 @@ The rules follow ``paper-spec.md`` (Zhang, Choromanska & LeCun 2015, and the aut
 * DOWNPOUR: every local step accumulates ``-lr*g``; when ``t % tau == 0`` the accumulator is
   pushed (``center += acc``) and the pull overwrites the worker (``x = center``); that
   step's update reaches the worker only through the center, as in the authors' code.
-* MDOWNPOUR: ``tau = 1``, the gradient is pushed and the *server* applies Nesterov momentum:
-  ``v = delta*v - lr*g; center += delta*v - lr*g``.
+* MDOWNPOUR: ``tau = 1``, the gradient is pushed and the *server* applies Nesterov momentum
+  (the paper's); the master rule ``v = delta*v - lr*g; center += delta*v - lr*g`` is **our
+  choice**, a recollection of the paper that no source confirms (paper-spec 2.5, and 8
+  "Not confirmed", item 1).
 * ADOWNPOUR / MVADOWNPOUR (and sequential ASGD / MVASGD): an average ``z`` of the center
   (of ``x``) with rate ``1/(t+1)`` or a constant rate; ``z`` is what gets evaluated.
+  MVADOWNPOUR's 0.001 is the paper's; MVASGD's rate is not confirmed, and its default of
+  0.001 is **our choice** (paper-spec 2.5, and 8 item 2).
 * All-reduce SGD (DDP) averages gradients every step; local SGD averages parameters after
   every ``tau``-th local step.
+* DiLoCo (Douillard et al. 2023, "DiLoCo: Distributed Low-Communication Training of
+  Language Models"): every worker takes ``tau`` (the paper's H) inner steps from the global
+  parameters ``c``; then the pseudo-gradient ``Delta = c - mean_i(x_i)`` (one flat
+  all-reduce) takes an outer Nesterov step on ``c`` and every worker restarts from the new
+  ``c`` (:func:`diloco_outer_step_`). The paper names Nesterov momentum; its
+  parametrization here is PyTorch's (``torch.optim.SGD(nesterov=True)``, as torchft's):
+  **our choice**. The paper's inner optimizer is AdamW
+  (``inner="adamw"``, :func:`adamw_step_`, or any optimizer wrapped by
+  ``easgd.optim.DiLoCo``); ``inner="sgd"`` (the default) is **our choice** for a
+  comparison with local SGD: SGD or the authors' Nesterov form (``momentum``). The paper's
+  outer defaults are lr 0.7, momentum 0.9. The inner state (momentum, AdamW's moments) is
+  kept across rounds, as torchft keeps it; our choices: a run ends on the last completed
+  round's ``c`` (no extra outer step), and buffers are averaged, not extrapolated.
 * L2 weight decay is added to the gradient (``g += wd * x`` at the point of evaluation) and
-  the learning rate decays on the local clock: ``lr_t = lr / (1 + t*lr_decay) ** lr_power``.
+  the learning rate decays on the local clock: ``lr_t = lr / (1 + t*lr_decay) ** lr_power``
+  (the authors' code's form; the paper's schedule is not confirmed, and no decay, the
+  default, is **our choice**: paper-spec 3).
 """
 
 from __future__ import annotations
@@ -40,18 +61,25 @@ import math
 import warnings
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from easgd.compress import Codec
 
 __all__ = [
     "DEFAULT_BETA",
     "DEFAULT_MOMENTUM",
     "DEFAULT_MOVING_RATE",
+    "DEFAULT_OUTER_LR",
+    "DEFAULT_OUTER_MOMENTUM",
+    "INNER_OPTIMIZERS",
     "METHODS",
     "Average",
     "Center",
+    "CompressedSum",
     "Evaluated",
     "Exchange",
     "Hyperparams",
@@ -62,8 +90,11 @@ __all__ = [
     "Request",
     "StabilityWarning",
     "Worker",
+    "adamw_step_",
     "average_rate",
+    "compress_with_feedback_",
     "contribution",
+    "diloco_outer_step_",
     "downpour_accumulate_",
     "drive",
     "elastic_center_sync_",
@@ -76,11 +107,15 @@ __all__ = [
     "run_finish",
     "run_settle",
     "run_step",
+    "simulate_compressed_sum",
 ]
 
 DEFAULT_BETA = 0.9
 DEFAULT_MOMENTUM = 0.99
 DEFAULT_MOVING_RATE = 0.001
+#: DiLoCo's outer Nesterov SGD (Douillard et al. 2023: lr 0.7, momentum 0.9).
+DEFAULT_OUTER_LR = 0.7
+DEFAULT_OUTER_MOMENTUM = 0.9
 
 
 class StabilityWarning(UserWarning):
@@ -127,6 +162,42 @@ def local_step_(
         v.add_(grad, alpha=-lr)
 
 
+#: The inner optimizers of ``inner=`` (DiLoCo): the method's own SGD step (with its Nesterov
+#: momentum, if any) or AdamW.
+INNER_OPTIMIZERS = ("sgd", "adamw")
+#: AdamW's constants for ``inner="adamw"`` (PyTorch's defaults; not flags).
+ADAMW_BETAS = (0.9, 0.999)
+ADAMW_EPS = 1e-8
+
+
+def adamw_step_(
+    x: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    *,
+    step: int,
+    lr: float,
+    weight_decay: float = 0.0,
+    betas: tuple[float, float] = ADAMW_BETAS,
+    eps: float = ADAMW_EPS,
+) -> None:
+    """One AdamW step (Loshchilov & Hutter 2019), DiLoCo's inner optimizer; ``step`` from 1.
+
+    ``x *= 1 - lr*wd`` (decoupled weight decay); ``m = lerp(m, g, 1-b1)``;
+    ``s = b2*s + (1-b2)*g^2``; ``x -= lr/(1-b1^step) * m / (sqrt(s)/sqrt(1-b2^step) + eps)``:
+    the operations of ``torch.optim.AdamW(foreach=False)``, in its order.
+    """
+    beta1, beta2 = betas
+    if weight_decay:
+        x.mul_(1 - lr * weight_decay)
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    step_size = lr / (1 - beta1**step)
+    denom = (exp_avg_sq.sqrt() / (1 - beta2**step) ** 0.5).add_(eps)
+    x.addcdiv_(exp_avg, denom, value=-step_size)
+
+
 def elastic_difference_(out: Tensor, x: Tensor, center: Tensor, *, alpha: float) -> Tensor:
     """``out = alpha * (x - center)``, the elastic force between a worker and the center."""
     torch.sub(x, center, out=out)
@@ -156,6 +227,39 @@ def elastic_center_sync_(center: Tensor, diff_sum: Tensor, *, beta: float, p: in
     center.add_(diff_sum, alpha=beta / p)
 
 
+def diloco_outer_step_(
+    center: Tensor,
+    delta_sum: Tensor,
+    v: Tensor | None,
+    *,
+    p: int,
+    outer_lr: float,
+    outer_momentum: float,
+    trainable: int | None = None,
+) -> None:
+    """DiLoCo's outer step on the global parameters from the sum of the p pseudo-gradients.
+
+    ``delta_sum = sum_i (c - x_i)`` (all-reduced), so the pseudo-gradient is
+    ``g = delta_sum / p = c - mean_i(x_i)``; then Nesterov SGD in PyTorch's form
+    (``torch.optim.SGD(nesterov=True)``, torchft's outer optimizer; our choice of form):
+    ``v = mu*v + g; c -= outer_lr * (g + mu*v)``. ``outer_lr = 1, mu = 0`` is
+    ``c = mean_i(x_i)``: local SGD (up to rounding). ``delta_sum`` is overwritten.
+
+    Only ``c[:trainable]`` takes the outer step (``v`` has that size); the rest (a model's
+    floating-point buffers, e.g. BatchNorm statistics, which are no parameters to
+    extrapolate) becomes the workers' mean. Our choice: the paper has no buffers.
+    """
+    n = center.numel() if trainable is None else trainable
+    g = delta_sum.div_(p)
+    if n < center.numel():
+        center[n:].sub_(g[n:])  # c - mean(c - x) = mean(x)
+    g, c = g[:n], center[:n]
+    if v is not None and outer_momentum:
+        v.mul_(outer_momentum).add_(g)
+        g.add_(v, alpha=outer_momentum)
+    c.sub_(g, alpha=outer_lr)
+
+
 def downpour_accumulate_(acc: Tensor, grad: Tensor, *, lr: float) -> None:
     """DOWNPOUR's accumulated update: ``acc += -lr*g``."""
     acc.add_(grad, alpha=-lr)
@@ -166,7 +270,9 @@ def mdownpour_center_(
 ) -> None:
     """MDOWNPOUR's master rule, Nesterov on the server.
 
-    ``v = delta*v - lr*g; c += delta*v - lr*g`` (the look-ahead form).
+    ``v = delta*v - lr*g; c += delta*v - lr*g`` (the look-ahead form). **Our choice**: the
+    paper applies momentum on the master but its pseudo-code was not retrieved; this rule
+    is a recollection of it (paper-spec 2.5 "[R]", and 8 "Not confirmed", item 1).
     """
     v.mul_(momentum).add_(grad, alpha=-lr)
     center.add_(v, alpha=momentum).add_(grad, alpha=-lr)
@@ -211,6 +317,8 @@ class Exchange(enum.Enum):
     MDOWNPOUR = "mdownpour"  # push the gradient, the server takes a Nesterov step, pull
     GRAD_MEAN = "grad-mean"  # average the gradients (all-reduce SGD, as DDP does)
     PARAM_MEAN = "param-mean"  # average the parameters (local SGD)
+    #: average the pseudo-gradients c - x_i, an outer Nesterov step on c (DiLoCo)
+    PSEUDO_GRADIENT = "pseudo-gradient"
     NONE = "none"  # sequential methods
 
 
@@ -225,7 +333,7 @@ class Momentum(enum.Enum):
 class Evaluated(enum.Enum):
     """Which vector a method's result is: what is evaluated, snapshotted and reported."""
 
-    CENTER = "center"  # the center variable (the server's, or sync EASGD's replicated copy)
+    CENTER = "center"  # the center (the server's, sync EASGD's copy, DiLoCo's global params)
     AVERAGE = "average"  # the running average z (of the center, or of x when sequential)
     X = "x"  # the worker's own variable (sequential; all-reduce SGD, equal on every rank)
     MEAN_X = "mean-x"  # the workers' mean: local SGD's x right after an average
@@ -268,6 +376,11 @@ class MethodSpec:
         return self.exchange is Exchange.ELASTIC
 
     @property
+    def outer(self) -> bool:
+        """Whether an outer optimizer steps the center on averaged pseudo-gradients (DiLoCo)."""
+        return self.exchange is Exchange.PSEUDO_GRADIENT
+
+    @property
     def hyperparams(self) -> frozenset[str]:
         """The optional hyperparameters the method uses (the others are refused when given)."""
         used = {"momentum"} if self.momentum is not Momentum.NONE else set()
@@ -275,6 +388,8 @@ class MethodSpec:
             used |= {"alpha", "beta"}
         if self.average is Average.MOVING:
             used.add("moving_rate")
+        if self.outer:
+            used |= {"outer_lr", "outer_momentum", "inner"}
         return frozenset(used)
 
     def uses(self, field_name: str) -> bool:
@@ -298,7 +413,12 @@ class MethodSpec:
     @property
     def wraps_optimizer(self) -> bool:
         """Whether an external optimizer can take the local step (its exchange needs only x)."""
-        return self.exchange in (Exchange.ELASTIC, Exchange.PARAM_MEAN, Exchange.NONE)
+        return self.exchange in (
+            Exchange.ELASTIC,
+            Exchange.PARAM_MEAN,
+            Exchange.PSEUDO_GRADIENT,
+            Exchange.NONE,
+        )
 
     def resolve_mode(self, requested: Mode | str | None = None, *, strict: bool = True) -> Mode:
         """The mode a run of this method uses.
@@ -331,11 +451,12 @@ class MethodSpec:
 
         Elastic and DOWNPOUR exchange before the step when ``t % tau == 0``; local SGD
         averages after every tau-th step (``(t+1) % tau == 0``, as PyTorch's
-        PeriodicModelAverager); MDOWNPOUR and all-reduce SGD at every step.
+        PeriodicModelAverager), and DiLoCo takes its outer step there (after H = tau inner
+        steps); MDOWNPOUR and all-reduce SGD at every step.
         """
         if self.exchange in (Exchange.ELASTIC, Exchange.DOWNPOUR):
             return t % tau == 0
-        if self.exchange is Exchange.PARAM_MEAN:
+        if self.exchange in (Exchange.PARAM_MEAN, Exchange.PSEUDO_GRADIENT):
             return (t + 1) % tau == 0
         return self.exchange in (Exchange.MDOWNPOUR, Exchange.GRAD_MEAN)
 
@@ -406,6 +527,10 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec("localsgd", Exchange.PARAM_MEAN, (_S,), _LOCAL, 0.0,
                    "local SGD: parameters averaged after every tau local steps; optional "
                    "Nesterov momentum (kept local)"),
+        MethodSpec("diloco", Exchange.PSEUDO_GRADIENT, (_S,), _LOCAL, 0.0,
+                   "DiLoCo: tau inner steps, then an outer Nesterov step (outer_lr 0.7, "
+                   "outer_momentum 0.9) on the averaged pseudo-gradient; optional inner "
+                   "Nesterov momentum"),
     )
 }  # fmt: skip
 
@@ -416,13 +541,21 @@ _INSTEAD = {
     "beta": {},
     "moving_rate": {"adownpour": "mvadownpour", "asgd": "mvasgd", "downpour": "mvadownpour",
                     "sgd": "mvasgd"},
+    "outer_lr": {},
+    "outer_momentum": {},
+    "inner": {},
 }  # fmt: skip
 _WHAT = {
     "momentum": ("has no momentum", "for Nesterov momentum, or momentum=0", "eamsgd or msgd"),
     "alpha": ("has no elastic force", "for elastic averaging", "easgd or eamsgd"),
     "beta": ("has no elastic force", "for elastic averaging", "easgd or eamsgd"),
     "moving_rate": ("keeps no moving average", "for a moving average", "mvadownpour or mvasgd"),
-}
+    "outer_lr": ("has no outer optimizer", "for an outer step on averaged pseudo-gradients",
+                 "diloco"),
+    "outer_momentum": ("has no outer optimizer",
+                       "for an outer step on averaged pseudo-gradients", "diloco"),
+    "inner": ("takes only its own SGD steps", "for an AdamW inner optimizer", "diloco"),
+}  # fmt: skip
 
 
 def _check_real(
@@ -458,7 +591,14 @@ class Hyperparams:
             all-reduce and local SGD take it too, in the authors' Nesterov form).
         weight_decay: L2 coefficient added to the gradient (default 0).
         lr_decay, lr_power: ``lr_t = lr / (1 + t*lr_decay) ** lr_power`` (default no decay).
-        moving_rate: constant rate of MVADOWNPOUR / MVASGD (default 0.001).
+        moving_rate: constant rate of MVADOWNPOUR / MVASGD (default 0.001: MVADOWNPOUR's
+            is the paper's, MVASGD's is not confirmed and is our choice, paper-spec 2.5).
+        outer_lr, outer_momentum: DiLoCo's outer Nesterov SGD on the pseudo-gradient
+            (default 0.7 and 0.9, the DiLoCo paper's); outer_lr 1 with outer_momentum 0 is
+            local SGD.
+        inner: DiLoCo's inner optimizer: ``"sgd"`` (default: the local step above, Nesterov
+            with ``momentum``) or ``"adamw"`` (:func:`adamw_step_`, betas 0.9/0.999, eps
+            1e-8; ``weight_decay`` is then AdamW's decoupled decay, ``momentum`` must be 0).
 
     A hyperparameter the method does not use (``MethodSpec.hyperparams``), given with a
     non-trivial value, is refused. Values outside the analytic stability region of
@@ -483,6 +623,9 @@ class Hyperparams:
     lr_decay: float = 0.0
     lr_power: float = 0.0
     moving_rate: float = None  # type: ignore[assignment]
+    outer_lr: float = None  # type: ignore[assignment]
+    outer_momentum: float = None  # type: ignore[assignment]
+    inner: str = None  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -550,21 +693,43 @@ class Hyperparams:
             hint="the paper's MVADOWNPOUR uses 0.001",
         )
         object.__setattr__(self, "moving_rate", float(rate))
+        self._resolve_outer()
         self._resolve_elasticity()
 
     def _refuse_unused(self, spec: MethodSpec) -> None:
         """A hyperparameter the method would silently drop is an error (momentum=0 is "off")."""
         for name, (lacks, purpose, default_hint) in _WHAT.items():
             value = getattr(self, name)
-            if value is None or spec.uses(name) or (name == "momentum" and value == 0):
+            trivial = (name == "momentum" and value == 0) or (name == "inner" and value == "sgd")
+            if value is None or spec.uses(name) or trivial:
                 continue
             instead = _INSTEAD[name].get(self.method, default_hint)
             off = ", or momentum=0" if name == "momentum" else ""
             purpose = purpose.replace(", or momentum=0", "")
+            shown = repr(value) if isinstance(value, str) else value  # inner='adamw'
             raise ValueError(
-                f"{name}={value} with method={self.method!r}, which {lacks}; use method "
+                f"{name}={shown} with method={self.method!r}, which {lacks}; use method "
                 f"{instead} {purpose}{off}"
             )
+
+    def _resolve_outer(self) -> None:
+        outer_lr = DEFAULT_OUTER_LR if self.outer_lr is None else self.outer_lr
+        hint = "the DiLoCo paper uses outer_lr=0.7 with outer_momentum=0.9"
+        _check_real("outer_lr", outer_lr, 0.0, math.inf, lo_open=True, hi_open=True, hint=hint)
+        mu = DEFAULT_OUTER_MOMENTUM if self.outer_momentum is None else self.outer_momentum
+        _check_real("outer_momentum", mu, 0.0, 1.0, lo_open=False, hi_open=True, hint=hint)
+        object.__setattr__(self, "outer_lr", float(outer_lr))
+        object.__setattr__(self, "outer_momentum", float(mu))
+        inner = "sgd" if self.inner is None else self.inner
+        if inner not in INNER_OPTIMIZERS:
+            raise ValueError(f"inner={inner!r}; choose one of {', '.join(INNER_OPTIMIZERS)}")
+        if inner == "adamw" and self.momentum:
+            raise ValueError(
+                f"momentum={self.momentum:g} with inner='adamw': AdamW keeps its own moment "
+                "estimates (betas 0.9, 0.999); use momentum=0, or inner='sgd' for Nesterov "
+                "inner steps"
+            )
+        object.__setattr__(self, "inner", inner)
 
     def _resolve_elasticity(self) -> None:
         p = self.workers
@@ -671,6 +836,10 @@ class Request:
     deferred: bool = False
 
 
+#: The tensors of :meth:`Worker.state_dict` (None where a method has no use for one).
+_STATE = ("x", "v", "acc", "center", "z", "outer_v", "exp_avg", "exp_avg_sq")
+
+
 class Worker:
     """One worker's state and its local step.
 
@@ -721,10 +890,10 @@ class Worker:
         n = x.numel() if trainable is None else trainable
         if not 0 <= n <= x.numel():
             raise ValueError(f"trainable={trainable} but x has {x.numel()} values")
-        if n < x.numel() and not spec.elastic:
+        if n < x.numel() and not (spec.elastic or spec.outer):
             raise ValueError(
                 f"method={hp.method!r} exchanges gradients or accumulated updates, which "
-                "buffers do not have: only the elastic methods exchange extra values"
+                "buffers do not have: only the elastic methods and diloco exchange extra values"
             )
         # The stepped part of x: the parameters (the rest is buffers, exchanged only).
         self.xt = x if n == x.numel() else x[:n]
@@ -741,15 +910,23 @@ class Worker:
         self.acc = zeros(x) if spec.exchange is Exchange.DOWNPOUR else None
         # Synchronous EASGD: every worker holds an identical copy of the center, and one
         # buffer serves as its difference x_t - c_t and then as the all-reduced sum.
+        # DiLoCo likewise: the global parameters, and the pseudo-gradient c - x_i's sum.
         sync_elastic = spec.elastic and self.mode is Mode.SYNC
-        self.center = x.clone() if sync_elastic else None
-        self._sum_full = x.new_zeros(x.numel() + reserve) if sync_elastic else None
+        replicated = sync_elastic or (spec.outer and self.mode is Mode.SYNC)
+        self.center = x.clone() if replicated else None
+        self._sum_full = x.new_zeros(x.numel() + reserve) if replicated else None
         self._reserve = reserve
         self.sum_buf = None
         if self._sum_full is not None:
             self.sum_buf = self._sum_full[: x.numel()] if reserve else self._sum_full
         self.diff = zeros(x) if spec.elastic and not sync_elastic else None
         self.z = x.clone() if (spec.average and self.mode is Mode.SEQUENTIAL) else None
+        # DiLoCo's outer momentum (the same on every rank: it sees only all-reduced values).
+        self.outer_v = zeros(self.xt) if spec.outer and hp.outer_momentum > 0 else None
+        # DiLoCo's AdamW inner optimizer: its moments, kept across rounds (as the paper's).
+        adamw = spec.uses("inner") and hp.inner == "adamw" and not external_local
+        self.exp_avg = zeros(self.xt) if adamw else None
+        self.exp_avg_sq = zeros(self.xt) if adamw else None
         self.last_loss = math.nan
         self._in_flight = False  # a deferred synchronous sum awaits its center update
 
@@ -785,7 +962,8 @@ class Worker:
             yield Request(Op.MEAN, self.x, step=self.t)
 
     def state_dict(self) -> dict[str, Any]:
-        """The worker's state: ``x``, ``v``, ``acc``, ``center``, ``z`` (None where unused), ``t``.
+        """The worker's state: ``x``, ``v``, ``acc``, ``center``, ``z``, ``outer_v``,
+        ``exp_avg``, ``exp_avg_sq`` (None where unused), ``t``.
 
         Settle first (:func:`run_settle`): a deferred exchange still owes the center its
         update, and a state taken before it is not the state the run continues from.
@@ -794,11 +972,12 @@ class Worker:
         if self._in_flight:
             raise RuntimeError("state_dict() with an exchange in flight: settle the worker first")
         return {"x": self.x, "v": self.v, "acc": self.acc, "center": self.center, "z": self.z,
+                "outer_v": self.outer_v, "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq,
                 "t": self.t}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from ``state`` (copied in place; buffers this worker lacks are ignored)."""
-        for name in ("x", "v", "acc", "center", "z"):
+        for name in _STATE:
             mine, theirs = getattr(self, name), state.get(name)
             if mine is not None and theirs is not None:
                 if theirs.shape != mine.shape:
@@ -901,7 +1080,10 @@ class Worker:
         else:
             if spec.exchange is Exchange.GRAD_MEAN:
                 yield Request(Op.MEAN, g, step=self.t)
-            if not self.external_local:
+            if self.exp_avg is not None and self.exp_avg_sq is not None:  # AdamW, step t+1
+                adamw_step_(self.xt, g, self.exp_avg, self.exp_avg_sq, step=self.t + 1, lr=lr,
+                            weight_decay=hp.weight_decay)  # fmt: skip
+            elif not self.external_local:
                 local_step_(self.xt, g, self.v, lr=lr, weight_decay=hp.weight_decay)
             if spec.elastic and comm:
                 if self.mode is Mode.SYNC:
@@ -921,7 +1103,25 @@ class Worker:
                     x.sub_(self.diff)  # the server's d = alpha*(x - c)
             elif spec.exchange is Exchange.PARAM_MEAN and comm:
                 yield Request(Op.MEAN, x, step=self.t)
+            elif spec.outer and comm:
+                yield from self._outer_step()
         self.t += 1
+
+    def _outer_step(self) -> Generator[Request, Any, None]:
+        """DiLoCo's round end: sum the pseudo-gradients ``c - x_i``, step ``c``, restart at it."""
+        assert self.center is not None and self.sum_buf is not None
+        assert self._sum_full is not None
+        hp = self.hp
+        torch.sub(self.center, self.x, out=self.sum_buf)
+        req = Request(Op.SUM, self._sum_full, step=self.t, tail=self._reserve)
+        yield req
+        if req.deferred:  # the outer step needs the sum now: nothing to overlap it with
+            yield Request(Op.WAIT, self._sum_full, tail=self._reserve)
+        diloco_outer_step_(
+            self.center, self.sum_buf, self.outer_v, p=hp.workers, outer_lr=hp.outer_lr,
+            outer_momentum=hp.outer_momentum, trainable=self.xt.numel(),
+        )  # fmt: skip
+        self.x.copy_(self.center)
 
 
 class Center:
@@ -929,7 +1129,10 @@ class Center:
 
     ``handle`` applies one request atomically with respect to other ``handle`` calls as
     long as the caller serializes them (the parameter server holds a lock; the simulator is
-    single-threaded). ``t`` is the master clock: the number of center updates so far.
+    single-threaded). ``t`` is the master clock: the number of center updates so far. The
+    atomicity is **our choice**: the authors' server adds updates without a lock ("no lock
+    ... expect inconsistent read", paper-spec 2.2), so a worker's pull there may see half of
+    another's push; here it never does.
     """
 
     def __init__(self, hp: Hyperparams, center: Tensor) -> None:
@@ -1050,3 +1253,100 @@ def run_step(worker: Worker, grad_fn: Callable[[Tensor, Tensor], float], serve: 
     """
     drive(worker.step(), lambda req: grad_fn(worker.x, req.payload), serve)
     return worker.last_loss
+
+
+# ---------------------------------------------------------------------------------------
+# Compressed exchanges (easgd.compress codecs) with error feedback.
+# ---------------------------------------------------------------------------------------
+
+
+def compress_with_feedback_(v: Tensor, residual: Tensor, codec: Codec, packed: Tensor) -> None:
+    """Send ``v`` compressed, carrying what compression drops into the next exchange.
+
+    ``residual += v``; ``packed = encode(residual)``; ``v = decode(packed)`` (what was
+    sent); ``residual -= v``. Over exchanges the sum of what was sent differs from the sum
+    of the ``v`` by the current residual only: nothing is lost over time.
+    """
+    residual.add_(v)
+    codec.encode(residual, packed)
+    codec.decode(packed, v)
+    residual.sub_(v)
+
+
+class CompressedSum:
+    """One rank's part of the compressed sum of p vectors (synchronous compressed EASGD).
+
+    Two phases, so that every byte on the wire is compressed and every rank ends with the
+    same sum: (1) each rank compresses its vector (with its own error feedback) and sends
+    shard s to rank s (an all-to-all); (2) rank s decodes the p parts of its shard, sums
+    them in rank order, compresses the sum (with the owner's error feedback) and every rank
+    gathers every shard's compressed sum (an all-gather) and decodes it. A rank sends and
+    receives ``2 (p-1)/p`` of a compressed vector, as a ring all-reduce does of a full one.
+    The simulator runs the same arithmetic for every rank in one process.
+
+    Args:
+        codec: the compression (:func:`easgd.compress.codec`).
+        numel: values of the vector; padded with zeros to ``p`` equal shards (of whole
+            chunks for int8).
+        world: p.
+        dtype: the vector's dtype (the sums are computed in it).
+    """
+
+    def __init__(self, codec: Codec, numel: int, world: int, dtype: torch.dtype) -> None:
+        from easgd.compress import padded
+
+        self.codec, self.numel, self.world = codec, numel, world
+        self.shard = padded(math.ceil(numel / world), codec.align)
+        total = self.shard * world
+        self.shard_bytes = codec.packed_size(self.shard, dtype)
+        self.vector = torch.zeros(total, dtype=dtype)  # the padded vector being sent
+        self.send_residual = torch.zeros(total, dtype=dtype)
+        self.own_residual = torch.zeros(self.shard, dtype=dtype)
+        self.packed = torch.zeros(world * self.shard_bytes, dtype=torch.uint8)
+        self.parts = torch.zeros(world * self.shard_bytes, dtype=torch.uint8)
+        self.own_sum = torch.zeros(self.shard_bytes, dtype=torch.uint8)
+        self.gathered = torch.zeros(world * self.shard_bytes, dtype=torch.uint8)
+        self._total = torch.zeros(self.shard, dtype=dtype)
+        self._part = torch.zeros(self.shard, dtype=dtype)
+
+    def encode_local(self, v: Tensor) -> Tensor:
+        """Phase 1 send: ``v``'s shards compressed with feedback, shard s at ``[s]``."""
+        self.vector[: self.numel].copy_(v)
+        b, n = self.shard_bytes, self.shard
+        for s in range(self.world):
+            compress_with_feedback_(self.vector[s * n : (s + 1) * n],
+                                    self.send_residual[s * n : (s + 1) * n], self.codec,
+                                    self.packed[s * b : (s + 1) * b])  # fmt: skip
+        return self.packed
+
+    def reduce_owned(self) -> Tensor:
+        """Phase 2 send: the sum of the received parts of this rank's shard, compressed."""
+        b = self.shard_bytes
+        self.codec.decode(self.parts[:b], self._total)
+        for r in range(1, self.world):
+            self.codec.decode(self.parts[r * b : (r + 1) * b], self._part)
+            self._total.add_(self._part)
+        compress_with_feedback_(self._total, self.own_residual, self.codec, self.own_sum)
+        return self.own_sum
+
+    def decode_all(self, out: Tensor) -> None:
+        """The end: every shard's compressed sum (``gathered``) decoded into ``out``."""
+        b, n = self.shard_bytes, self.shard
+        for s in range(self.world):
+            self.codec.decode(self.gathered[s * b : (s + 1) * b], self.vector[s * n : (s + 1) * n])
+        out.copy_(self.vector[: self.numel])
+
+
+def simulate_compressed_sum(sums: list[CompressedSum], vectors: list[Tensor]) -> None:
+    """Every rank's :class:`CompressedSum` in one process; ``vectors[r]`` becomes the sum."""
+    world = len(sums)
+    b = sums[0].shard_bytes
+    packed = [s.encode_local(v) for s, v in zip(sums, vectors, strict=True)]
+    for owner in range(world):  # the all-to-all: shard `owner` of every rank
+        for r in range(world):
+            sums[owner].parts[r * b : (r + 1) * b].copy_(packed[r][owner * b : (owner + 1) * b])
+    owned = [s.reduce_owned() for s in sums]
+    for s, v in zip(sums, vectors, strict=True):  # the all-gather
+        for owner in range(world):
+            s.gathered[owner * b : (owner + 1) * b].copy_(owned[owner])
+        s.decode_all(v)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import warnings
 from collections.abc import Mapping
@@ -42,13 +43,16 @@ MODES = ("auto", "sync", "async")
 #: The fields that make the experiment: a resumed run (``easgd train --resume``) keeps them.
 EXPERIMENT_FIELDS = (
     "method", "mode", "workers", "servers", "tau", "lr", "momentum", "beta", "alpha",
-    "weight_decay", "lr_decay", "lr_power", "moving_rate", "batch_size", "dataset", "model",
-    "seed",
+    "weight_decay", "lr_decay", "lr_power", "moving_rate", "outer_lr", "outer_momentum", "inner",
+    "batch_size", "dataset", "model",
+    "seed", "init_seed",
 )  # fmt: skip
 #: The budget: a resumed run may raise it (the steps already done count).
 BUDGET_FIELDS = ("epochs", "time_budget", "steps")
 #: The fields that None means "derived" for, filled by :meth:`TrainConfig.resolved`.
 RESOLVED_FIELDS = ("momentum", "beta", "alpha", "moving_rate", "model")
+#: The hyperparameters of those, and DiLoCo's outer ones (also derived when None).
+_DERIVED_HYPERPARAMS = (*RESOLVED_FIELDS[:4], "outer_lr", "outer_momentum", "inner")
 #: Fields whose ``easgd train`` flag is not ``--`` and the name with dashes (see FLAGS).
 _OTHER_FLAGS = {"checkpoint_steps": "--checkpoint-every-steps"}
 # ``name=value`` with a literal value: a number, None, True/False or a quoted string (so that
@@ -124,15 +128,31 @@ class TrainConfig:
     lr_decay: float = 0.0
     lr_power: float = 0.0
     moving_rate: float | None = None
+    #: DiLoCo's outer Nesterov SGD (None: the DiLoCo paper's 0.7 and 0.9).
+    outer_lr: float | None = None
+    outer_momentum: float | None = None
+    #: DiLoCo's inner optimizer: "sgd" (None: the method's SGD step, --momentum Nesterov) or
+    #: "adamw" (--weight-decay is then AdamW's decoupled decay).
+    inner: str | None = None
     batch_size: int = 32
     epochs: float | None = None
     time_budget: float | None = None
     steps: int | None = None
     dataset: str = "digits"
+    #: ``dataset`` and ``model`` may also be your own: ``MODULE:FUNCTION`` (or, for the data,
+    #: ``npz:PATH``), a relative path made absolute here (:mod:`easgd.data.custom`).
     model: str | None = None
     data_dir: str | None = None
+    #: Use the built-in sets' files present whose MD5 differs from the published one, with a
+    #: warning naming each (``--no-verify``); False: refused.
+    no_verify: bool = False
     device: str = "cpu"
     seed: int = 0
+    #: The seed of the initial network (center and every worker); None: ``seed``, so that a
+    #: run without one (an older ``config.json``, ``--resume``) starts as it always did.
+    #: ``seed`` alone then changes the data order (worker i: ``seed + i``) and dropout, not
+    #: the initial weights (``easgd experiment --same-init``: the paper's runs from one init).
+    init_seed: int | None = None
     out: str = "runs/latest"
     eval_interval: float = 1.0
     #: Only snapshot the center during training and evaluate the snapshots at the end, so
@@ -153,8 +173,25 @@ class TrainConfig:
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_ca: str | None = None
+    #: A folder for TensorBoard events of the run (the launcher writes them from
+    #: metrics.jsonl and eval.jsonl: easgd.runlog.tensorboard), or None: none.
+    tensorboard: str | None = None
+    #: Compressed exchanges (``none``, ``bf16``, ``int8``; synchronous EASGD/EAMSGD), with
+    #: error feedback: easgd.compress, easgd.algorithms.CompressedSum.
+    compress: str = "none"
 
     def __post_init__(self) -> None:
+        for name in ("dataset", "model"):
+            value = getattr(self, name)
+            if isinstance(value, str) and ":" in value:  # your own: MODULE:FUNCTION, npz:PATH
+                from easgd.data.custom import SpecError, absolute_spec
+
+                try:  # a relative path made absolute: the same file for every role
+                    object.__setattr__(self, name, absolute_spec(value, FLAGS[name]))
+                except SpecError as exc:
+                    raise ConfigError(name, value, str(exc)) from None
+        if self.tensorboard is not None:  # a resumed run finds it from any folder
+            object.__setattr__(self, "tensorboard", os.path.abspath(self.tensorboard))
         if self.mode not in MODES:
             raise ConfigError(
                 "mode", self.mode, f"mode={self.mode!r}; choose one of {', '.join(MODES)}"
@@ -172,6 +209,7 @@ class TrainConfig:
             raise ConfigError(name, getattr(self, name), str(exc)) from None
         if self.servers < 1:
             raise ConfigError("servers", self.servers, f"servers={self.servers!r} must be >= 1")
+        self._check_compress()
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int):
             raise ConfigError(
                 "batch_size", self.batch_size,
@@ -245,6 +283,26 @@ class TrainConfig:
 
         return server_tls_context(self.tls_cert, self.tls_key)
 
+    def _check_compress(self) -> None:
+        from easgd.compress import CODECS
+
+        if self.compress not in CODECS:
+            raise ConfigError(
+                "compress", self.compress,
+                f"compress={self.compress!r}; choose one of {', '.join(CODECS)}",
+            )  # fmt: skip
+        if self.compress == "none":
+            return
+        spec = self.hyperparams().spec
+        if not spec.elastic or self.resolved_mode() is not Mode.SYNC:
+            raise ConfigError(
+                "compress", self.compress,
+                f"--compress {self.compress} with --method {self.method} in mode "
+                f"{self.resolved_mode().value}: compressed exchanges are synchronous "
+                "EASGD/EAMSGD's (--method easgd or eamsgd with --mode sync); the "
+                "asynchronous compressed exchange is not implemented yet",
+            )  # fmt: skip
+
     def hyperparams(self) -> Hyperparams:
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(Hyperparams)}
         return Hyperparams(**{k: v for k, v in fields.items() if v is not None})
@@ -279,19 +337,22 @@ class TrainConfig:
     def resolved(self) -> TrainConfig:
         """This configuration with the values the run derives written out.
 
-        ``momentum``, ``beta``, ``alpha`` and ``moving_rate`` as
+        ``momentum``, ``beta``, ``alpha``, ``moving_rate`` (and DiLoCo's outer ones) as
         :class:`~easgd.algorithms.Hyperparams` resolves them (the method's default momentum,
         ``beta=0.9``, ``alpha=beta/p``, ...), for the hyperparameters the method uses (the
         others stay None, as Hyperparams refuses them); ``model``: the data set's default
         network (:data:`easgd.task.DEFAULT_MODELS`) when none is named and the data set is
-        known. The same run: ``resolved().hyperparams() == hyperparams()``; idempotent.
+        known; ``init_seed``: ``seed`` when none is given. The same run:
+        ``resolved().hyperparams() == hyperparams()``; idempotent.
         """
         with warnings.catch_warnings():  # warned once already, when self was made
             warnings.simplefilter("ignore", StabilityWarning)
             hp = self.hyperparams().to_dict()
-            changes: dict[str, Any] = {name: hp[name] for name in RESOLVED_FIELDS[:4]}
+            changes: dict[str, Any] = {name: hp[name] for name in _DERIVED_HYPERPARAMS}
             if self.model is None:
                 changes["model"] = _default_model(self.dataset)
+            if self.init_seed is None:
+                changes["init_seed"] = self.seed
             if all(getattr(self, k) == v for k, v in changes.items()):
                 return self
             return dataclasses.replace(self, **changes)
@@ -324,9 +385,12 @@ FLAGS: Mapping[str, str] = MappingProxyType(
 
 def _default_model(dataset: str) -> str | None:
     """The network :func:`easgd.task.build_task` trains on ``dataset`` (None: unknown set)."""
+    from easgd.data.custom import is_custom
     from easgd.data.datasets import dataset_info
     from easgd.task import DEFAULT_MODELS
 
+    if is_custom(dataset):
+        return "mlp"  # your own data: the network that takes any shape (easgd.task)
     try:
         name = dataset_info(dataset).name
     except ValueError:

@@ -84,9 +84,9 @@ class CenterEvaluation:
 
     def __init__(self, cfg: TrainConfig) -> None:
         from easgd.flat import parameters_to_flat_views
-        from easgd.task import build_task
+        from easgd.task import task_from_config
 
-        self.task = build_task(cfg.dataset, cfg.model, seed=cfg.seed, data_dir=cfg.data_dir)
+        self.task = task_from_config(cfg)
         self.model = self.task.build()
         self.flat = parameters_to_flat_views(self.model)
         #: The run's initial center (every worker starts from it: the same seed).

@@ -71,6 +71,7 @@ from easgd.runlog import (
     read_jsonl,
     update_summary,
 )
+from easgd.runlog.tensorboard import TensorBoardFollower, follow
 from easgd.spawner import Child, shared
 
 __all__ = ["RunFailed", "launch_local", "role_main", "run_torchrun"]
@@ -415,6 +416,8 @@ class _Launcher:
         self.stopping = False  # past the point where a signal may cut the run short
         #: Called once, when the display first sees a worker training.
         self.on_training: Callable[[], None] | None = None
+        #: Follows metrics.jsonl and eval.jsonl into TensorBoard (--tensorboard), or None.
+        self.tensorboard: TensorBoardFollower | None = None
 
     def env(self, rank: int, role: str | None, restart: int) -> dict[str, str]:
         env = dict(os.environ)
@@ -545,6 +548,8 @@ class _Launcher:
             now = time.monotonic()
             if now - last_draw > 0.5:
                 display.poll()
+                if self.tensorboard is not None:
+                    self.tensorboard.poll()  # never raises: a failure only ends the logging
                 if display.training and self.on_training is not None:
                     self.on_training()  # e.g. the replaced run of --overwrite may go now
                     self.on_training = None
@@ -651,6 +656,12 @@ class _Launcher:
                 send_control((p.host, p.port), message, secret=self.secret,
                              timeout=self.cfg.timeout)  # fmt: skip
             except (ConnectionError, ValueError, RuntimeError, PermissionError) as exc:
+                if not message.get("lost"):
+                    # Only "finished": the worker said goodbye itself before it exited, and a
+                    # server whose workers are all done may already be closing (a race, not
+                    # a fault): nothing the server lacks.
+                    log.debug("could not tell server %d %s: %s", p.index, message, exc)
+                    continue
                 log.warning("could not tell server %d %s: %s", p.index, message, exc)
 
     def _worker_died(self, proc: _Proc, rc: int) -> None:
@@ -715,6 +726,8 @@ class _Launcher:
         handlers = _catch_signals(self._on_signal)
         failure: RunFailed | None = None
         display = _Display(self.paths, self.budget, cfg.workers, cfg.time_budget)
+        if cfg.tensorboard is not None:
+            self.tensorboard = follow(self.paths.root, cfg.tensorboard, self.start)
         try:
             atomic_write_json(self.paths.config, cfg.to_dict())
             if self.resume:
@@ -747,8 +760,12 @@ class _Launcher:
             if failure.status in (RunStatus.SERVER_LOST, RunStatus.DIVERGED,
                                   RunStatus.INTERRUPTED):  # fmt: skip
                 failure.summary = self._finalize(wall, strict=False)
+            self._close_tensorboard()
             raise failure
-        summary = self._finalize(wall, strict=True)
+        try:
+            summary = self._finalize(wall, strict=True)
+        finally:
+            self._close_tensorboard()  # the final evaluations are in eval.jsonl now
         assert summary is not None
         if summary["status"] == RunStatus.DIVERGED:  # the final center is not finite
             raise RunFailed(
@@ -762,6 +779,11 @@ class _Launcher:
                 status=RunStatus.ALL_WORKERS_LOST, summary=summary,
             )  # fmt: skip
         return summary
+
+    def _close_tensorboard(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
 
     def _interruption(self, signum: int, display: _Display) -> RunFailed:
         """The run was interrupted: record it; the caller stops every process."""
@@ -907,7 +929,12 @@ def run_torchrun(cfg: TrainConfig) -> dict[str, Any] | None:
             store.wait(keys, datetime.timedelta(seconds=cfg.timeout))
         from easgd.finalize import finalize
 
-        return finalize(cfg, ctx.paths, time.time() - start)
+        summary = finalize(cfg, ctx.paths, time.time() - start)
+        if cfg.tensorboard is not None:  # under torchrun written at the end, by rank 0
+            follower = follow(ctx.paths.root, cfg.tensorboard, start)
+            if follower is not None:
+                follower.close()
+        return summary
     finally:
         if evaluator is not None:
             evaluator.send_signal(signal.SIGTERM)

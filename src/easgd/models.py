@@ -121,10 +121,11 @@ def _cifar_paper(shape: Shape3, num_classes: int) -> nn.Sequential:
     """The paper's CIFAR network ``(3,28) C(64,24) P(64,12) C(128,8) P(128,4) C(64,2)
     D(256,1) S(10,1)``.
 
-    The paper gives only map sizes; the kernels are inferred from them: conv 5x5 s1, max-pool
-    2x2 s2, conv 5x5 s1, max-pool 2x2 s2, conv 3x3 s1, FC 256 (ReLU, dropout 0.5), FC 10.
-    Biases start at 0 as in the paper; weights keep PyTorch's default init (Kaiming-uniform
-    with ``a=sqrt(5)``), since the paper's weight init is in its unretrieved supplement.
+    The paper gives only map sizes; the kernels are inferred from them (our choice,
+    paper-spec 4): conv 5x5 s1, max-pool 2x2 s2, conv 5x5 s1, max-pool 2x2 s2, conv 3x3 s1,
+    FC 256 (ReLU, dropout 0.5), FC 10. Biases start at 0 as in the paper (paper-spec 3);
+    weights keep PyTorch's default init (Kaiming-uniform with ``a=sqrt(5)``): our choice,
+    since the paper's weight init is in its unretrieved supplement (paper-spec 3, 8).
     """
     model = _seq(
         ("conv1", nn.Conv2d(shape[0], 64, 5)),
@@ -149,13 +150,15 @@ def _imagenet_paper(shape: Shape3, num_classes: int) -> nn.Sequential:
     """The paper's ImageNet network ``(3,221) C(96,108) P(96,36) C(256,32) P(256,16)
     C(384,14) C(384,13) C(256,12) P(256,6) D(4096,1) D(4096,1) S(1000,1)``.
 
-    Kernels inferred from the map sizes: conv 7x7 s2 (221->108), max-pool 3x3 s3 (->36),
-    conv 5x5 (->32), max-pool 2x2 s2 (->16), conv 3x3 (->14), conv 2x2 (->13), conv 2x2
-    (->12), max-pool 2x2 s2 (->6), FC 9216->4096 -> FC 4096 -> FC 1000 (ReLU and dropout 0.5
-    after each hidden FC). The two 14->13->12 convolutions are ambiguous in the paper: 2x2
-    valid kernels are chosen here, 4x4 with padding 1 fits the sizes equally well. Biases
-    start at 0.1 as in the paper; weights keep PyTorch's default init. About 61M parameters:
-    defined and shape-checked here, never trained on a CPU.
+    Kernels inferred from the map sizes (our choice, paper-spec 4): conv 7x7 s2 (221->108),
+    max-pool 3x3 s3 (->36), conv 5x5 (->32), max-pool 2x2 s2 (->16), conv 3x3 (->14), conv
+    2x2 (->13), conv 2x2 (->12), max-pool 2x2 s2 (->6), FC 9216->4096 -> FC 4096 -> FC 1000
+    (ReLU and dropout 0.5 after each hidden FC). The two 14->13->12 convolutions are
+    ambiguous in the paper: 2x2 valid kernels are our choice, 4x4 with padding 1 fits the
+    sizes equally well. Biases
+    start at 0.1 as in the paper (paper-spec 3); weights keep PyTorch's default init (our
+    choice, paper-spec 3, 8). About 61M parameters: trained by ``easgd experiment
+    paper-fig4`` on GPUs (docs/reproducing-the-paper.md), never on a CPU.
     """
     model = _seq(
         ("conv1", nn.Conv2d(shape[0], 96, 7, stride=2)),
@@ -250,6 +253,7 @@ def build_model(
     image_size: int | None = None,
     seed: int | None = None,
     device: torch.device | str | None = None,
+    height: int | None = None,
 ) -> nn.Module:
     """Build a registered network (see ``MODELS``) that returns logits.
 
@@ -265,6 +269,8 @@ def build_model(
         device: where the parameters live (default CPU). The init is drawn on the CPU and
             moved, so a seed gives the same values on every device; ``"meta"`` builds the
             shapes only, without allocating or initializing anything.
+        height: the input's height when it is not square (default ``image_size``, which is
+            then the width), e.g. for your own data (:mod:`easgd.data.custom`).
 
     Raises:
         ValueError: an unknown name, a non-positive size, or an input shape the network
@@ -274,8 +280,9 @@ def build_model(
     _check_positive(num_classes, "num_classes")
     _check_positive(in_channels, "in_channels")
     _check_positive(image_size, "image_size")
+    _check_positive(height, "height")
     c, h, w = spec.input_shape
-    shape = (in_channels or c, image_size or h, image_size or w)
+    shape = (in_channels or c, height or image_size or h, image_size or w)
     num_classes = num_classes or spec.num_classes
     with torch.device("meta"):
         try:

@@ -5,6 +5,9 @@ center, exactly as :class:`easgd.algorithms.Worker` does (the same generator dri
 the elastic difference ``d = alpha * (x - center)`` is taken before the local step and
 subtracted after it, and the center moves by ``+d`` (asynchronously, through a parameter
 server) or by ``beta/p`` times the mean difference (synchronously, one flat all-reduce).
+:func:`LocalSGD` averages the parameters instead, and :func:`DiLoCo` takes an outer Nesterov
+step on the averaged pseudo-gradient ``center - x`` after every ``tau`` steps of your
+optimizer (its inner one; AdamW in the DiLoCo paper).
 
 Example (under ``torchrun``; see ``examples/own_loop.py`` and ``examples/torchrun_bn.py``)::
 
@@ -77,7 +80,16 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from easgd.algorithms import METHODS, Hyperparams, Mode, Request, Worker, drive, run_settle
+from easgd.algorithms import (
+    METHODS,
+    Hyperparams,
+    Mode,
+    Momentum,
+    Request,
+    Worker,
+    drive,
+    run_settle,
+)
 from easgd.comm.base import Transport
 from easgd.comm.staging import Staged
 from easgd.flat import buffer_of, floating_buffers, parameters_to_flat_views
@@ -88,6 +100,7 @@ if TYPE_CHECKING:
 __all__ = [
     "EAMSGD",
     "EASGD",
+    "DiLoCo",
     "EAMSGDTorchNesterov",
     "ElasticAveraging",
     "LocalSGD",
@@ -111,7 +124,10 @@ class ElasticAveraging(torch.optim.Optimizer):
         alpha, beta: moving rates; ``alpha = beta/p`` unless given (default beta = 0.9).
             Asynchronously the server's values rule: given ones must agree with them.
         method: ``"easgd"`` (default), ``"eamsgd"`` (the paper's Algorithm 2; the wrapper
-            takes the local step) or ``"localsgd"`` (periodic parameter averaging).
+            takes the local step), ``"localsgd"`` (periodic parameter averaging) or
+            ``"diloco"`` (the local optimizer is DiLoCo's inner one; see :func:`DiLoCo`).
+        outer_lr, outer_momentum: DiLoCo's outer Nesterov SGD (default 0.7 and 0.9, the
+            DiLoCo paper's); only with ``method="diloco"``.
         momentum: EAMSGD's delta (default 0.99); only with ``method="eamsgd"``.
         client: an :class:`easgd.comm.ps.PSClient` for the asynchronous mode; ``None`` means
             synchronous over ``process_group``. p, alpha and beta then come from the server
@@ -119,6 +135,9 @@ class ElasticAveraging(torch.optim.Optimizer):
         process_group: group of the synchronous mode (default: the default group).
         enabled: ``False`` turns every exchange off (the local optimizer alone): for
             measuring the wrapper's overhead.
+        compress: ``"none"`` (default), ``"bf16"`` or ``"int8"``: synchronous EASGD/EAMSGD
+            send their elastic differences compressed, with error feedback (2x and 3.9x
+            fewer bytes; :class:`easgd.algorithms.CompressedSum`).
     """
 
     #: ``GradScaler.step`` calls ``step()`` even when it found inf/nan gradients (it sets
@@ -136,15 +155,21 @@ class ElasticAveraging(torch.optim.Optimizer):
         beta: float | None = None,
         method: str = "easgd",
         momentum: float | None = None,
+        outer_lr: float | None = None,
+        outer_momentum: float | None = None,
         client: PSClient | None = None,
         process_group: dist.ProcessGroup | None = None,
         enabled: bool = True,
+        compress: str = "none",
     ) -> None:
         spec = METHODS.get(method)
         if spec is None or not spec.wraps_optimizer or spec.sequential:
-            raise ValueError(f"method={method!r}; the wrapper supports easgd, eamsgd and localsgd")
+            raise ValueError(
+                f"method={method!r}; the wrapper supports easgd, eamsgd, localsgd and diloco"
+            )
         _refuse_closure_optimizers(optimizer)
-        self._own_step = method == "eamsgd"  # the wrapper takes the paper's local step
+        # EAMSGD (elastic, local momentum): the wrapper takes the paper's local step itself.
+        self._own_step = spec.elastic and spec.momentum is Momentum.LOCAL
         if self._own_step:
             _check_eamsgd_holder(optimizer, enabled)
         elif momentum is not None:
@@ -158,12 +183,20 @@ class ElasticAveraging(torch.optim.Optimizer):
         self.process_group = process_group
         self.enabled = enabled
         self.model = model
+        self.compress = compress
         mode = Mode.ASYNC if client is not None else Mode.SYNC
+        if compress != "none" and (client is not None or not spec.elastic):
+            raise ValueError(
+                f"compress={compress!r} with method={method!r}"
+                + (" and client= (asynchronous)" if client is not None else "")
+                + ": compression is implemented for synchronous easgd and eamsgd; use "
+                "compress='none'"
+            )
         spec.resolve_mode(mode)  # localsgd has no asynchronous form: say so
         synchronous = mode is Mode.SYNC
-        if synchronous and spec.elastic and enabled and not dist.is_initialized():
+        if synchronous and enabled and not dist.is_initialized():  # every method: say it now
             raise RuntimeError(
-                "the synchronous EASGD wrapper needs torch.distributed: call "
+                f"the synchronous {method} wrapper needs torch.distributed: call "
                 "init_process_group first (torchrun sets the variables), or pass client= for "
                 "the asynchronous parameter server"
             )
@@ -188,6 +221,8 @@ class ElasticAveraging(torch.optim.Optimizer):
             self._transport.start(x)  # start from the center (or rank 0), like every worker
         requested: dict[str, Any] = {"alpha": alpha, "beta": beta}
         fields: dict[str, Any] = {"method": method, "tau": tau, "workers": 1}
+        outer = {"outer_lr": outer_lr, "outer_momentum": outer_momentum}
+        fields.update({k: v for k, v in outer.items() if v is not None})  # refused unless diloco
         fields["lr"] = optimizer.param_groups[0]["lr"] if self._own_step else 1.0
         if self._own_step:
             fields["momentum"] = 0.99 if momentum is None else momentum
@@ -295,7 +330,7 @@ class ElasticAveraging(torch.optim.Optimizer):
             return Staged(client, x.device) if x.device.type == "cuda" else client
         from easgd.comm.allreduce import AllReduceTransport
 
-        return AllReduceTransport(self.process_group, check_steps=True)
+        return AllReduceTransport(self.process_group, check_steps=True, compress=self.compress)
 
     @staticmethod
     def _server_fields(client: PSClient, requested: dict[str, Any]) -> dict[str, Any]:
@@ -499,6 +534,12 @@ class ElasticAveraging(torch.optim.Optimizer):
                 "method": self.hp.method,
             },
         }  # fmt: skip
+        if w.spec.outer:
+            state["easgd"].update(
+                outer_lr=self.hp.outer_lr,
+                outer_momentum=self.hp.outer_momentum,
+                outer_v=None if w.outer_v is None else w.outer_v.clone(),
+            )
         if self._own_step:
             assert w.v is not None or self.hp.momentum == 0
             state["easgd"]["v"] = None if w.v is None else w.v.clone()
@@ -542,6 +583,9 @@ class ElasticAveraging(torch.optim.Optimizer):
                     "model or average_buffers setting; build the wrapper as it was saved"
                 )
             self.worker.center.copy_(center)
+        outer_v = extra.get("outer_v")
+        if outer_v is not None and self.worker.outer_v is not None:
+            self.worker.outer_v.copy_(outer_v)  # DiLoCo's outer momentum
         if self._own_step:
             v = extra.get("v")
             if v is not None and self.worker.v is not None:
@@ -649,3 +693,35 @@ def EAMSGDTorchNesterov(
 def LocalSGD(optimizer: torch.optim.Optimizer, **kwargs: Any) -> ElasticAveraging:
     """Periodic model averaging every ``tau`` steps (local SGD)."""
     return ElasticAveraging(optimizer, method="localsgd", **kwargs)
+
+
+def DiLoCo(
+    optimizer: torch.optim.Optimizer,
+    *,
+    tau: int = 10,
+    outer_lr: float = 0.7,
+    outer_momentum: float = 0.9,
+    **kwargs: Any,
+) -> ElasticAveraging:
+    """DiLoCo (Douillard et al. 2023) around ``optimizer``, its inner optimizer.
+
+    Every ``tau`` calls of ``step()`` (the paper's H inner steps; the paper uses AdamW and
+    H = 500), the pseudo-gradient ``Delta = c - mean_i(x_i)`` is averaged in one flat
+    all-reduce and takes an outer Nesterov step on the global parameters ``c``
+    (``torch.optim.SGD(lr=outer_lr, momentum=outer_momentum, nesterov=True)``'s update; the
+    paper's defaults 0.7 and 0.9); every rank then restarts from ``c``. The inner
+    optimizer's state (AdamW's moments) is kept across rounds, as in the paper.
+    ``center`` and ``center_state_dict()`` are ``c``; ``state_dict()`` holds the outer
+    momentum and ``c``. Our choices: buffers given with ``model=`` are averaged, not
+    extrapolated; the run does not end with an extra outer step (the result is ``c`` after
+    the last completed round).
+
+    Example::
+
+        inner = torch.optim.AdamW(model.parameters(), lr=4e-4, weight_decay=0.1)
+        opt = easgd.optim.DiLoCo(inner, tau=500, model=model)
+    """
+    return ElasticAveraging(
+        optimizer, method="diloco", tau=tau, outer_lr=outer_lr, outer_momentum=outer_momentum,
+        **kwargs,
+    )  # fmt: skip

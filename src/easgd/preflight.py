@@ -14,7 +14,8 @@ flag, its value and the fix (:class:`PreflightError`). In order:
    once on the meta device: no memory, no init);
 5. the data set's files: found in ``--data-dir`` or the cache and MD5-verified, or
    downloaded once, here, so that the workers find them in the cache (``download=False``:
-   refused instead); digits needs scikit-learn only;
+   refused instead); digits needs scikit-learn only; ``imagenet`` (your folder) is scanned
+   and decoded once, here, into the cache every worker memory-maps;
 6. ``--batch-size`` against the training set, and a step budget with which the center never
    moves (a warning: :attr:`Preflight.warnings`);
 7. free disk space under ``--out`` for the checkpoints, snapshots and logs the run writes
@@ -27,12 +28,14 @@ would fail (it is the run continued), and counts its checkpoints as space alread
 from __future__ import annotations
 
 import errno
+import inspect
 import logging
 import math
 import os
 import shutil
 import socket
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +48,7 @@ from easgd.runlog import CONFIG_FILE, RunPaths
 if TYPE_CHECKING:
     from easgd.data import DatasetSpec
 
-__all__ = ["Preflight", "PreflightError", "RunSize", "check_train", "run_size"]
+__all__ = ["Preflight", "PreflightError", "RunSize", "check_device", "check_train", "run_size"]
 
 #: The shared secret of the parameter servers off loopback (easgd.comm.wire.SECRET_ENV).
 SECRET_ENV = "EASGD_SECRET"
@@ -149,13 +152,19 @@ def check_train(
     target = _check_out(cfg, overwrite=overwrite, resume=resume or not owns_out)
     _check_host(cfg)
     _check_tls(cfg)
-    device = _check_device(cfg.device)
-    dataset, model, shape, classes = _check_names(cfg)
-    parameters = _check_model(cfg, dataset, model, shape, classes)
-    files, train_size, actual = _check_data(cfg, dataset, download=download, spec=spec)
-    if actual != shape:  # files of another shape than the published ones (a custom spec)
-        parameters = _check_model(cfg, dataset, model, actual, classes)
-        shape = actual
+    _check_tensorboard(cfg)
+    device = check_device(cfg.device)
+    notes: list[str] = []  # the files used although their MD5 differs (--no-verify)
+    if _is_custom(cfg.dataset):  # your own data: loaded and checked here, once
+        dataset, model, shape, classes, files, train_size = _check_custom_data(cfg)
+        parameters = _check_model(cfg, dataset, model, shape, classes)
+    else:
+        dataset, model, shape, classes = _check_names(cfg)
+        parameters = _check_model(cfg, dataset, model, shape, classes)
+        files, train_size, actual, notes = _check_data(cfg, dataset, download=download, spec=spec)
+        if actual != shape:  # files of another shape than the published ones (a custom spec)
+            parameters = _check_model(cfg, dataset, model, actual, classes)
+            shape = actual
     if cfg.batch_size > train_size:
         raise PreflightError(
             "--batch-size", cfg.batch_size,
@@ -170,7 +179,7 @@ def check_train(
             f"--model {model}; use --servers 1",
         )  # fmt: skip
     steps = cfg.steps_per_worker(train_size)
-    warnings = _budget_warnings(cfg, steps)
+    warnings = [*notes, *_budget_warnings(cfg, steps)]
     size = run_size(cfg, parameters, steps, device=device)
     needed, free = _check_disk(cfg, target, size, resume=resume)
     if size.snapshots is None and free - needed < 3600 / cfg.eval_interval * size.snapshot_bytes:
@@ -212,6 +221,39 @@ def _check_tls(cfg: TrainConfig) -> None:
                 f"{flag} {where}: cannot be loaded ({exc}); give PEM files this user can "
                 "read: the certificate chain, its private key and the CA that signed it",
             ) from None  # fmt: skip
+
+
+def _check_tensorboard(cfg: TrainConfig) -> None:
+    """``--tensorboard DIR``: the package importable, DIR a folder this user can write."""
+    if cfg.tensorboard is None:
+        return
+    from easgd.runlog.tensorboard import INSTALL_HINT, require_tensorboard
+
+    flag, value = "--tensorboard", cfg.tensorboard
+    try:
+        require_tensorboard()
+    except ImportError:
+        raise PreflightError(
+            flag, value,
+            f"{flag} {value} needs the tensorboard package, which is not installed: "
+            f"{INSTALL_HINT}, or drop {flag}",
+        ) from None  # fmt: skip
+    existing = Path(value)
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise PreflightError(flag, value, f"{flag} {value}: {existing} is a file, not a "
+                             "folder; choose a folder for the TensorBoard events")  # fmt: skip
+    try:
+        fd, name = tempfile.mkstemp(prefix=".easgd-write-test-", dir=existing)
+    except OSError as exc:
+        raise PreflightError(
+            flag, value,
+            f"{flag} {value}: cannot write in {existing}: {exc.strerror or exc}; choose a "
+            "writable folder",
+        ) from None  # fmt: skip
+    os.close(fd)
+    os.unlink(name)
 
 
 # ------------------------------------------------------------------------------------------
@@ -349,7 +391,8 @@ def run_size(
     if mode is Mode.ASYNC:
         worker_vectors = 1
     else:
-        held = [worker.x, worker.v, worker.acc, worker.center, worker.z]
+        held = [worker.x, worker.v, worker.acc, worker.center, worker.z, worker.outer_v,
+                worker.exp_avg, worker.exp_avg_sq]  # fmt: skip
         worker_vectors = sum(t is not None for t in held)
         if worker.center is None and device != "cpu":
             worker_vectors += 1  # its "center" entry: a second CPU copy of x
@@ -405,8 +448,13 @@ def _check_host(cfg: TrainConfig) -> None:
         ) from None  # fmt: skip
 
 
-def _check_device(device: str) -> str:
-    """``device`` resolved as a worker resolves it (easgd.roles.context.resolve_device)."""
+def check_device(device: str) -> str:
+    """``device`` resolved as a worker resolves it (easgd.roles.context.resolve_device).
+
+    Raises :class:`PreflightError` naming ``--device``: CUDA asked for and not there (a CPU
+    build of torch, no visible GPU) or an index past the last GPU. ``easgd train`` and
+    ``easgd experiment`` both check ``--device`` with it.
+    """
     import torch
 
     if device == "cpu":
@@ -460,14 +508,17 @@ def _check_names(cfg: TrainConfig) -> tuple[str, str, tuple[int, int, int], int]
         raise PreflightError(
             "--dataset", cfg.dataset,
             f"--dataset {cfg.dataset} is not a data set easgd knows; choose one of "
-            f"{', '.join(DATASETS)}",
+            f"{', '.join(DATASETS)}, or give your own: "
+            + (f"npz:{cfg.dataset}" if cfg.dataset.endswith(".npz") else "npz:PATH")
+            + " or MODULE:FUNCTION (docs/own-model-and-data.md)",
         ) from None  # fmt: skip
     model = cfg.model or DEFAULT_MODELS.get(info.name, "mlp")
-    if model not in MODELS:
+    if model not in MODELS and not _is_custom(model):
         raise PreflightError(
             "--model", cfg.model,
             f"--model {model} is not a network easgd knows; choose one of {', '.join(MODELS)} "
-            "(`easgd models` lists them), or leave --model out for the data set's own "
+            "(`easgd models` lists them), give your own as MODULE:FUNCTION, or leave --model "
+            "out for the data set's own "
             f"({DEFAULT_MODELS.get(info.name, 'mlp')})",
         )  # fmt: skip
     return info.name, model, (info.in_channels, info.image_size, info.image_size), info.num_classes
@@ -477,12 +528,19 @@ def _check_model(
     cfg: TrainConfig, dataset: str, model: str, shape: tuple[int, int, int], classes: int
 ) -> int:
     """Build ``model`` for ``shape`` on the meta device; its number of parameters."""
+    from easgd.data.custom import SpecError, check_custom_model
     from easgd.models import build_model, count_parameters
     from easgd.task import DEFAULT_MODELS
 
     c, h, w = shape
+    if _is_custom(model):  # your own network: built, and a batch of two run through it
+        try:
+            return check_custom_model(model, shape, classes, dataset=cfg.dataset)
+        except SpecError as exc:
+            raise PreflightError(exc.flag or "--model", model, str(exc)) from None
     try:
-        net = build_model(model, num_classes=classes, in_channels=c, image_size=w, device="meta")
+        net = build_model(model, num_classes=classes, in_channels=c, image_size=w, height=h,
+                          device="meta")  # fmt: skip
     except ValueError as exc:
         detail = str(exc)
         prefix = f"model {model!r} cannot take input {shape}: "
@@ -498,11 +556,56 @@ def _check_model(
     return count_parameters(net)
 
 
+def _is_custom(spec: str | None) -> bool:
+    from easgd.data.custom import is_custom
+
+    return is_custom(spec)
+
+
+def _check_custom_data(
+    cfg: TrainConfig,
+) -> tuple[str, str, tuple[int, int, int], int, list[Path], int]:
+    """Your own data set, loaded and checked (:mod:`easgd.data.custom`): ``(dataset, model,
+    (C, H, W), num_classes, files, train size)``; the model named, or ``mlp``."""
+    from easgd.data import custom
+    from easgd.data.custom import NPZ_PREFIX, SpecError, load_callable, load_custom_dataset
+    from easgd.models import MODELS
+
+    try:
+        start = time.perf_counter()
+        data = load_custom_dataset(cfg.dataset, data_dir=cfg.data_dir)
+        quick = time.perf_counter() - start < custom.REPEAT_CHECK_SECONDS
+        if quick and not cfg.dataset.startswith(NPZ_PREFIX):  # the same in every process?
+            custom.check_same_data(cfg.dataset, data, data_dir=cfg.data_dir)
+    except SpecError as exc:
+        flag = exc.flag or "--dataset"
+        raise PreflightError(flag, cfg.data_dir if flag == "--data-dir" else cfg.dataset,
+                             str(exc)) from None  # fmt: skip
+    shape = (data.in_channels, int(data.test_x.shape[2]), int(data.test_x.shape[3]))
+    model = cfg.model or "mlp"
+    if model not in MODELS and not _is_custom(model):
+        raise PreflightError(
+            "--model", cfg.model,
+            f"--model {model} is not a network easgd knows; choose one of {', '.join(MODELS)} "
+            "(`easgd models` lists them) or give your own as MODULE:FUNCTION",
+        )  # fmt: skip
+    if cfg.dataset.startswith(NPZ_PREFIX):
+        files = [Path(cfg.dataset.removeprefix(NPZ_PREFIX))]
+    else:
+        found = getattr(inspect.getmodule(load_callable(cfg.dataset, "--dataset")), "__file__",
+                        None)  # fmt: skip
+        files = [Path(found)] if found else []
+    return cfg.dataset, model, shape, data.num_classes, files, len(data.train_y)
+
+
 def _check_data(
     cfg: TrainConfig, dataset: str, *, download: bool, spec: DatasetSpec | None
-) -> tuple[list[Path], int, tuple[int, int, int]]:
-    """Find (or download) and verify the files; ``(files, train size, (C, H, W))``."""
-    from easgd.data import DATASET_INFO, DatasetError, locate_dataset
+) -> tuple[list[Path], int, tuple[int, int, int], list[str]]:
+    """Find (or download) and verify the files; ``(files, train size, (C, H, W), warnings)``.
+
+    With ``--no-verify``, a warning names each file used although its MD5 differs.
+    """
+    from easgd.data import DATASET_INFO, SPECS, DatasetError, locate_dataset
 
     info = DATASET_INFO[dataset]
     shape = (info.in_channels, info.image_size, info.image_size)
@@ -511,33 +614,75 @@ def _check_data(
         from easgd.data.digits import digits_arrays
 
         try:
-            return [], len(digits_arrays()[0]), shape
+            return [], len(digits_arrays()[0]), shape, []
         except (ImportError, OSError, ValueError) as exc:
             raise PreflightError(
                 "--dataset", cfg.dataset, f"--dataset {cfg.dataset}: {exc}"
             ) from None
+    if dataset == "imagenet":  # your folder, decoded once, here, into the cache workers read
+        return _check_image_folder(cfg, shape, flag, value)
     # Each failed mirror is logged, and listed again in the DownloadError: say it once.
     quiet = _DropFailedMirrors()
     download_log = logging.getLogger("easgd.data.download")
     download_log.addFilter(quiet)
     try:
-        paths = locate_dataset(dataset, data_dir=cfg.data_dir, download=download, spec=spec)
+        paths = locate_dataset(
+            dataset, data_dir=cfg.data_dir, download=download, spec=spec,
+            verify=not cfg.no_verify,
+        )  # fmt: skip
+        # --no-verify: each file used although its MD5 differs becomes one warning line.
+        mismatches = _mismatches(paths, spec or SPECS[dataset]) if cfg.no_verify else []
         if dataset in ("mnist", "fashion-mnist"):
             train_size, shape = _idx_sizes(list(paths.values()))
+        elif mismatches:  # your own CIFAR archive: count its images
+            from easgd.data.cifar import read_cifar10
+
+            train_size = len(read_cifar10(next(iter(paths.values())))[1])
         else:
             train_size = info.train_size  # the archive its MD5 names holds 50000 images
     except DatasetError as exc:
         raise PreflightError(flag, value, f"{flag} {value}: {exc}") from None
     finally:
         download_log.removeFilter(quiet)
-    return list(paths.values()), train_size, shape
+    return list(paths.values()), train_size, shape, mismatches
+
+
+def _check_image_folder(
+    cfg: TrainConfig, shape: tuple[int, int, int], flag: str, value: Any
+) -> tuple[list[Path], int, tuple[int, int, int], list[str]]:
+    """``--dataset imagenet``: the folder scanned and decoded into its cache (once)."""
+    import json
+
+    from easgd.data import DatasetError, locate_dataset
+    from easgd.data.imagefolder import prepare_image_folder
+
+    try:
+        folders = locate_dataset("imagenet", data_dir=cfg.data_dir)
+        cache = prepare_image_folder(next(iter(folders.values())).parent, crop=shape[-1])
+    except DatasetError as exc:
+        raise PreflightError(flag, value, f"{flag} {value}: {exc}") from None
+    train_size = int(json.loads((cache / "meta.json").read_text())["train_size"])
+    return list(folders.values()), train_size, shape, []
+
+
+def _mismatches(paths: dict[str, Path], spec: DatasetSpec) -> list[str]:
+    """The files whose MD5 is not the spec's, as warnings (``--no-verify`` used them)."""
+    from easgd.data.download import MISMATCH_WARNING, md5sum
+
+    found = ((path, md5sum(path), spec.files[name]) for name, path in paths.items())
+    return [MISMATCH_WARNING % (path, actual, md5) for path, actual, md5 in found if actual != md5]
 
 
 class _DropFailedMirrors(logging.Filter):
-    """Drops easgd.data.download's warning of one failed mirror (the error lists them all)."""
+    """Drops easgd.data.download's warning of one failed mirror (the error lists them all),
+    and those of a file used although its MD5 differs (``--no-verify``): the preflight's
+    own warnings name those files (:func:`_mismatches`)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("download of %s failed")
+        from easgd.data.download import MISMATCH_WARNING
+
+        msg = str(record.msg)
+        return msg != MISMATCH_WARNING and not msg.startswith("download of %s failed")
 
 
 def _idx_sizes(files: Sequence[Path]) -> tuple[int, tuple[int, int, int]]:

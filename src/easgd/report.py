@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from easgd.algorithms import METHODS
-from easgd.experiments import select_best
+from easgd.experiments import grid_edge, select_best
 from easgd.runlog import (
     PROGRESS_EVENTS,
     SUMMARY_FILE,
@@ -279,6 +279,9 @@ class Line:
     tried: int
     time_to_target: float | None = None
     speedup: float | None = None
+    #: ``"top"``/``"bottom"``: the best learning rate is the largest/smallest tried for this
+    #: setting (the optimum may lie past the grid); ``"only"``: one rate tried; None: inside.
+    edge: str | None = None
 
 
 @dataclass
@@ -323,9 +326,11 @@ def build_report(
     ]  # fmt: skip
     best = select_best(records)
     tried: dict[tuple[str, int, int], int] = {}
+    rates: dict[tuple[str, int, int], set[float]] = {}
     for r in runs:
         key = (r.method, r.tau, r.workers)
         tried[key] = tried.get(key, 0) + 1
+        rates.setdefault(key, set()).add(r.lr)
     dist = [r for r in runs if not r.sequential]
     panels: list[int | None] = sorted({getattr(r, panel) for r in dist}) if panel else [None]
     if not panels:
@@ -349,7 +354,8 @@ def build_report(
         for r in chosen:
             other_varies = sum(1 for c in chosen if c.method == r.method) > 1
             key = (r.method, r.tau, r.workers)
-            lines.append(Line(pv, _label(r, panel, other_varies), r, tried[key]))
+            edge = grid_edge(r.lr, rates[key])
+            lines.append(Line(pv, _label(r, panel, other_varies), r, tried[key], edge=edge))
     target, rule = _target(lines, target)
     for line in lines:
         line.time_to_target = line.run.time_to(target)
@@ -406,7 +412,9 @@ def table_markdown(report: Report, title: str | None = None) -> str:
         f"Speedup = time of {ref} to the target / time of the method, same panel. "
         "Best lr: the run (learning rate, seed) with the lowest center test error; exchanges "
         "and MB moved are the whole run's (both directions). Time: "
-        f"{report.time_label}.",
+        f"{report.time_label}. A best lr marked (top edge) or (bottom edge) is the largest "
+        "or smallest rate tried for that setting, (one rate) the only one: the best rate may "
+        "lie outside the grid.",
         "",
         "| panel | method | best lr | runs | best error | final error | time to target (s) "
         "| speedup | exchanges | MB moved |",
@@ -415,7 +423,8 @@ def table_markdown(report: Report, title: str | None = None) -> str:
     for ln in report.lines:
         r = ln.run
         out.append(
-            f"| {_panel_name(report, ln.panel)} | {ln.label} | {r.lr:g} | {ln.tried} "
+            f"| {_panel_name(report, ln.panel)} | {ln.label} | {r.lr:g}{_edge_mark(ln.edge)} "
+            f"| {ln.tried} "
             f"| {_fmt(r.best_error, '.4f')} | {_fmt(r.final_error, '.4f')} "
             f"| {_fmt(ln.time_to_target, '.2f', 'not reached')} | {_fmt(ln.speedup, '.2f')} "
             f"| {r.exchanges} | {r.megabytes:.1f} |"
@@ -495,6 +504,12 @@ def draw_figure(report: Report, title: str | None = None) -> Any:
     return fig
 
 
+def _edge_mark(edge: str | None) -> str:
+    return {"top": " (top edge)", "bottom": " (bottom edge)", "only": " (one rate)"}.get(
+        edge or "", ""
+    )
+
+
 def report_json(report: Report) -> dict[str, Any]:
     def r3(values: Sequence[float]) -> list[float | None]:
         return [round(v, 5) if math.isfinite(v) else None for v in values]
@@ -506,7 +521,8 @@ def report_json(report: Report) -> dict[str, Any]:
         lines.append({
             "panel": ln.panel, "label": ln.label, "method": r.method, "tau": r.tau,
             "workers": r.workers, "lr": r.lr, "seed": r.seed, "runtime": r.runtime,
-            "run": r.path.name, "runs_tried": ln.tried, "best_error": r.best_error,
+            "run": r.path.name, "runs_tried": ln.tried, "grid_edge": ln.edge,
+            "best_error": r.best_error,
             "final_error": r.final_error, "time_to_target": ln.time_to_target,
             "speedup": ln.speedup, "exchanges": r.exchanges, "megabytes": r.megabytes,
             "local_steps": r.summary.get("local_steps"),

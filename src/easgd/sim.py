@@ -10,7 +10,8 @@ Schedules:
   (sums, means) combine all workers' payloads at once, and the asynchronous methods
   (DOWNPOUR family) are served by the center in worker order. The clock charges a ring
   all-reduce per collective; synchronous EASGD's, as the real runtime overlaps it with the
-  next tau - 1 local steps, only where they do not cover it.
+  next tau - 1 local steps, only where they do not cover it. DiLoCo (synchronous only) runs
+  here: its outer step needs the sum of the pseudo-gradients at once, charged in full.
 * ``round-robin``: at global step t only worker ``t mod p`` acts (the paper's analysis,
   paper-spec 2.4): with ``tau = 1`` EASGD is exactly eqs. (12)-(13).
 * ``async``: event-driven on a virtual clock. Each local step costs a compute time drawn
@@ -36,7 +37,19 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from easgd.algorithms import Center, Evaluated, Hyperparams, Mode, Op, Request, Worker, run_step
+from easgd.algorithms import (
+    Center,
+    CompressedSum,
+    Evaluated,
+    Hyperparams,
+    Mode,
+    Op,
+    Request,
+    Worker,
+    run_step,
+    simulate_compressed_sum,
+)
+from easgd.compress import codec
 
 __all__ = [
     "SCHEDULES",
@@ -305,10 +318,24 @@ def resolve_mode(hp: Hyperparams, schedule: str) -> Mode:
 
 class _Sim:
     def __init__(
-        self, objective: Objective, hp: Hyperparams, schedule: str, seed: int, cost: CostModel
+        self,
+        objective: Objective,
+        hp: Hyperparams,
+        schedule: str,
+        seed: int,
+        cost: CostModel,
+        compress: str = "none",
     ) -> None:
         self.objective, self.hp, self.schedule, self.cost = objective, hp, schedule, cost
         self.mode = resolve_mode(hp, schedule)
+        self.codec = codec(compress)
+        if compress != "none" and not (hp.spec.elastic and self.mode is Mode.SYNC):
+            raise ValueError(
+                f"compress={compress!r} with method={hp.method!r} on the {schedule!r} "
+                "schedule: compressed exchanges are synchronous EASGD/EAMSGD's (schedule "
+                "'sync'); the asynchronous compressed exchange is not implemented yet"
+            )
+        self._sums: list[CompressedSum] = []
         x0 = objective.initial_point()
         self.p = hp.workers
         missing = sorted(w for w in cost.stragglers if w >= self.p)
@@ -319,6 +346,8 @@ class _Sim:
             )
         self.numel = cost.numel if cost.numel is not None else x0.numel()
         self.msg_bytes = self.numel * cost.bytes_per_param
+        if compress != "none":  # what crosses the wire: the codec's bytes per value
+            self.msg_bytes = math.ceil(self.numel * self.codec.bytes_per_value())
         self.center = Center(hp, x0.clone())
         self.workers: list[Worker] = []
         self.grads: list[GradFn] = []
@@ -377,6 +406,19 @@ class _Sim:
             if op is Op.GRAD:
                 for r in live:
                     replies[r] = self.grads[r](self.workers[r].x, reqs[r].payload)
+            elif op is Op.SUM and self.codec.name != "none":
+                payloads = [reqs[r].payload for r in live]
+                if not self._sums:  # every rank's two-phase state, as AllReduceTransport's
+                    x = payloads[0]
+                    self._sums = [CompressedSum(self.codec, x.numel(), self.p, x.dtype)
+                                  for _ in live]  # fmt: skip
+                simulate_compressed_sum(self._sums, payloads)
+                for r in live:
+                    replies[r] = None
+                self.exchanges += 1
+                self.bytes += self.p * 2 * (self.p - 1) * math.ceil(self.msg_bytes / self.p)
+                self._in_flight = self.cost.allreduce(self.msg_bytes, self.p)
+                started_in_flight = True
             elif op in (Op.SUM, Op.MEAN):
                 total = torch.stack([reqs[r].payload for r in live]).sum(0)
                 if op is Op.MEAN:
@@ -494,6 +536,7 @@ def simulate(
     eval_interval: float | None = None,
     trajectory: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    compress: str = "none",
 ) -> SimResult:
     """Run ``hp.workers`` replicas of ``objective`` for ``steps`` steps on ``schedule``.
 
@@ -502,12 +545,15 @@ def simulate(
     ``eval_interval`` (virtual seconds) evaluates the center periodically; it is always
     evaluated at the start and at the end. ``trajectory=True`` records a copy of the center
     after every global step (sync, round-robin) or every center update (async).
+    ``compress`` (``none``, ``bf16``, ``int8``; synchronous EASGD/EAMSGD) runs the
+    compressed two-phase sum of :class:`easgd.algorithms.CompressedSum`, as the real
+    runtime does, and counts its bytes.
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps={steps!r} must be an integer >= 0")
     if eval_interval is not None and not eval_interval > 0:
         raise ValueError(f"eval_interval={eval_interval!r} must be > 0 virtual seconds")
-    sim = _Sim(objective, hp, schedule, seed, cost or CostModel())
+    sim = _Sim(objective, hp, schedule, seed, cost or CostModel(), compress)
     result = SimResult(center=sim.center_vector())
     started = time.perf_counter()
     next_eval = [0.0]

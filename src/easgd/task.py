@@ -8,12 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["DEFAULT_MODELS", "Task", "build_task", "model_grad_fn"]
+if TYPE_CHECKING:
+    from easgd.config import TrainConfig
+
+__all__ = ["DEFAULT_MODELS", "Task", "build_task", "model_grad_fn", "task_from_config"]
 
 #: The network trained on each data set when none is named.
 DEFAULT_MODELS = {
@@ -21,6 +24,7 @@ DEFAULT_MODELS = {
     "mnist": "lenet5-report",
     "fashion-mnist": "lenet5-report",
     "cifar10": "cifar-paper",
+    "imagenet": "imagenet-paper",
 }
 
 
@@ -43,21 +47,35 @@ def build_task(
     seed: int = 0,
     data_dir: str | None = None,
     download: bool = True,
+    verify: bool = True,
 ) -> Task:
-    """Load ``dataset`` and return a factory of ``model`` initialized from ``seed``."""
+    """Load ``dataset`` and return a factory of ``model`` initialized from ``seed``.
+
+    ``dataset`` and ``model`` may be your own (``MODULE:FUNCTION``, ``npz:PATH``:
+    :mod:`easgd.data.custom`); ``verify=False`` uses the built-in sets' files whose MD5
+    differs, with a warning (``--no-verify``).
+    """
     from easgd.data import load_dataset
+    from easgd.data.custom import build_custom_model, is_custom, load_custom_dataset
     from easgd.models import build_model
 
-    data = load_dataset(dataset, data_dir=data_dir, download=download)
+    if is_custom(dataset):
+        data = load_custom_dataset(dataset, data_dir=data_dir)
+    else:
+        data = load_dataset(dataset, data_dir=data_dir, download=download, verify=verify)
     name = model or DEFAULT_MODELS.get(data.name, "mlp")
+    shape = (data.in_channels, int(data.test_x.shape[2]), int(data.test_x.shape[3]))
 
     def build() -> torch.nn.Module:
+        if is_custom(name):
+            return build_custom_model(name, shape, data.num_classes, seed=seed)
         return build_model(
             name,
             num_classes=data.num_classes,
             in_channels=data.in_channels,
             image_size=data.image_size,
             seed=seed,
+            height=shape[1],
         )
 
     build()  # fail here, with the model's message, if the shapes do not fit
@@ -69,6 +87,18 @@ def build_task(
         model=name,
         dataset=data.name,
     )
+
+
+def task_from_config(cfg: TrainConfig, *, download: bool = True) -> Task:
+    """The :func:`build_task` of a run: every role builds the same network on the same data.
+
+    The network is initialized from ``cfg.init_seed`` (``cfg.seed`` when it is None).
+    """
+    init_seed = cfg.seed if cfg.init_seed is None else cfg.init_seed
+    return build_task(
+        cfg.dataset, cfg.model, seed=init_seed, data_dir=cfg.data_dir, download=download,
+        verify=not cfg.no_verify,
+    )  # fmt: skip
 
 
 def model_grad_fn(

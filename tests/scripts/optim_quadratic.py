@@ -2,7 +2,9 @@
 
 Prints (rank 0) the center and the workers' variables as JSON, to be compared with
 ``easgd.sim.simulate(Quadratic(...), ..., schedule="sync")``. ``--method eamsgd`` is the
-paper's EAMSGD (``easgd.optim.EAMSGD``; it also prints the workers' momenta).
+paper's EAMSGD (``easgd.optim.EAMSGD``; it also prints the workers' momenta); ``--method
+diloco`` is ``easgd.optim.DiLoCo`` around SGD (``--inner adamw``: around AdamW; it also
+prints the outer momentum).
 
 Faults to inject: ``--skip RANK:STEP`` (that rank does not call ``step()`` at that
 iteration); ``--scaler`` runs the steps through ``torch.amp.GradScaler`` and ``--inf
@@ -21,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from easgd.comm.allreduce import OutOfStepError
-from easgd.optim import EAMSGD, EASGD, LocalSGD
+from easgd.optim import EAMSGD, EASGD, DiLoCo, LocalSGD
 from easgd.sim import Quadratic
 
 
@@ -38,6 +40,10 @@ def main() -> None:
     parser.add_argument("--skip", default=None)
     parser.add_argument("--inf", default=None)
     parser.add_argument("--scaler", action="store_true")
+    parser.add_argument("--compress", default="none")
+    parser.add_argument("--outer-lr", type=float, default=0.7)
+    parser.add_argument("--outer-momentum", type=float, default=0.9)
+    parser.add_argument("--inner", choices=["sgd", "adamw"], default="sgd")
     args = parser.parse_args()
     skip = tuple(map(int, args.skip.split(":"))) if args.skip else None
     inf = tuple(map(int, args.inf.split(":"))) if args.inf else None
@@ -48,10 +54,20 @@ def main() -> None:
     grad_fn = problem.grad_fn(rank, args.seed)  # the simulator's noise stream of this worker
     x = torch.nn.Parameter(problem.initial_point())
     if args.method == "eamsgd":
-        opt = EAMSGD([x], lr=args.lr, momentum=args.momentum, tau=args.tau)
+        opt = EAMSGD([x], lr=args.lr, momentum=args.momentum, tau=args.tau,
+                     compress=args.compress)  # fmt: skip
+    elif args.method == "diloco":
+        inner = (
+            torch.optim.AdamW([x], lr=args.lr, weight_decay=0.1)
+            if args.inner == "adamw"
+            else torch.optim.SGD([x], lr=args.lr)
+        )
+        opt = DiLoCo(inner, tau=args.tau, outer_lr=args.outer_lr,
+                     outer_momentum=args.outer_momentum)  # fmt: skip
+    elif args.method == "easgd":
+        opt = EASGD(torch.optim.SGD([x], lr=args.lr), tau=args.tau, compress=args.compress)
     else:
-        local = torch.optim.SGD([x], lr=args.lr)
-        opt = (EASGD if args.method == "easgd" else LocalSGD)(local, tau=args.tau)
+        opt = LocalSGD(torch.optim.SGD([x], lr=args.lr), tau=args.tau)
     scaler = torch.amp.GradScaler("cpu", init_scale=4.0) if args.scaler else None
     try:
         for i in range(args.steps):
@@ -88,6 +104,8 @@ def main() -> None:
     if rank == 0:
         out = {"center": opt.center.tolist(), "workers": [w.tolist() for w in workers]}
         out["momenta"] = None if momenta is None else [m.tolist() for m in momenta]
+        outer_v = opt.worker.outer_v
+        out["outer_v"] = None if outer_v is None else outer_v.tolist()
         print(json.dumps(out))
     dist.barrier()
     dist.destroy_process_group()

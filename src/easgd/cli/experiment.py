@@ -11,7 +11,14 @@ from typing import Any
 
 from easgd.cli._table import format_table
 from easgd.cli.report import check_writable_folder
-from easgd.experiments import EXPERIMENTS, RUNTIMES, SweepEvent, get_experiment, run_sweep
+from easgd.experiments import (
+    EXPERIMENTS,
+    MAX_EXTENSIONS,
+    RUNTIMES,
+    SweepEvent,
+    get_experiment,
+    run_sweep,
+)
 from easgd.runlog import SUMMARY_FILE, SweepPaths, SweepStatus
 
 __all__ = ["register", "run"]
@@ -78,6 +85,31 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--only", default=None, metavar="METHOD[,..]", help="run only these methods"
     )
+    parser.add_argument(
+        "--lr-extensions",
+        type=int,
+        default=MAX_EXTENSIONS,
+        metavar="N",
+        help="a setting whose best learning rate is the largest (smallest) of its grid gets "
+        "one more rate past that edge, by the grid's step there, up to N times (default "
+        f"{MAX_EXTENSIONS}; 0: never); a best still on an edge is marked in the tables",
+    )
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="the workers' device: cpu (default), cuda (worker i on GPU i mod the GPUs "
+        "visible), cuda:N or auto (cuda when there is one); the parameter servers keep the "
+        "center on the CPU, as easgd train --device does",
+    )
+    parser.add_argument(
+        "--same-init",
+        type=_on_off,
+        default=None,
+        metavar="on|off",
+        help="on: every seed starts from the same initial network (the seed changes the data "
+        "order and dropout), as the paper's 3 runs per setting; off: the seed draws the init "
+        "too (default: the experiment's, on for the paper-* ones)",
+    )
     parser.add_argument("--dry-run", action="store_true", help="list the runs, run nothing")
     parser.add_argument("--data-dir", default=None, help="folder holding the dataset's files")
     parser.add_argument(
@@ -104,14 +136,27 @@ def _only(args: argparse.Namespace) -> list[str] | None:
     return names
 
 
-def _check_args(args: argparse.Namespace, out: str) -> None:
-    """Refuse out-of-range and ignored flags before anything runs (or is listed)."""
+def _check_args(args: argparse.Namespace, out: str) -> str:
+    """Refuse out-of-range and ignored flags before anything runs (or is listed).
+
+    Returns ``--device`` resolved (``auto``: ``cuda`` or ``cpu``), checked as ``easgd train``
+    checks it: CUDA asked for on a CPU build of torch, or with no GPU visible, is refused.
+    """
+    from easgd.preflight import check_device
+
     if not (math.isfinite(args.scale) and args.scale > 0):
         raise ValueError(
             f"--scale {args.scale:g} must be a finite number > 0 (e.g. 0.2 for a smoke run)"
         )
     if args.seeds is not None and args.seeds < 1:
         raise ValueError(f"--seeds {args.seeds} must be >= 1 (independent runs per setting)")
+    if args.lr_extensions < 0:
+        raise ValueError(f"--lr-extensions {args.lr_extensions} must be >= 0 (0: never extend)")
+    if args.device != "cpu" and args.runtime != "real":
+        raise ValueError(
+            f"--device {args.device} applies to --runtime real (the simulator computes on the "
+            "CPU); drop --device or use --runtime real"
+        )
     if args.step_time is not None:
         if args.runtime != "sim":
             raise ValueError(
@@ -130,13 +175,16 @@ def _check_args(args: argparse.Namespace, out: str) -> None:
         )
     if Path(out).exists() and not Path(out).is_dir():
         raise ValueError(f"--out {out} is a file, not a folder; choose a folder")
+    device = check_device(args.device)
     if not args.dry_run:
         check_writable_folder(out, "--out")
+    return device
 
 
-def _print_runs(args: argparse.Namespace, out: str) -> int:
+def _print_runs(args: argparse.Namespace, out: str, device: str) -> int:
     exp = get_experiment(args.name)
     runs = exp.runs(lr_grid=args.lr_grid, seeds=args.seeds, only=_only(args))
+    same_init = exp.same_init if args.same_init is None else args.same_init
     budget = exp.time_budget * args.scale
     sweep = SweepPaths(out)
     rows = [
@@ -148,9 +196,43 @@ def _print_runs(args: argparse.Namespace, out: str) -> int:
     unit = "virtual s" if args.runtime == "sim" else "s of training"
     print(
         f"{exp.name} v{exp.version}: {len(runs)} runs, {budget:g} {unit} each "
-        f"({args.runtime} runtime), into {out}"
+        f"({args.runtime} runtime, workers on {device}), into {out}"
     )
+    grids: dict[tuple[str, int, int], set[float]] = {}
+    for r in runs:
+        grids.setdefault((r.method, r.tau, r.workers), set()).add(r.lr)
+    seeds = args.seeds or exp.seeds
+    init = "one initial network for every seed" if same_init else "the seed draws the init"
+    print(f"{seeds} seed(s) per setting, {init} (--same-init {'on' if same_init else 'off'})")
+    if args.lr_grid and args.lr_extensions:
+        # A grid of one rate grows both ways at its first extension (easgd.experiments.sweep).
+        rates = sum(args.lr_extensions + (len(g) == 1) for g in grids.values())
+        print(
+            f"plus at most {rates * seeds} more runs: a setting ({len(grids)} here) whose best "
+            "learning rate falls on an edge of its grid gets one more rate past that edge, up "
+            f"to {args.lr_extensions} times (--lr-extensions)"
+        )
     return 0
+
+
+def _prepare_data(dataset: str, data_dir: str | None) -> None:
+    """Find (or download) and verify the data set's files once, before any run starts.
+
+    The runs' workers then find them in place; an ImageNet folder is decoded into its cache
+    here (:mod:`easgd.data.imagefolder`), once, rather than by the first run's workers.
+    """
+    from easgd.data import DatasetError, dataset_info, locate_dataset
+
+    name = dataset_info(dataset).name
+    flag = f"--data-dir {data_dir}" if data_dir else f"--dataset {name}"
+    try:
+        files = locate_dataset(name, data_dir=data_dir)
+        if name == "imagenet":
+            from easgd.data.imagefolder import prepare_image_folder
+
+            prepare_image_folder(next(iter(files.values())).parent)
+    except DatasetError as exc:
+        raise ValueError(f"{flag}: {exc}") from None
 
 
 def _progress(event: SweepEvent) -> None:
@@ -186,9 +268,10 @@ def run(args: argparse.Namespace) -> int:
             "`easgd experiment --list` describes them"
         )
     out = args.out or os.path.join("runs", "experiments", args.name)
-    _check_args(args, out)
+    device = _check_args(args, out)
     if args.dry_run:
-        return _print_runs(args, out)
+        return _print_runs(args, out, device)
+    _prepare_data(get_experiment(args.name).dataset, args.data_dir)
     result = run_sweep(
         get_experiment(args.name),
         out,
@@ -199,15 +282,24 @@ def run(args: argparse.Namespace) -> int:
         only=_only(args),
         data_dir=args.data_dir,
         step_time=args.step_time,
+        device=device,
+        same_init=args.same_init,
+        max_extensions=args.lr_extensions,
         progress=None if args.quiet else _progress,
     )
     rows = [
         {"method": m, "tau": t, "p": p, "best lr": s["lr"],
+         "grid edge": result.edge((m, t, p)) or "",
          "best error": s.get("best_center_test_error"), "final error": s.get("center_test_error")}
         for (m, t, p), s in sorted(result.best.items())
     ]  # fmt: skip
     if rows:
         print(format_table(rows))
+        if any(row["grid edge"] for row in rows):
+            print(
+                "grid edge: the best learning rate is still the largest (top) or smallest "
+                "(bottom) one tried: the optimum may lie beyond it; raise --lr-extensions"
+            )
     print(
         f"{len(result.done)} run, {len(result.skipped)} skipped, {len(result.failed)} failed "
         f"of {len(result.runs)}; run directories in {out}; next: easgd report {out}"

@@ -85,15 +85,20 @@ def run(args: argparse.Namespace) -> int:
 
 def _model(cfg: Any, *, recalibrate: bool) -> tuple[Any, Any]:
     """The run's network (its seed) and, to recalibrate batch norm, the training images."""
-    if recalibrate:
-        from easgd.task import build_task
+    from easgd.data.custom import build_custom_model, is_custom
 
-        task = build_task(cfg.dataset, cfg.model, seed=cfg.seed, data_dir=cfg.data_dir)
-        return task.build(), task.train[0]
+    if recalibrate or is_custom(cfg.dataset):  # your own data: its shape is in the data
+        from easgd.task import task_from_config
+
+        task = task_from_config(cfg)
+        return task.build(), task.train[0] if recalibrate else None
     from easgd.data.datasets import dataset_info
     from easgd.models import build_model
 
     info = dataset_info(cfg.dataset)
+    if is_custom(cfg.model):
+        shape = (info.in_channels, info.image_size, info.image_size)
+        return build_custom_model(cfg.model, shape, info.num_classes, seed=cfg.seed), None
     model = build_model(cfg.model, num_classes=info.num_classes, in_channels=info.in_channels,
                         image_size=info.image_size, seed=cfg.seed)  # fmt: skip
     return model, None

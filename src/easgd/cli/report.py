@@ -73,6 +73,14 @@ def register(subparsers: Any) -> None:
         "--reference", default=None, help="sequential reference method (default: msgd if present)"
     )
     parser.add_argument("--title", default=None, help="figure and table title")
+    parser.add_argument(
+        "--tensorboard",
+        default=None,
+        metavar="TBDIR",
+        help="instead of the figures, write each run's TensorBoard events (what easgd train "
+        "--tensorboard writes) to TBDIR/<the run's path under DIR>; what a folder holds "
+        "already is not written twice (needs pip install 'easgd[tensorboard]')",
+    )
     parser.set_defaults(func=run)
 
 
@@ -85,6 +93,8 @@ def run(args: argparse.Namespace) -> int:
             "(5% is --target 0.05)"
         )
     runs = load_runs(args.dirs)
+    if args.tensorboard is not None:
+        return _write_tensorboard(args.dirs, [r.path for r in runs], Path(args.tensorboard))
     if args.out is not None:
         out, flag = Path(args.out), "--out"
     else:
@@ -100,4 +110,26 @@ def run(args: argparse.Namespace) -> int:
     print(f"{len(runs)} runs, {len(report.lines)} lines, target error {report.target:.4f}")
     for path in written:
         print(path)
+    return 0
+
+
+def _write_tensorboard(dirs: list[str], runs: list[Path], target: Path) -> int:
+    """``--tensorboard TBDIR``: each run's events in TBDIR/<its path under its DIR>."""
+    from easgd.runlog.tensorboard import INSTALL_HINT, require_tensorboard, write_tensorboard
+
+    try:
+        require_tensorboard()
+    except ImportError:
+        raise ValueError(
+            f"--tensorboard {target} needs the tensorboard package, which is not installed: "
+            f"{INSTALL_HINT}"
+        ) from None
+    check_writable_folder(target, "--tensorboard")
+    roots = [Path(d).resolve() for d in dirs]
+    for run in runs:
+        where = run.resolve()
+        root = next(r for r in roots if where == r or r in where.parents)
+        folder = target / (where.relative_to(root) if where != root else where.name)
+        written = write_tensorboard(run, folder)
+        print(f"{run}: {written} scalars -> {folder}")
     return 0

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from easgd.algorithms import METHODS, Hyperparams, Mode
+from easgd.algorithms import INNER_OPTIMIZERS, METHODS, Hyperparams, Mode
 from easgd.cli._help import HelpFormatter
 from easgd.cli._progress import Progress
 from easgd.cli._table import format_table
@@ -100,6 +100,26 @@ def add_hyperparam_args(
         default=None,
         help="constant averaging rate of mvadownpour and mvasgd (default 0.001)",
     )
+    g.add_argument(
+        "--outer-lr",
+        type=float,
+        default=None,
+        help="diloco's outer learning rate on the averaged pseudo-gradient (default 0.7, "
+        "the DiLoCo paper's; 1 with --outer-momentum 0 is local SGD)",
+    )
+    g.add_argument(
+        "--outer-momentum",
+        type=float,
+        default=None,
+        help="diloco's outer Nesterov momentum (default 0.9, the DiLoCo paper's)",
+    )
+    g.add_argument(
+        "--inner",
+        default=None,
+        choices=list(INNER_OPTIMIZERS),
+        help="diloco's inner optimizer: sgd (default; Nesterov with --momentum) or adamw "
+        "(betas 0.9/0.999, the DiLoCo paper's choice; --weight-decay is then decoupled)",
+    )
 
 
 def check_elasticity_args(args: argparse.Namespace) -> None:
@@ -139,6 +159,9 @@ def hyperparams_from_args(args: argparse.Namespace) -> Hyperparams:
         "lr_decay": args.lr_decay,
         "lr_power": args.lr_power,
         "moving_rate": args.moving_rate,
+        "outer_lr": args.outer_lr,
+        "outer_momentum": args.outer_momentum,
+        "inner": args.inner,
     }
     return Hyperparams(**{k: v for k, v in fields.items() if v is not None})
 

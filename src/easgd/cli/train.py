@@ -32,7 +32,8 @@ def register(subparsers: Any) -> None:
         description=(
             "Train a model with P worker processes. Asynchronous methods (the default: EAMSGD) "
             "go through S parameter-server processes; synchronous ones (--mode sync, "
-            "allreduce, localsgd) use one flat all_reduce per exchange. An evaluator process "
+            "allreduce, localsgd, diloco) use one flat all_reduce per exchange. An evaluator "
+            "process "
             "measures the center's test error against wall time. Under torchrun, each rank "
             "takes its role from RANK (servers first). With no arguments: digits, 4 workers, "
             "1 server, EAMSGD."
@@ -43,7 +44,7 @@ def register(subparsers: Any) -> None:
     g = parser.add_argument_group("run")
     g.add_argument("--mode", default="auto", choices=MODES,
                    help="auto: asynchronous for the elastic and DOWNPOUR methods (the paper's), "
-                        "synchronous for allreduce and localsgd")  # fmt: skip
+                        "synchronous for allreduce, localsgd and diloco")  # fmt: skip
     g.add_argument(
         "--servers",
         type=int,
@@ -78,11 +79,23 @@ def register(subparsers: Any) -> None:
     g.add_argument(
         "--dataset",
         default=_DEFAULTS.dataset,
-        help="digits (embedded), mnist, fashion-mnist or cifar10",
+        help="digits (embedded), mnist, fashion-mnist or cifar10; or your own: MODULE:FUNCTION "
+        "(returns the train and test sets) or npz:PATH (x_train, y_train, x_test, y_test); "
+        "see docs/own-model-and-data.md",
     )
     g.add_argument("--data-dir", default=None, help="folder holding the dataset's files")
     g.add_argument(
-        "--model", default=None, help="network (see `easgd models`); default: the dataset's own"
+        "--no-verify",
+        action="store_true",
+        help="use the files of mnist, fashion-mnist or cifar10 found in --data-dir or the "
+        "cache even when their MD5 differs from the published one (your own files under "
+        "those names); a warning names each such file",
+    )
+    g.add_argument(
+        "--model",
+        default=None,
+        help="network (see `easgd models`), or your own: MODULE:FUNCTION returning an "
+        "nn.Module (MODULE a module name or a .py file); default: the dataset's own",
     )
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     g.add_argument("--seed", type=int, default=0, help="seed of the init (worker i: seed + i)")
@@ -111,6 +124,13 @@ def register(subparsers: Any) -> None:
         type=float,
         default=_DEFAULTS.eval_interval,
         help="seconds between evaluations of the center",
+    )
+    g.add_argument(
+        "--compress",
+        choices=("none", "bf16", "int8"),
+        default=_DEFAULTS.compress,
+        help="synchronous easgd/eamsgd: send the elastic differences as bf16 (2x fewer "
+        "bytes) or int8 with a scale per 256 values (3.9x fewer), with error feedback",
     )
     g.add_argument(
         "--eval-deferred",
@@ -155,6 +175,14 @@ def register(subparsers: Any) -> None:
                    help="the CA the workers verify the servers' certificate with (default: "
                         "the system's CAs)")  # fmt: skip
     g.add_argument(
+        "--tensorboard",
+        default=None,
+        metavar="DIR",
+        help="also write TensorBoard events to DIR: the center's test error and loss, each "
+        "worker's training loss, bytes sent and received and exchange seconds, against wall "
+        "time (needs pip install 'easgd[tensorboard]'); a resumed run appends to it",
+    )
+    g.add_argument(
         "--max-restarts",
         type=int,
         default=_DEFAULTS.max_restarts,
@@ -179,7 +207,8 @@ _FLAG_DEFAULTS: dict[str, Any] = {}
 #: What a resumed run may change without changing its experiment (besides its budget).
 _RUN_SETTINGS = ("data_dir", "device", "eval_interval", "eval_deferred",
                  "checkpoint_interval", "checkpoint_steps", "timeout", "host",
-                 "max_restarts", "tls_cert", "tls_key", "tls_ca")  # fmt: skip
+                 "max_restarts", "tls_cert", "tls_key", "tls_ca", "tensorboard",
+                 "no_verify")  # fmt: skip
 
 
 def _given(args: argparse.Namespace, name: str) -> bool:
@@ -188,6 +217,18 @@ def _given(args: argparse.Namespace, name: str) -> bool:
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+def _spec(name: str, value: Any) -> Any:
+    """A --dataset or --model as config.json records it (a relative path made absolute)."""
+    from easgd.data.custom import SpecError, absolute_spec
+
+    if name not in ("dataset", "model") or not isinstance(value, str):
+        return value
+    try:
+        return absolute_spec(value, _flag(name))
+    except SpecError:
+        return value  # a malformed one differs from the saved one, and is named as such
 
 
 def resume_config(args: argparse.Namespace) -> TrainConfig:
@@ -218,7 +259,7 @@ def resume_config(args: argparse.Namespace) -> TrainConfig:
     # Resolved: a run saved before config.json recorded resolved values compares the same.
     saved = TrainConfig.from_dict(json.loads(paths.config.read_text())).resolved()
     for name in EXPERIMENT_FIELDS:
-        if _given(args, name) and getattr(args, name) != getattr(saved, name):
+        if _given(args, name) and _spec(name, getattr(args, name)) != getattr(saved, name):
             raise ValueError(
                 f"{_flag(name)} {getattr(args, name)} would change the experiment of "
                 f"--resume {paths.root} ({name}={getattr(saved, name)!r} in its "
@@ -241,13 +282,16 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         "servers": args.servers, "tau": args.tau, "lr": args.lr, "momentum": args.momentum,
         "beta": args.beta, "alpha": args.alpha, "weight_decay": args.weight_decay,
         "lr_decay": args.lr_decay, "lr_power": args.lr_power, "moving_rate": args.moving_rate,
+        "outer_lr": args.outer_lr, "outer_momentum": args.outer_momentum, "inner": args.inner,
         "batch_size": args.batch_size, "epochs": epochs, "time_budget": args.time_budget,
         "steps": args.steps, "dataset": args.dataset, "model": args.model,
-        "data_dir": args.data_dir, "device": args.device, "seed": args.seed, "out": out,
+        "data_dir": args.data_dir, "no_verify": args.no_verify, "device": args.device,
+        "seed": args.seed, "out": out,
         "eval_interval": args.eval_interval, "eval_deferred": args.eval_deferred,
         "checkpoint_interval": args.checkpoint_interval, "checkpoint_steps": args.checkpoint_steps,
         "timeout": args.timeout, "host": args.host, "max_restarts": args.max_restarts,
         "tls_cert": args.tls_cert, "tls_key": args.tls_key, "tls_ca": args.tls_ca,
+        "tensorboard": args.tensorboard, "compress": args.compress,
     }  # fmt: skip
     return TrainConfig(**fields)
 

@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from easgd.algorithms import Mode, Op, Request
+from easgd.algorithms import CompressedSum, Mode, Op, Request
 from easgd.comm.base import Traffic, Transport
 
 __all__ = ["AllReduceTransport", "OutOfStepError", "default_backend", "init_group"]
@@ -121,7 +121,13 @@ class AllReduceTransport(Transport):
         overlap: bool = True,
         owns_group: bool = False,
         check_steps: bool = False,
+        compress: str = "none",
     ) -> None:
+        from easgd.compress import codec
+
+        self.codec = codec(compress)  # validates the name
+        self.compress = compress
+        self._sums: dict[tuple[int, torch.dtype], CompressedSum] = {}
         self.group = group
         self.overlap = overlap
         self.owns_group = owns_group
@@ -150,6 +156,15 @@ class AllReduceTransport(Transport):
                 "only collectives (sum, mean)"
             )
         started = time.perf_counter()
+        if req.op is Op.SUM and self.compress != "none":
+            self._serve_compressed(req, started)
+            return
+        if req.op is Op.MEAN and self.compress != "none":
+            raise ValueError(
+                f"compress={self.compress!r} compresses EASGD's sums of elastic differences; "
+                "the means of all-reduce SGD and local SGD are not compressed: use "
+                "compress='none' with them"
+            )
         check: _Check | None = None
         if self.check_steps and req.tail:
             # The counters ride in the payload's reserved tail: the same collective.
@@ -196,6 +211,23 @@ class AllReduceTransport(Transport):
         self.traffic.bytes_sent += moved
         self.traffic.bytes_received += moved
 
+    def _serve_compressed(self, req: Request, started: float) -> None:
+        check = self._start_check(req.step, finishing=False) if self.check_steps else None
+        work, cs = self._start_compressed(req)
+        pending = _CompressedWork(self, work, cs, req.payload)
+        self.traffic.exchanges += 1
+        if self.overlap:
+            key = req.payload.data_ptr()
+            if key in self._in_flight:
+                raise RuntimeError("a SUM on this buffer is already in flight: WAIT for it first")
+            self._in_flight[key] = (pending, time.perf_counter() - started, check)
+            req.deferred = True
+            return
+        if check is not None:
+            check.verify()
+        pending.wait()
+        self.traffic.last_exchange_seconds = time.perf_counter() - started
+
     def _wait(self, payload: Tensor) -> None:
         entry = self._in_flight.pop(payload.data_ptr(), None)
         if entry is None:
@@ -210,8 +242,43 @@ class AllReduceTransport(Transport):
         self.traffic.last_exchange_seconds = start_seconds + time.perf_counter() - started
 
     def reserve(self, dtype: torch.dtype) -> int:
-        """How many trailing elements of an EASGD sum buffer the step counters need."""
-        return _Counters.size(dtype, self.world) if self.check_steps else 0
+        """How many trailing elements of an EASGD sum buffer the step counters need.
+
+        None when compressing: the counters then travel in their own small collective.
+        """
+        if not self.check_steps or self.compress != "none":
+            return 0
+        return _Counters.size(dtype, self.world)
+
+    def _compressed_sum(self, payload: Tensor) -> CompressedSum:
+        key = (payload.numel(), payload.dtype)
+        if key not in self._sums:
+            if payload.device.type != "cpu":
+                raise ValueError(
+                    f"compress={self.compress!r} runs its two-phase sum on CPU tensors "
+                    f"(gloo); this payload is on {payload.device}: use compress='none' "
+                    "with NCCL"
+                )
+            self._sums[key] = CompressedSum(self.codec, payload.numel(), self.world,
+                                            payload.dtype)  # fmt: skip
+        return self._sums[key]
+
+    def _start_compressed(self, req: Request) -> tuple[Any, CompressedSum]:
+        """Phase 1 of a compressed sum (the all-to-all), in flight; see CompressedSum."""
+        cs = self._compressed_sum(req.payload)
+        packed = cs.encode_local(req.payload)
+        work = dist.all_to_all_single(cs.parts, packed, group=self.group, async_op=True)
+        moved = 2 * (self.world - 1) * cs.shard_bytes  # the all-to-all, then the all-gather
+        self.traffic.bytes_sent += moved
+        self.traffic.bytes_received += moved
+        return work, cs
+
+    def _finish_compressed(self, work: Any, cs: CompressedSum, payload: Tensor) -> None:
+        """Phase 2: this rank's shard summed and compressed, every shard gathered, decoded."""
+        work.wait()
+        own = cs.reduce_owned()
+        dist.all_gather_single(cs.gathered, own, group=self.group)
+        cs.decode_all(payload)
 
     def _start_check(self, step: int, *, finishing: bool) -> _Check:
         slots = torch.zeros(_Counters.size(torch.float64, self.world), dtype=torch.float64)
@@ -332,6 +399,18 @@ class _Counters:
             steps.append(sum(round(d) << (self.bits * i) for i, d in enumerate(block[:-1])))
             finishing.append(block[-1] > 0.5)
         return steps, finishing
+
+
+class _CompressedWork:
+    """A compressed sum in flight: ``wait()`` completes its second phase."""
+
+    def __init__(
+        self, transport: AllReduceTransport, work: Any, cs: CompressedSum, payload: Tensor
+    ) -> None:
+        self.transport, self.work, self.cs, self.payload = transport, work, cs, payload
+
+    def wait(self) -> None:
+        self.transport._finish_compressed(self.work, self.cs, self.payload)
 
 
 class _Check:

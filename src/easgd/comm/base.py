@@ -122,6 +122,7 @@ def make_transport(
     resolve: Callable[[int], tuple[str, int]] | None = None,
     on_event: Callable[[dict[str, Any]], None] | None = None,
     tls: Any = None,
+    compress: str = "none",
 ) -> Transport:
     """The transport of ``mode``: a parameter-server client, an all-reduce group, or none.
 
@@ -131,6 +132,7 @@ def make_transport(
     its restarted server lacks, reporting ``server_lost``/``server_back`` to ``on_event``;
     ``tls``: an ``ssl.SSLContext`` for servers that speak TLS
     (:func:`easgd.comm.wire.client_tls_context`).
+    ``compress``: synchronous EASGD's sums compressed (:class:`AllReduceTransport`).
     Synchronous: joins the default process group from the ``env://`` variables
     (``timeout``; gloo, or NCCL for a CUDA ``device``) unless ``group`` is given.
     CUDA workers of a CPU server are staged through pinned memory.
@@ -155,5 +157,5 @@ def make_transport(
         owns = group is None and not is_initialized()
         if group is None:
             init_group(default_backend(device), timeout=timeout)
-        return AllReduceTransport(group, owns_group=owns)
+        return AllReduceTransport(group, owns_group=owns, compress=compress)
     return LocalTransport()

@@ -1,9 +1,12 @@
 """The data sets of the experiments, loaded into normalized tensors.
 
-``digits`` (scikit-learn, offline, 1x8x8), ``mnist`` and ``fashion-mnist`` (1x28x28) and
-``cifar10`` (3x32x32, trained on random 28x28 crops and tested on the center crop, as in the
-paper). Every set is scaled to [0, 1] and then normalized per channel with the mean and
-standard deviation of its training images.
+``digits`` (scikit-learn, offline, 1x8x8), ``mnist`` and ``fashion-mnist`` (1x28x28),
+``cifar10`` (3x32x32, trained on random 28x28 crops and tested on the center crop: the
+28x28 input is the paper's, the random/center crops our choice, paper-spec 3) and
+``imagenet`` (your ImageNet-format folder, ``data_dir``: :mod:`easgd.data.imagefolder`,
+3x221x221 crops). Every set is scaled to [0, 1] and then normalized per channel with the
+mean and standard deviation of its training images (our choice: the paper's preprocessing
+is in its unretrieved supplement, paper-spec 3).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from torch import Tensor
 from easgd.data.cifar import read_cifar10
 from easgd.data.digits import digits_arrays
 from easgd.data.download import DEFAULT_TIMEOUT, default_cache_dir, fetch_file
-from easgd.data.errors import CorruptFileError
+from easgd.data.errors import CorruptFileError, DatasetNotFoundError
 from easgd.data.idx import read_idx_images, read_idx_labels
 from easgd.data.transforms import RandomCrop, center_crop, channel_stats, normalize_
 
@@ -41,15 +44,18 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10")
+DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "imagenet")
 
 #: Side of the CIFAR crops the model sees (the paper: 28 of 32).
 CIFAR_CROP = 28
+#: Side of the ImageNet crops the model sees (the paper's network takes 3x221x221).
+IMAGENET_CROP = 221
 
 _ALIASES = {
     "fashion_mnist": "fashion-mnist",
     "fashionmnist": "fashion-mnist",
     "cifar-10": "cifar10",
+    "ilsvrc": "imagenet",
 }
 
 
@@ -60,13 +66,16 @@ class Dataset:
     Args:
         name: one of :data:`DATASETS`.
         train_x: float32 ``(N, C, H, W)``, normalized; may be larger than ``image_size``
-            when ``train_transform`` crops it (CIFAR-10: 32x32 stored, 28x28 seen).
+            when ``train_transform`` crops it (CIFAR-10: 32x32 stored, 28x28 seen);
+            ``imagenet``: ``uint8``, memory-mapped, which its ``train_transform`` converts.
         train_y: int64 ``(N,)``.
-        test_x: float32 ``(M, C, image_size, image_size)``, normalized (and center-cropped).
+        test_x: float32 ``(M, C, image_size, image_size)``, normalized (and center-cropped);
+            without ``train_transform``, the training images' ``(H, W)`` (which may be
+            non-square: your own data, :mod:`easgd.data.custom`).
         test_y: int64 ``(M,)``.
         num_classes: number of classes.
         in_channels: ``C``.
-        image_size: side of the images the model sees.
+        image_size: side of the images the model sees (their width, if not square).
         mean, std: per-channel statistics of the training images in [0, 1] that were used to
             normalize both splits.
         train_transform: ``(batch, generator) -> batch`` applied to each training batch,
@@ -93,9 +102,11 @@ class Dataset:
                     f"{split}_x of shape {tuple(x.shape)} and {split}_y of shape "
                     f"{tuple(y.shape)} do not form (N, {self.in_channels}, H, W) and (N,)"
                 )
-        if tuple(self.test_x.shape[2:]) != (self.image_size, self.image_size):
+        cropped = self.train_transform is not None
+        seen = (self.image_size,) * 2 if cropped else tuple(self.train_x.shape[2:])
+        if tuple(self.test_x.shape[2:]) != seen or seen[-1] != self.image_size:
             raise ValueError(
-                f"test_x of shape {tuple(self.test_x.shape)} is not {self.image_size}^2"
+                f"test_x of shape {tuple(self.test_x.shape)} is not {seen[0]}x{seen[1]}"
             )
 
     def __repr__(self) -> str:
@@ -202,6 +213,8 @@ DATASET_INFO: Mapping[str, DatasetInfo] = MappingProxyType(
         "mnist": DatasetInfo("mnist", 1, 28, 10, 60000, 10000),
         "fashion-mnist": DatasetInfo("fashion-mnist", 1, 28, 10, 60000, 10000),
         "cifar10": DatasetInfo("cifar10", 3, CIFAR_CROP, 10, 50000, 10000),
+        # ILSVRC's train and val sets; your folder's own sizes are counted when it is read.
+        "imagenet": DatasetInfo("imagenet", 3, IMAGENET_CROP, 1000, 1281167, 50000),
     }
 )
 
@@ -302,6 +315,7 @@ def load_dataset(
     base_url: str | Sequence[str] | None = None,
     spec: DatasetSpec | None = None,
     timeout: float = DEFAULT_TIMEOUT,
+    verify: bool = True,
 ) -> Dataset:
     """Load a data set as normalized tensors, finding or downloading its files first.
 
@@ -314,6 +328,8 @@ def load_dataset(
         base_url: base URL (or URLs, tried in order) replacing the spec's mirrors.
         spec: replaces ``SPECS[name]`` (file MD5s, mirrors), e.g. for tests.
         timeout: socket timeout in seconds for downloads (default 30).
+        verify: False (``easgd train --no-verify``): files already present whose MD5
+            differs are used, with a warning naming each (downloads are always verified).
 
     Raises:
         ValueError: unknown ``name``, or ``spec`` for another data set.
@@ -332,13 +348,27 @@ def load_dataset(
     if key == "digits":
         train_x, train_y, test_x, test_y = (torch.tensor(a) for a in digits_arrays())
         return _build(key, train_x, train_y, test_x, test_y)
+    if key == "imagenet":  # your folder, decoded once into the cache (easgd.data.imagefolder)
+        from easgd.data.imagefolder import load_image_folder
+
+        return load_image_folder(_image_root(data_dir), cache_dir=cache_dir, crop=IMAGENET_CROP)
 
     paths = locate_dataset(
         key, data_dir=data_dir, cache_dir=cache_dir, download=download, base_url=base_url,
-        spec=spec, timeout=timeout,
+        spec=spec, timeout=timeout, verify=verify,
     )  # fmt: skip
     logger.info("reading %s from %s", key, ", ".join(str(p) for p in paths.values()))
     return _READERS[key](key, paths)
+
+
+def _image_root(data_dir: str | os.PathLike[str] | None) -> Path:
+    """The folder of ``imagenet``: ``data_dir``, which it needs (nothing to download)."""
+    if data_dir is None:
+        raise DatasetNotFoundError(
+            "imagenet is read from your own folder: give --data-dir ROOT, with "
+            "ROOT/train/<class>/<image> and ROOT/val/<class>/<image> (ImageNet's layout)"
+        )
+    return Path(data_dir).expanduser()
 
 
 def locate_dataset(
@@ -350,11 +380,13 @@ def locate_dataset(
     base_url: str | Sequence[str] | None = None,
     spec: DatasetSpec | None = None,
     timeout: float = DEFAULT_TIMEOUT,
+    verify: bool = True,
 ) -> dict[str, Path]:
     """The files of ``name``, found (or downloaded) and MD5-verified, without reading them.
 
     Looks where :func:`load_dataset` looks, with the same arguments and the same errors;
-    ``{filename: path}`` in the spec's order, empty for ``digits`` (no files: scikit-learn's).
+    ``{filename: path}`` in the spec's order, empty for ``digits`` (no files: scikit-learn's);
+    ``imagenet``: its two split folders (``{"train": ..., "val": ...}``), scanned.
     A launcher calls it once before starting its workers, which then find the files in place.
     """
     key = _canonical_name(name)
@@ -362,6 +394,12 @@ def locate_dataset(
         raise ValueError(f"spec is for {spec.name!r} but the data set asked for is {key!r}")
     if key == "digits":
         return {}
+    if key == "imagenet":  # nothing to fetch: the split folders, checked (easgd.data.imagefolder)
+        from easgd.data.imagefolder import TEST_SPLITS, scan_image_folder
+
+        root = scan_image_folder(_image_root(data_dir)).root
+        test = next(root / name for name in TEST_SPLITS if (root / name).is_dir())
+        return {"train": root / "train", test.name: test}
     spec = spec or SPECS[key]
     if base_url is not None:
         mirrors = (base_url,) if isinstance(base_url, str) else tuple(base_url)
@@ -377,6 +415,7 @@ def locate_dataset(
             data_subdirs=spec.data_subdirs,
             download=download,
             timeout=timeout,
+            verify=verify,
         )
         for filename, md5 in spec.files.items()
     }

@@ -16,6 +16,9 @@ Failure behaviour:
   download the same file therefore never see half a file.
 - When every mirror fails, :class:`DownloadError` lists each URL with its reason and says
   how to supply the file by hand.
+- ``verify=False`` (``easgd train --no-verify``: your own files under the canonical names):
+  a file in ``data_dir`` or in the cache whose MD5 differs is used as it is, never replaced,
+  and a warning names it (:data:`MISMATCH_WARNING`); a download is still verified.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from pathlib import Path
 
 from easgd.data.errors import ChecksumError, DatasetNotFoundError, DownloadError
 
-__all__ = ["DEFAULT_TIMEOUT", "default_cache_dir", "fetch_file", "md5sum"]
+__all__ = ["DEFAULT_TIMEOUT", "MISMATCH_WARNING", "default_cache_dir", "fetch_file", "md5sum"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +44,12 @@ logger = logging.getLogger(__name__)
 DEFAULT_TIMEOUT = 30.0
 
 _CHUNK = 1 << 20
+#: The warning (a ``logging`` format of path, actual and expected MD5) for a file used
+#: with ``verify=False`` although its MD5 differs.
+MISMATCH_WARNING = "%s has MD5 %s, not the published %s: used as it is (--no-verify)"
+_NO_VERIFY = " Or, to train on this file as it is, pass --no-verify (verify=False)."
+# (path, MD5) of the files this process warned about: once each, not at every load.
+_WARNED: set[tuple[str, str]] = set()
 
 
 def default_cache_dir() -> Path:
@@ -75,6 +84,7 @@ def fetch_file(
     data_subdirs: Sequence[str] = (),
     download: bool = True,
     timeout: float = DEFAULT_TIMEOUT,
+    verify: bool = True,
 ) -> Path:
     """Return the path of ``filename`` with MD5 ``md5``, downloading it if needed.
 
@@ -88,20 +98,24 @@ def fetch_file(
             e.g. torchvision's ``MNIST/raw`` (default none).
         download: whether a missing file may be downloaded (default True).
         timeout: socket timeout in seconds for each connection and read (default 30).
+        verify: False: a file present (``data_dir``, the cache) whose MD5 differs is used,
+            with a warning naming it (default True: refused, or downloaded again).
     """
     user_folders = [] if data_dir is None else [*(data_dir / s for s in data_subdirs), data_dir]
     for folder in user_folders:
         path = folder / filename
         if path.is_file():
             actual = md5sum(path)
-            if actual != md5:
+            if actual != md5 and not verify:
+                _warn_mismatch(path, actual, md5)
+            elif actual != md5:
                 raise ChecksumError(
                     _mismatch_message(
                         path,
                         md5,
                         actual,
                         "Replace it with the original file, or delete it and run without "
-                        "--data-dir (download=True) to download a fresh copy.",
+                        "--data-dir (download=True) to download a fresh copy." + _NO_VERIFY,
                     )
                 )
             logger.debug("using %s", path)
@@ -113,6 +127,9 @@ def fetch_file(
         if actual == md5:
             logger.debug("using cached %s", path)
             return path
+        if not verify:
+            _warn_mismatch(path, actual, md5)
+            return path
         if not download:
             raise ChecksumError(
                 _mismatch_message(
@@ -120,7 +137,8 @@ def fetch_file(
                     md5,
                     actual,
                     f"Delete it and allow downloading (download=True) to fetch it again, or "
-                    f"pass --data-dir with a good copy. URL: {_join(mirrors[0], filename)}",
+                    f"pass --data-dir with a good copy. URL: {_join(mirrors[0], filename)}."
+                    + _NO_VERIFY,
                 )
             )
         logger.warning("cached %s has a wrong MD5 (%s); downloading it again", path, actual)
@@ -152,6 +170,12 @@ def fetch_file(
         + f"\nCheck the network, or download {filename} yourself into a folder and pass "
         f"--data-dir (data_dir=) pointing to it."
     )
+
+
+def _warn_mismatch(path: Path, actual: str, md5: str) -> None:
+    if (str(path), actual) not in _WARNED:
+        _WARNED.add((str(path), actual))
+        logger.warning(MISMATCH_WARNING, path, actual, md5)
 
 
 def _join(base: str, filename: str) -> str:

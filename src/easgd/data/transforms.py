@@ -1,8 +1,10 @@
 """Batch transforms: per-channel statistics and normalization, random and center crops.
 
-The paper trains on random 28x28 crops of the 32x32 CIFAR images and tests on the center
-crop. :class:`RandomCrop` draws one offset per image from a :class:`torch.Generator`, so the
-crops a worker sees depend only on its seed (see :class:`easgd.data.BatchStream`).
+The paper's CIFAR network takes 28x28 inputs of the 32x32 images; training on random
+28x28 crops and testing on the center crop is our choice (the paper's preprocessing is in
+its unretrieved supplement: paper-spec 3, 8). :class:`RandomCrop` draws one offset per
+image from a :class:`torch.Generator`, so the crops a worker sees depend only on its seed
+(see :class:`easgd.data.BatchStream`).
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ class RandomCrop:
     """A ``size x size`` window at an independent uniform offset for each image of a batch.
 
     Args:
-        size: side of the crop (the paper: 28 on 32x32 CIFAR images).
+        size: side of the crop (CIFAR: 28 of 32, the paper's network's input).
 
     Example:
         >>> crop = RandomCrop(28)

@@ -13,7 +13,8 @@ split by what changes together:
 * :mod:`~easgd.experiments.simulated`: runs on the simulator's virtual clock
   (:class:`SimRuntime`), with the measured step time (:func:`measure_step_time`);
 * :mod:`~easgd.experiments.sweep`: :func:`run_sweep` (resuming, recording failures, refusing
-  to mix settings) and :func:`select_best`.
+  to mix settings, extending a learning-rate grid whose best is on its edge) and
+  :func:`select_best`.
 
 Both runtimes leave the same run-directory files (``config.json``, ``eval.jsonl``,
 ``metrics.jsonl``, ``summary.json``, plus ``run.json`` with the experiment's budget), so
@@ -27,10 +28,20 @@ from easgd.experiments.real import RealRuntime
 from easgd.experiments.registry import EXPERIMENTS, get_experiment
 from easgd.experiments.runtime import Runner, Runtime, SweepContext
 from easgd.experiments.simulated import SimRuntime, measure_step_time
-from easgd.experiments.sweep import RUNTIMES, SweepEvent, SweepResult, run_sweep, select_best
+from easgd.experiments.sweep import (
+    MAX_EXTENSIONS,
+    RUNTIMES,
+    SweepEvent,
+    SweepResult,
+    grid_edge,
+    next_rates,
+    run_sweep,
+    select_best,
+)
 
 __all__ = [
     "EXPERIMENTS",
+    "MAX_EXTENSIONS",
     "RUNTIMES",
     "Experiment",
     "MethodPlan",
@@ -43,7 +54,9 @@ __all__ = [
     "SweepEvent",
     "SweepResult",
     "get_experiment",
+    "grid_edge",
     "measure_step_time",
+    "next_rates",
     "run_sweep",
     "select_best",
 ]

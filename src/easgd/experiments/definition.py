@@ -26,9 +26,11 @@ from easgd.algorithms import METHODS, MethodSpec
 if TYPE_CHECKING:
     from easgd.config import TrainConfig
 
-__all__ = ["PANELS", "Experiment", "MethodPlan", "RunSpec"]
+__all__ = ["PANELS", "SHARED_INIT_SEED", "Experiment", "MethodPlan", "RunSpec"]
 
 PANELS = ("tau", "workers")
+#: The init seed of every run of a ``same_init`` experiment, whatever its seed.
+SHARED_INIT_SEED = 0
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,10 @@ class Experiment:
         panel: ``"tau"`` (one panel per tau, the paper's Fig. 2) or ``"workers"`` (Fig. 3).
         time_budget: training seconds per run (virtual seconds in the simulator).
         seeds: independent runs per setting (the paper: 3 on CIFAR, keeping the best).
+        same_init: every seed starts from one initial network (init seed
+            :data:`SHARED_INIT_SEED`); the seed changes the data order and dropout only. The
+            paper makes its 3 CIFAR runs "from the same initialization" (paper-spec 3); False:
+            the seed is the init seed too (a run per seed is then also a draw of the init).
         batch_size, weight_decay, beta, momentum, moving_rate: the paper's by default; each
             is given only to the methods that use it.
         eval_interval: seconds between evaluations of the center.
@@ -116,6 +122,7 @@ class Experiment:
     panel: str
     time_budget: float
     seeds: int = 1
+    same_init: bool = False
     batch_size: int = 128
     weight_decay: float = 1e-4
     beta: float = 0.9
@@ -190,12 +197,16 @@ class Experiment:
         time_budget: float | None = None,
         steps: int | None = None,
         eval_interval: float | None = None,
+        device: str = "cpu",
+        same_init: bool | None = None,
     ) -> TrainConfig:
         """The :class:`easgd.config.TrainConfig` of ``run`` writing into ``out``.
 
         A hyperparameter goes only to the methods that use it (``Hyperparams`` refuses the
         others); the experiment's momentum goes to the methods whose default has momentum
-        (all-reduce and local SGD keep their default of none).
+        (all-reduce and local SGD keep their default of none). ``device``: the workers'
+        (servers stay on the CPU, as ``easgd train --device`` does); ``same_init``: overrides
+        the experiment's (:meth:`init_seed`).
         """
         from easgd.config import TrainConfig
 
@@ -208,9 +219,15 @@ class Experiment:
             moving_rate=self.moving_rate if spec.uses("moving_rate") else None,
             batch_size=self.batch_size, time_budget=time_budget, steps=steps,
             dataset=self.dataset, model=self.model, data_dir=data_dir, seed=run.seed,
-            out=str(out), eval_interval=eval_interval or self.eval_interval,
+            init_seed=self.init_seed(run, same_init), device=device, out=str(out),
+            eval_interval=eval_interval or self.eval_interval,
             checkpoint_interval=max(5.0, self.time_budget / 4),
         )  # fmt: skip
+
+    def init_seed(self, run: RunSpec, same_init: bool | None = None) -> int:
+        """The seed of ``run``'s initial network: shared, or its own seed (see ``same_init``)."""
+        shared = self.same_init if same_init is None else same_init
+        return SHARED_INIT_SEED if shared else run.seed
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -30,6 +30,10 @@ class SweepContext:
     runtime: str
     scale: float
     data_dir: str | None
+    #: The workers' device (resolved: ``cpu``, ``cuda`` or ``cuda:N``); servers use the CPU.
+    device: str = "cpu"
+    #: Every seed of a setting starts from the same network (:meth:`Experiment.init_seed`).
+    same_init: bool = False
 
     @property
     def budget(self) -> float:
@@ -46,7 +50,8 @@ class SweepContext:
         return {
             "experiment": e.name, "version": e.version, "runtime": self.runtime,
             "scale": self.scale, "train_budget": self.budget, "run": dataclasses.asdict(run),
-            "name": run.name,
+            "name": run.name, "device": self.device, "same_init": self.same_init,
+            "init_seed": e.init_seed(run, self.same_init),
         }  # fmt: skip
 
 

@@ -122,7 +122,7 @@ class SimRuntime:
     """
 
     step_time: float | None = None
-    #: The problem (network, data) per seed, built once per sweep.
+    #: The problem (network, data) per init seed, built once per sweep.
     parts: dict[int, Any] = field(default_factory=dict)
     name: ClassVar[str] = "sim"
 
@@ -149,14 +149,15 @@ class SimRuntime:
         step_time = self.sim_step_time(ctx)
         steps = max(1, round(ctx.budget / step_time))
         cfg = e.train_config(run, folder, data_dir=ctx.data_dir, steps=steps,
-                             eval_interval=ctx.eval_interval)  # fmt: skip
+                             eval_interval=ctx.eval_interval, same_init=ctx.same_init)  # fmt: skip
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_json(paths.config, cfg.to_dict())
-        if run.seed not in self.parts:
-            self.parts[run.seed] = build_task(
-                e.dataset, e.model, seed=run.seed, data_dir=ctx.data_dir
+        init_seed = e.init_seed(run, ctx.same_init)
+        if init_seed not in self.parts:
+            self.parts[init_seed] = build_task(
+                e.dataset, e.model, seed=init_seed, data_dir=ctx.data_dir
             )
-        parts = self.parts[run.seed]
+        parts = self.parts[init_seed]
         problem = _LossLog(
             ModelObjective(parts.build, parts.train, parts.test, e.batch_size, parts.transform)
         )

@@ -49,7 +49,7 @@ def run_server(cfg: TrainConfig, ctx: RoleContext, shard: int) -> None:
     from easgd.comm.ps import ParameterServer, shard_ranges
     from easgd.comm.ps_server import default_max_connections
     from easgd.flat import parameters_to_flat_views
-    from easgd.task import build_task
+    from easgd.task import task_from_config
 
     torch.set_num_threads(1)
     restart = int(os.environ.get(RESTART_ENV, "0"))
@@ -69,7 +69,7 @@ def run_server(cfg: TrainConfig, ctx: RoleContext, shard: int) -> None:
         "tls": cfg.server_tls(),
     }  # fmt: skip
     resumed_t: int | None = None
-    task = build_task(cfg.dataset, cfg.model, seed=cfg.seed, data_dir=cfg.data_dir)
+    task = task_from_config(cfg)
     center = parameters_to_flat_views(task.build()).params.detach().clone()
     lo, hi = shard_ranges(center.numel(), cfg.servers)[shard]
     if resumed and (path.exists() or previous_checkpoint(path).exists()):

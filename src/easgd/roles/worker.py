@@ -1,6 +1,6 @@
 """The worker role: train one replica until its budget is spent.
 
-It reads top to bottom: build the model (the same seed everywhere) with its parameters as
+It reads top to bottom: build the model (the same init seed everywhere) with its parameters as
 views of one flat buffer, open the transport the method's mode needs (parameter server,
 all-reduce group, or none), start from the center, then drive
 :func:`easgd.algorithms.run_step` until the budget is spent, logging every exchange, and
@@ -87,7 +87,7 @@ def run_worker(cfg: TrainConfig, ctx: RoleContext, index: int) -> None:
     """Train as worker ``index`` until the budget is spent."""
     from easgd.data.loader import BatchStream
     from easgd.flat import parameters_to_flat_views
-    from easgd.task import build_task, model_grad_fn
+    from easgd.task import model_grad_fn, task_from_config
 
     # Setup: the model, its flat views, the data stream, the transport, the worker.
     torch.set_num_threads(1)
@@ -96,7 +96,7 @@ def run_worker(cfg: TrainConfig, ctx: RoleContext, index: int) -> None:
     torch.manual_seed(cfg.seed + index)
     device = resolve_device(cfg.device, ctx.local_rank)
     hp, mode = cfg.hyperparams(), cfg.resolved_mode()
-    task = build_task(cfg.dataset, cfg.model, seed=cfg.seed, data_dir=cfg.data_dir)
+    task = task_from_config(cfg)
     model = task.build().to(device)
     flat = parameters_to_flat_views(model)
     stream = BatchStream(
@@ -112,7 +112,7 @@ def run_worker(cfg: TrainConfig, ctx: RoleContext, index: int) -> None:
         secret=secret(), timeout=cfg.timeout,
         reconnect_timeout=_reconnect_timeout(cfg),
         resolve=lambda shard: server_addresses(ctx.store, cfg.servers, cfg.timeout)[shard],
-        on_event=lambda event: log.event(**event), tls=cfg.client_tls(),
+        on_event=lambda event: log.event(**event), tls=cfg.client_tls(), compress=cfg.compress,
     )  # fmt: skip
     transport.start(flat.params)  # every worker starts from the center
     worker = Worker(hp, flat.params, mode, grad=flat.grads)
@@ -286,12 +286,13 @@ class _State:
     """This worker's own state in ``checkpoints/worker-<i>.pt``, for ``easgd train --resume``.
 
     A synchronous or sequential worker keeps everything its run continues from: x, the
-    momentum v, DOWNPOUR's accumulator, the center copy (synchronous EASGD), the average z,
-    the step t, the data stream's position and torch's RNG state (dropout). An asynchronous
-    worker keeps t, the stream and the RNG: on resume it pulls the center from the restored
-    servers, as a restarted worker does. The file is an ``easgd.checkpoint/1`` of kind
-    ``center`` whose ``meta["state"]`` is ``"worker"`` (its ``center`` tensor is the center
-    copy where the worker holds one, else x).
+    momentum v, DOWNPOUR's accumulator, the center copy (synchronous EASGD; DiLoCo's global
+    parameters), DiLoCo's outer momentum and AdamW moments, the average z, the step t, the
+    data stream's position and torch's RNG state (dropout). An asynchronous worker keeps t,
+    the stream and the RNG: on resume it pulls the center from the restored servers, as a
+    restarted worker does. The file is an ``easgd.checkpoint/1`` of kind ``center`` whose
+    ``meta["state"]`` is ``"worker"`` (its ``center`` tensor is the center copy where the
+    worker holds one, else x).
 
     Saved every ``every`` steps, at the same steps on every rank (after settling the
     exchange in flight), and at the end of training before local SGD's final average.
@@ -357,7 +358,9 @@ class _State:
             "rng": torch.get_rng_state(),
         }
         if self.full:
-            tensors.update(x=state["x"], v=state["v"], acc=state["acc"], z=state["z"])
+            tensors.update(x=state["x"], v=state["v"], acc=state["acc"], z=state["z"],
+                           outer_v=state["outer_v"], exp_avg=state["exp_avg"],
+                           exp_avg_sq=state["exp_avg_sq"])  # fmt: skip
         meta = {
             "state": "worker", "worker": self.index, "mode": w.mode.value,
             "stream": self.stream.state_dict(), "train_seconds": self.seconds(),
