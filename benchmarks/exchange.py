@@ -17,6 +17,9 @@ reports medians:
   (the best MAC both sides have: Poly1305 with ``cryptography``, see
   :mod:`easgd.comm.wire`), and ``ps_elastic_authenticated_sha256`` with the standard
   library's HMAC-SHA256 (what a process without ``cryptography`` gets);
+* ``ps_elastic_bf16`` / ``ps_elastic_int8``: the same exchange with both directions
+  compressed (``PSClient(compress=...)``), ratios against ``ps_elastic``, with the payload
+  bytes of an exchange;
 * ``ps_elastic_tls``: the same over TLS (a self-signed certificate the client verifies,
   so the TLS records authenticate the frames); skipped without ``openssl`` or
   ``cryptography`` to make the certificate. These rows are ratios against ``ps_elastic``;
@@ -347,6 +350,8 @@ PS_ROWS = {
     "ps_elastic_authenticated": "the same with a shared secret: every frame authenticated",
     "ps_elastic_authenticated_sha256": "the same, HMAC-SHA256 (the standard library's)",
     "ps_elastic_tls": "the same over TLS (the client verifies the server's certificate)",
+    "ps_elastic_bf16": "the same, both directions compressed to bf16 (PSClient(compress=))",
+    "ps_elastic_int8": "the same, both directions compressed to int8 with a scale per 256",
 }
 #: The server's refusal of non-finite payloads, alone, on the same vector (part of every
 #: ps_elastic row already): its share of an exchange.
@@ -483,6 +488,15 @@ def sync_bytes(name: str, numel: int | None = None, world: int = 2) -> int:
     return 2 * (world - 1) * c.packed_size(padded(math.ceil(n / world), c.align))
 
 
+def ps_bytes(name: str, numel: int | None = None) -> int:
+    """Payload bytes of one asynchronous elastic exchange, both directions (one shard)."""
+    n = SUMMARY_NUMEL[0] if numel is None else numel
+    if name == "none":
+        return 2 * n * 4
+    c = codec(name)
+    return 2 * c.packed_size(padded(n, c.align))
+
+
 SUMMARY_NUMEL = [0]  # the numel of the run being summarized (set by run)
 
 
@@ -514,6 +528,15 @@ def summarize(samples: dict[str, list[float]], missing: Missing) -> list[dict[st
             )
         elif name.startswith("ps_elastic_"):
             row.update(ratio=ratio(med[name], med["ps_elastic"]), baseline="ps_elastic")
+            kind = name.removeprefix("ps_elastic_")
+            if name != FINITE_ROW:
+                row.update(bytes_per_exchange=ps_bytes(kind if kind in COMPRESSED else "none"))
+        elif name == "ps_elastic":
+            row.update(
+                ratio=ratio(med[name], med["gloo_echo"]),
+                baseline="gloo_echo",
+                bytes_per_exchange=ps_bytes("none"),
+            )
         elif name.startswith("sync_easgd_"):
             row.update(
                 ratio=ratio(med[name], med["sync_easgd"]),
@@ -597,6 +620,10 @@ def run(
                     where["tls"], numel, worker_id=0, secret=SECRET,
                     tls=wire.client_tls_context(ca=cert[0]),
                 )  # fmt: skip
+            for i, name in enumerate(COMPRESSED):
+                clients[f"ps_elastic_{name}"] = PSClient(
+                    where["plain"], numel, worker_id=2 + i, compress=name
+                )
             for c in clients.values():
                 c.join(d)
             rows = build_rows(x, d, clients, periods)

@@ -22,7 +22,8 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCHMARKS = ("overhead", "exchange", "scaling", "time_to_accuracy", "sim_scale", "checkpoints")
+BENCHMARKS = ("overhead", "exchange", "scaling", "time_to_accuracy", "sim_scale", "checkpoints",
+              "alpha_study")  # fmt: skip
 
 
 def quick(name: str, tmp_path: Path, timeout: float) -> dict[str, Any]:
@@ -198,6 +199,17 @@ def test_time_to_accuracy_quick(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(180)
+def test_alpha_study_quick(tmp_path: Path) -> None:
+    result = quick("alpha_study", tmp_path, timeout=170)
+    rows = {(r["problem"], r["workers"]): r for r in result["rows"]}
+    assert set(rows) == {("quadratic", 2), ("quadratic", 4), ("digits", 4)}
+    for row in rows.values():
+        scores = {float(m): v for m, v in row["scores"].items()}
+        assert set(scores) == set(result["multiples"]) and row["default"] == scores[1.0]
+        assert scores[row["best"]] == min(scores.values())
+
+
+@pytest.mark.timeout(180)
 def test_sim_scale_quick(tmp_path: Path) -> None:
     result = quick("sim_scale", tmp_path, timeout=170)
     assert {r["problem"] for r in result["speed"]} == {"quadratic", "digits"}
@@ -225,7 +237,7 @@ def test_exchange_quick(tmp_path: Path) -> None:
         "ps_elastic_tls", "ps_elastic_finite_check", "allreduce_raw", "sync_easgd", "loop_local",
         "loop_allreduce_raw",
         "loop_sync_easgd_blocking", "loop_sync_easgd", "sync_easgd_bf16", "sync_easgd_int8",
-        "codec_copy", "codec_bf16", "codec_int8",
+        "codec_copy", "codec_bf16", "codec_int8", "ps_elastic_bf16", "ps_elastic_int8",
     }  # fmt: skip
     assert rows["gloo_echo"]["ratio"] == 1.0 and rows["allreduce_raw"]["ratio"] == 1.0
     # Compressed exchanges: fewer bytes per rank and exchange, side by side with float32.
@@ -234,6 +246,9 @@ def test_exchange_quick(tmp_path: Path) -> None:
     assert full / rows["sync_easgd_int8"]["bytes_sent_per_exchange"] >= 3.5
     assert rows["codec_int8"]["baseline"] == "codec_copy"
     assert rows["sync_easgd_int8"]["baseline"] == "sync_easgd"
+    full = rows["ps_elastic"]["bytes_per_exchange"]
+    assert full / rows["ps_elastic_bf16"]["bytes_per_exchange"] >= 2.0
+    assert full / rows["ps_elastic_int8"]["bytes_per_exchange"] >= 3.5
     assert rows["loop_sync_easgd"]["baseline"] == "loop_allreduce_raw"
     for r in rows.values():
         assert r["median_ms"] > 0 and len(r["samples_ms"]) == result["repeats"]

@@ -195,12 +195,14 @@ def test_real_specs_carry_the_published_md5s() -> None:
     assert dict(SPECS["cifar10"].files) == {CIFAR_FILE: "c58f30108f718f92721af3b95e74349a"}
     assert SPECS["mnist"].mirrors[0] == "https://ossci-datasets.s3.amazonaws.com/mnist/"
     assert SPECS["cifar10"].mirrors == ("https://www.cs.toronto.edu/~kriz/",)
-    # digits is scikit-learn's, imagenet your own folder: neither has files to fetch.
-    assert set(SPECS) | {"digits", "imagenet"} == set(DATASETS)
+    # digits is scikit-learn's, digits-hard made from it, imagenet your own folder: none of
+    # them has files to fetch.
+    assert set(SPECS) | {"digits", "digits-hard", "imagenet"} == set(DATASETS)
 
 
 def test_unknown_name_lists_valid_names() -> None:
-    with pytest.raises(ValueError, match=r"'svhn'.*digits, mnist, fashion-mnist, cifar10"):
+    names = r"'svhn'.*digits, digits-hard, mnist, fashion-mnist, cifar10"
+    with pytest.raises(ValueError, match=names):
         load_dataset("svhn")
 
 

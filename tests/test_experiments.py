@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any
@@ -31,6 +36,8 @@ from easgd.runlog import (
 )
 
 pytestmark = pytest.mark.timeout(60)
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _grid(name: str, **kw: Any) -> set[tuple[str, int, int]]:
@@ -321,3 +328,32 @@ def test_real_run_gets_the_budget_and_start_up_is_reported_apart(
     assert (summary["startup_seconds"], summary["train_seconds"]) == (20.0, 6.0)
     info = json.loads(run.run_info.read_text())
     assert info["train_budget"] == 6.0 and "startup_allowance" not in info
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_the_whole_sweep_not_one_run(tmp_path: Path, signum: int) -> None:
+    # Before, the run's launcher turned the signal into an interrupted run, the sweep
+    # recorded it as failed and started the next run: the sweep ignored Ctrl-C and SIGTERM.
+    out = tmp_path / "sweep"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "easgd", "experiment", "digits-fig2", "--scale", "0.05",
+         "--only", "easgd", "--lr-grid", "off", "--quiet", "--out", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        first = out / "easgd_tau1_p4_lr0.03_s0" / "metrics.jsonl"
+        while not (first.exists() and '"train_start"' in first.read_text()):
+            assert proc.poll() is None, proc.communicate()[1][-2000:]
+            time.sleep(0.05)
+        proc.send_signal(signum)
+        _, stderr = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 128 + signum, stderr[-2000:]
+    assert "interrupted during run easgd_tau1_p4_lr0.03_s0" in stderr
+    started = sorted(p.name for p in out.iterdir() if p.is_dir() and p.name.startswith("easgd"))
+    assert started == ["easgd_tau1_p4_lr0.03_s0"]  # no run after the interrupted one

@@ -68,6 +68,15 @@ def _processes(paths: RunPaths) -> dict[tuple[str, int], dict[str, Any]]:
     return {(p["role"], p["index"]): p for p in doc["processes"]}
 
 
+def _process(paths: RunPaths, role: str, index: int, proc: subprocess.Popen[str]) -> dict[str, Any]:
+    """``processes.json``'s entry of a running process, waited for: the launcher rewrites
+    the file on its own loop, so under load an event of the process may come first."""
+    return _wait_for(
+        lambda: (p := _processes(paths).get((role, index))) and p.get("state") == "running" and p,
+        proc, f"processes.json named {role} {index} running",
+    )  # fmt: skip
+
+
 def _events(paths: RunPaths, kind: Event, **match: Any) -> list[dict[str, Any]]:
     return [
         e
@@ -158,7 +167,7 @@ def test_a_lost_worker_does_not_stall_the_end_of_the_run(tmp_path: Path) -> None
                   "--timeout", "3600")  # fmt: skip
     try:
         _wait_for(lambda: _events(paths, Event.EXCHANGE, worker=1), proc, "worker 1 exchanged")
-        victim = _processes(paths)[("worker", 1)]
+        victim = _process(paths, "worker", 1, proc)
         os.kill(victim["pid"], signal.SIGKILL)
         stdout, stderr = _finish(proc)
     finally:
@@ -185,7 +194,7 @@ def test_a_run_that_lost_every_worker_fails(tmp_path: Path) -> None:
     proc = _start(paths.root, "--workers", "1", "--tau", "2", "--steps", "100000")
     try:
         _wait_for(lambda: _events(paths, Event.EXCHANGE, worker=0), proc, "worker 0 exchanged")
-        os.kill(_processes(paths)[("worker", 0)]["pid"], signal.SIGKILL)
+        os.kill(_process(paths, "worker", 0, proc)["pid"], signal.SIGKILL)
         stdout, stderr = _finish(proc)
     finally:
         _end_run(proc, paths)
@@ -209,13 +218,15 @@ def test_a_killed_server_is_restarted_from_its_checkpoint(tmp_path: Path) -> Non
     try:
         _wait_for(lambda: _events(paths, Event.CHECKPOINT, shard=0), proc, "a checkpoint")
         _wait_for(lambda: _events(paths, Event.EXCHANGE), proc, "an exchange")
-        first = _processes(paths)[("server", 0)]
-        assert first["state"] == "running" and first["port"] is not None
+        first = _wait_for(
+            lambda: (p := _process(paths, "server", 0, proc))["port"] is not None and p,
+            proc, "processes.json named the server's port",
+        )  # fmt: skip
         os.kill(first["pid"], signal.SIGKILL)
         restart = _wait_for(lambda: _events(paths, Event.SERVER_RESTART, shard=0), proc,
                             "the server restarted")[0]  # fmt: skip
         second = _wait_for(
-            lambda: (p := _processes(paths)[("server", 0)])["pid"] != first["pid"]
+            lambda: (p := _processes(paths).get(("server", 0), first))["pid"] != first["pid"]
             and p["port"] is not None and p,
             proc, "processes.json named the new server",
         )  # fmt: skip
@@ -264,7 +275,7 @@ def test_a_server_dead_beyond_its_restarts_fails_the_run(tmp_path: Path) -> None
     proc = _start(paths.root, "--workers", "2", "--steps", "1000000")
     try:
         _wait_for(lambda: _events(paths, Event.EXCHANGE), proc, "an exchange")
-        server = _processes(paths)[("server", 0)]
+        server = _process(paths, "server", 0, proc)
         os.kill(server["pid"], signal.SIGKILL)
         _, stderr = _finish(proc)
     finally:

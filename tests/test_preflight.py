@@ -168,7 +168,7 @@ def mnist_unreachable(tmp: Path, mp: pytest.MonkeyPatch) -> dict[str, Any]:
 
 #: (id, TrainConfig changes, setup, flag, fragment of the message)
 REFUSED: list[tuple[str, dict[str, Any], Setup, str, str]] = [
-    ("unknown-dataset", {"dataset": "svhn"}, nothing, "--dataset", "digits, mnist"),
+    ("unknown-dataset", {"dataset": "svhn"}, nothing, "--dataset", "digits, digits-hard, mnist"),
     ("unknown-model", {"model": "resnet"}, nothing, "--model", "easgd models"),
     ("model-too-big-for-digits", {"model": "cifar-paper"}, nothing, "--model",
      "does not take the 1x8x8 images of --dataset digits"),

@@ -304,8 +304,13 @@ def test_killed_server_is_a_clear_error_and_restarts_from_its_checkpoint(
     for _ in range(5):
         client.serve(Request(Op.PUSH_PULL, ones, x))
     assert wait_until(lambda: ckpt.exists() and read_checkpoint(ckpt)["t"] == 5)
-    logged = [e["event"] for e in read_jsonl(events)[0]]
-    assert logged[:2] == ["start", "join"] and "checkpoint" in logged
+
+    def logged() -> list[str]:
+        return [e["event"] for e in read_jsonl(events)[0]]
+
+    # The server writes the file, then its event: under load the test may read in between.
+    assert wait_until(lambda: "checkpoint" in logged())
+    assert logged()[:2] == ["start", "join"]
 
     server_proc.kill()
     server_proc.wait(timeout=PATIENCE)

@@ -93,6 +93,9 @@ __all__ = [
     "adamw_step_",
     "average_rate",
     "compress_with_feedback_",
+    "compressed_elastic_receive_",
+    "compressed_elastic_send_",
+    "compressed_elastic_serve_",
     "contribution",
     "diloco_outer_step_",
     "downpour_accumulate_",
@@ -1176,6 +1179,24 @@ class Center:
             reply.copy_(c)
         self.t += 1
 
+    def handle_compressed(
+        self,
+        reference: Tensor,
+        packed_in: Tensor,
+        packed_out: Tensor,
+        scratch: Tensor,
+        codec: Codec,
+    ) -> None:
+        """One asynchronous compressed elastic exchange (:func:`compressed_elastic_serve_`)
+        with the worker whose ``reference`` it is; the clock moves as for :meth:`handle`."""
+        if self.hp.spec.server_op is not Op.ELASTIC:
+            raise ValueError(
+                f"the center of {self.hp.method} does not serve compressed elastic exchanges"
+            )
+        compressed_elastic_serve_(self.center, reference, packed_in, packed_out, scratch,
+                                  alpha=self.hp.alpha, codec=codec)  # fmt: skip
+        self.t += 1
+
     def state_dict(self) -> dict[str, Any]:
         return {"center": self.center, "t": self.t, "v": self.v, "z": self.z}
 
@@ -1350,3 +1371,56 @@ def simulate_compressed_sum(sums: list[CompressedSum], vectors: list[Tensor]) ->
         for owner in range(world):
             s.gathered[owner * b : (owner + 1) * b].copy_(owned[owner])
         s.decode_all(v)
+
+
+# Asynchronous compressed elastic exchange. Both sides keep the same ``reference``: what the
+# server has reconstructed of the worker's x. The worker sends ``x - reference`` compressed
+# (what compression drops stays in the next difference: error feedback without a residual
+# buffer); the server computes the elastic force against its current center from the
+# reconstructed x, applies the compressed force it sends back (so what the center gains is
+# exactly what the worker loses), and both sides move the reference by it. The center stays
+# in full precision. ``scratch`` holds a padded shard (easgd.compress.padded).
+
+
+def compressed_elastic_send_(
+    x: Tensor, reference: Tensor, codec: Codec, scratch: Tensor, packed: Tensor
+) -> None:
+    """Worker, before the exchange: ``packed = encode(x - reference)``; ``reference += sent``."""
+    n = x.numel()
+    torch.sub(x, reference, out=scratch[:n])
+    scratch[n:].zero_()
+    codec.encode(scratch, packed)
+    codec.decode(packed, scratch)
+    reference.add_(scratch[:n])
+
+
+def compressed_elastic_serve_(
+    center: Tensor,
+    reference: Tensor,
+    packed_in: Tensor,
+    packed_out: Tensor,
+    scratch: Tensor,
+    *,
+    alpha: float,
+    codec: Codec,
+) -> None:
+    """Server: ``reference += decode(in)``; ``d = alpha (reference - center)`` sent compressed
+    as ``out``; ``center += decode(out)``; ``reference -= decode(out)``."""
+    n = center.numel()
+    codec.decode(packed_in, scratch)
+    reference.add_(scratch[:n])
+    torch.sub(reference, center, out=scratch[:n]).mul_(alpha)
+    scratch[n:].zero_()
+    codec.encode(scratch, packed_out)
+    codec.decode(packed_out, scratch)
+    center.add_(scratch[:n])
+    reference.sub_(scratch[:n])
+
+
+def compressed_elastic_receive_(
+    reference: Tensor, packed: Tensor, d: Tensor, codec: Codec, scratch: Tensor
+) -> None:
+    """Worker, with the reply: ``d = decode(packed)`` (x then loses it); ``reference -= d``."""
+    codec.decode(packed, scratch)
+    d.copy_(scratch[: d.numel()])
+    reference.sub_(d)

@@ -42,7 +42,7 @@ __all__ = [
 MODES = ("auto", "sync", "async")
 #: The fields that make the experiment: a resumed run (``easgd train --resume``) keeps them.
 EXPERIMENT_FIELDS = (
-    "method", "mode", "workers", "servers", "tau", "lr", "momentum", "beta", "alpha",
+    "method", "mode", "workers", "group_size", "servers", "tau", "lr", "momentum", "beta", "alpha",
     "weight_decay", "lr_decay", "lr_power", "moving_rate", "outer_lr", "outer_momentum", "inner",
     "batch_size", "dataset", "model",
     "seed", "init_seed",
@@ -179,6 +179,10 @@ class TrainConfig:
     #: Compressed exchanges (``none``, ``bf16``, ``int8``; synchronous EASGD/EAMSGD), with
     #: error feedback: easgd.compress, easgd.algorithms.CompressedSum.
     compress: str = "none"
+    #: Workers per group (a node): a group averages its gradients every step (all-reduce, as
+    #: DDP does) and exchanges elastically with the center as one worker, so the elastic
+    #: methods see ``workers // group_size`` workers (easgd.roles.group).
+    group_size: int = 1
 
     def __post_init__(self) -> None:
         for name in ("dataset", "model"):
@@ -196,6 +200,7 @@ class TrainConfig:
             raise ConfigError(
                 "mode", self.mode, f"mode={self.mode!r}; choose one of {', '.join(MODES)}"
             )
+        self._check_group_size()
         try:
             self.hyperparams()  # validates the hyperparameters
             self.resolved_mode()  # and the mode
@@ -294,18 +299,62 @@ class TrainConfig:
         if self.compress == "none":
             return
         spec = self.hyperparams().spec
-        if not spec.elastic or self.resolved_mode() is not Mode.SYNC:
+        if not spec.elastic:
             raise ConfigError(
                 "compress", self.compress,
-                f"--compress {self.compress} with --method {self.method} in mode "
-                f"{self.resolved_mode().value}: compressed exchanges are synchronous "
-                "EASGD/EAMSGD's (--method easgd or eamsgd with --mode sync); the "
-                "asynchronous compressed exchange is not implemented yet",
+                f"--compress {self.compress} with --method {self.method}: compressed "
+                "exchanges are EASGD/EAMSGD's elastic differences (--method easgd or eamsgd)",
+            )  # fmt: skip
+        if self.resolved_mode() is Mode.ASYNC and self.max_restarts:
+            raise ConfigError(
+                "compress", self.compress,
+                f"--compress {self.compress} with --max-restarts {self.max_restarts} in "
+                "mode async: a restarted server does not have the workers' references of "
+                "the compressed exchange (they are not checkpointed); drop one of them",
             )  # fmt: skip
 
     def hyperparams(self) -> Hyperparams:
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(Hyperparams)}
+        fields["workers"] = self.groups  # a group exchanges as one worker: p = groups
         return Hyperparams(**{k: v for k, v in fields.items() if v is not None})
+
+    @property
+    def groups(self) -> int:
+        """The workers the center sees: groups of ``group_size`` workers (``workers`` when 1)."""
+        return self.workers // self.group_size
+
+    def _check_group_size(self) -> None:
+        g = self.group_size
+        if isinstance(g, bool) or not isinstance(g, int) or g < 1:
+            raise ConfigError("group_size", g, f"group_size={g!r} must be an integer >= 1")
+        if g == 1:
+            return
+        if isinstance(self.workers, int) and self.workers % g:
+            raise ConfigError(
+                "group_size", g,
+                f"workers={self.workers} is not a multiple of group_size={g}: the workers form "
+                f"groups of {g} consecutive ranks; give a multiple of {g} workers",
+            )  # fmt: skip
+        spec = METHODS.get(self.method)
+        if spec is not None and not spec.elastic:
+            raise ConfigError(
+                "group_size", g,
+                f"group_size={g} with method={self.method!r}: {self.method} has no elastic "
+                "exchange; groups average gradients inside and exchange elastically with "
+                "the center: use --method easgd or eamsgd",
+            )  # fmt: skip
+        if self.compress != "none":
+            raise ConfigError(
+                "group_size", g,
+                f"group_size={g} with compress={self.compress!r}: compressed exchanges "
+                "between groups are not implemented yet; use --compress none",
+            )  # fmt: skip
+        if self.max_restarts and spec is not None and self.resolved_mode() is Mode.ASYNC:
+            raise ConfigError(
+                "group_size", g,
+                f"group_size={g} with max_restarts={self.max_restarts} in mode async: a group "
+                "cannot take back a restarted worker; use --max-restarts 0 or --mode sync",
+            )  # fmt: skip
 
     def resolved_mode(self) -> Mode:
         return METHODS[self.method].resolve_mode(self.mode)

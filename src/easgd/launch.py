@@ -886,6 +886,26 @@ def launch_local(
     return launcher.run()
 
 
+def _check_groups_on_nodes(cfg: TrainConfig) -> None:
+    """Under torchrun a group (``--group-size``) lies on one node: its ranks share a node's
+    fast link, and only its leader crosses the slow one (easgd.roles.group)."""
+    g = cfg.group_size
+    if g == 1:
+        return
+    if cfg.servers_used:
+        raise ValueError(
+            f"--group-size {g} with --mode async under torchrun: the servers count every "
+            "worker's goodbye and only a group's leader has a session, which the local "
+            "launcher makes up for; under torchrun use --mode sync with groups"
+        )
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or cfg.workers
+    if local % g:
+        raise ValueError(
+            f"--group-size {g} under torchrun with LOCAL_WORLD_SIZE={local}: a group's ranks "
+            f"must lie on one node; give a divisor of {local} (--group-size node: {local})"
+        )
+
+
 def run_torchrun(cfg: TrainConfig) -> dict[str, Any] | None:
     """Run this process's role under ``torchrun``; rank 0 returns the summary.
 
@@ -900,6 +920,7 @@ def run_torchrun(cfg: TrainConfig) -> dict[str, Any] | None:
             f"{servers}{cfg.workers} workers = {cfg.world_size()}; set --nproc-per-node "
             "(times --nnodes) to that, or change --workers/--servers"
         )
+    _check_groups_on_nodes(cfg)
     store = _env_store(cfg.timeout)
     rank = int(os.environ["RANK"])
     if rank == 0:

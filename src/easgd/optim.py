@@ -137,7 +137,8 @@ class ElasticAveraging(torch.optim.Optimizer):
             measuring the wrapper's overhead.
         compress: ``"none"`` (default), ``"bf16"`` or ``"int8"``: synchronous EASGD/EAMSGD
             send their elastic differences compressed, with error feedback (2x and 3.9x
-            fewer bytes; :class:`easgd.algorithms.CompressedSum`).
+            fewer bytes; :class:`easgd.algorithms.CompressedSum`). Asynchronously, build
+            the client with ``PSClient(..., compress=...)``.
     """
 
     #: ``GradScaler.step`` calls ``step()`` even when it found inf/nan gradients (it sets
@@ -188,9 +189,12 @@ class ElasticAveraging(torch.optim.Optimizer):
         if compress != "none" and (client is not None or not spec.elastic):
             raise ValueError(
                 f"compress={compress!r} with method={method!r}"
-                + (" and client= (asynchronous)" if client is not None else "")
-                + ": compression is implemented for synchronous easgd and eamsgd; use "
-                "compress='none'"
+                + (
+                    " and client=: an asynchronous client compresses its own exchanges, "
+                    "build it with PSClient(..., compress=...)"
+                    if client is not None
+                    else ": compression is for easgd and eamsgd (their elastic differences)"
+                )
             )
         spec.resolve_mode(mode)  # localsgd has no asynchronous form: say so
         synchronous = mode is Mode.SYNC

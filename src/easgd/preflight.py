@@ -619,6 +619,15 @@ def _check_data(
             raise PreflightError(
                 "--dataset", cfg.dataset, f"--dataset {cfg.dataset}: {exc}"
             ) from None
+    if dataset == "digits-hard":  # generated here once, into the cache the workers read
+        from easgd.data.digits_hard import digits_hard_arrays
+
+        try:
+            return [], len(digits_hard_arrays()[0]), shape, []
+        except (ImportError, OSError, ValueError) as exc:
+            raise PreflightError(
+                "--dataset", cfg.dataset, f"--dataset {cfg.dataset}: {exc}"
+            ) from None
     if dataset == "imagenet":  # your folder, decoded once, here, into the cache workers read
         return _check_image_folder(cfg, shape, flag, value)
     # Each failed mirror is logged, and listed again in the DownloadError: say it once.

@@ -64,6 +64,9 @@ class Run:
     test_losses: list[float]
     loss_times: list[float]
     losses: list[float]
+    #: exchanges and bytes (both directions) up to the plotted time (the budget), summed over
+    #: the workers' counters in ``metrics.jsonl``; None when the run logged none.
+    plotted_traffic: tuple[int, float] | None = None
 
     method: str = field(init=False)
     tau: int = field(init=False)
@@ -96,6 +99,20 @@ class Run:
     def megabytes(self) -> float:
         s = self.summary
         return (float(s.get("bytes_sent") or 0) + float(s.get("bytes_received") or 0)) / 1e6
+
+    @property
+    def plotted_exchanges(self) -> int:
+        """Exchanges up to the plotted time (the whole run's when no budget cuts it)."""
+        if self.horizon is None or self.plotted_traffic is None:
+            return self.exchanges
+        return self.plotted_traffic[0]
+
+    @property
+    def plotted_megabytes(self) -> float:
+        """MB moved (both directions) up to the plotted time (the whole run's without a cut)."""
+        if self.horizon is None or self.plotted_traffic is None:
+            return self.megabytes
+        return self.plotted_traffic[1] / 1e6
 
     def time_to(self, target: float) -> float | None:
         """Seconds until the first evaluation with center test error <= ``target``."""
@@ -224,7 +241,23 @@ def _load_run(root: Path) -> Run:
                 loss_times.append(t)
                 losses.append(_number(e, "loss", paths.metrics, optional=True))
     return Run(root, config, summary, runtime, horizon, times, errors, test_losses,
-               loss_times, losses)  # fmt: skip
+               loss_times, losses, _traffic(events, t0, keep, paths.metrics))  # fmt: skip
+
+
+def _traffic(
+    events: Sequence[dict[str, Any]], t0: float, keep: Any, path: Path
+) -> tuple[int, float] | None:
+    """``(exchanges, bytes)`` up to the plotted time: each worker process's last counters
+    (they count from its start, so a restarted worker's two processes add up)."""
+    last: dict[tuple[Any, Any], tuple[int, float]] = {}
+    for e in events:
+        if "worker" not in e or "bytes_sent" not in e or not keep(_number(e, "wall", path) - t0):
+            continue
+        moved = _number(e, "bytes_sent", path) + float(e.get("bytes_received") or 0)
+        last[(e["worker"], e.get("pid"))] = (int(e.get("exchanges") or 0), moved)
+    if not last:
+        return None
+    return sum(x for x, _ in last.values()), sum(b for _, b in last.values())
 
 
 def load_runs(dirs: Iterable[str | Path]) -> list[Run]:
@@ -269,9 +302,26 @@ def detect_panel(runs: Sequence[Run]) -> str | None:
     return "workers" if varies["workers"] else "tau" if varies["tau"] else None
 
 
+Stat = tuple[float, float, float]  # (median, min, max) over the seeds
+
+
+def _stat(values: Sequence[float]) -> Stat:
+    """``(median, min, max)`` of ``values``; NaN (a diverged run) ranks above every number."""
+    ranked = sorted(v if math.isfinite(v) else math.inf for v in values)
+    if not ranked:
+        return (math.nan, math.nan, math.nan)
+    med = statistics.median(ranked)
+    return tuple(v if math.isfinite(v) else math.nan for v in (med, ranked[0], ranked[-1]))  # type: ignore[return-value]
+
+
 @dataclass
 class Line:
-    """The best run of one method in one panel, with its numbers against the target."""
+    """One method in one panel: the seeds of its best learning rate, with their numbers.
+
+    ``run`` is the median seed (by best error), ``runs`` every seed of that rate. Times to the
+    target are medians over the seeds (a seed that never reaches it counts as infinitely
+    slow: the median is None when half of them do not), and so is the speedup's.
+    """
 
     panel: int | None
     label: str
@@ -282,6 +332,45 @@ class Line:
     #: ``"top"``/``"bottom"``: the best learning rate is the largest/smallest tried for this
     #: setting (the optimum may lie past the grid); ``"only"``: one rate tried; None: inside.
     edge: str | None = None
+    runs: list[Run] = field(default_factory=list)
+    #: The fastest and the slowest seed's time to the target (None: not reached).
+    time_spread: tuple[float | None, float | None] = (None, None)
+    #: How many seeds reached the target.
+    reached: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.runs:
+            self.runs = [self.run]
+
+    @property
+    def seeds(self) -> int:
+        return len(self.runs)
+
+    @property
+    def best_error(self) -> Stat:
+        return _stat([r.best_error for r in self.runs])
+
+    @property
+    def final_error(self) -> Stat:
+        return _stat([r.final_error for r in self.runs])
+
+    def traffic(self, plotted: bool) -> tuple[float, float]:
+        """Median exchanges and MB over the seeds, up to the plotted time or whole runs."""
+        if plotted:
+            pairs = [(r.plotted_exchanges, r.plotted_megabytes) for r in self.runs]
+        else:
+            pairs = [(r.exchanges, r.megabytes) for r in self.runs]
+        return statistics.median(x for x, _ in pairs), statistics.median(m for _, m in pairs)
+
+    def time_to(self, target: float) -> None:
+        """Set the median, spread and count of the seeds' times to ``target``."""
+        times = [r.time_to(target) for r in self.runs]
+        reached = sorted(t for t in times if t is not None)
+        self.reached = len(reached)
+        med = statistics.median([math.inf if t is None else t for t in times])
+        self.time_to_target = med if math.isfinite(med) else None
+        slowest = reached[-1] if len(reached) == len(times) else None
+        self.time_spread = (reached[0] if reached else None, slowest)
 
 
 @dataclass
@@ -319,11 +408,21 @@ def build_report(
         panel = detect_panel(runs)
     elif panel not in _PANEL_SYMBOL:
         raise ValueError(f"panel={panel!r}; choose tau or workers")
-    records = [
-        {"method": r.method, "tau": r.tau, "workers": r.workers, "lr": r.lr,
-         "best_center_test_error": r.best_error, "center_test_error": r.final_error, "run": r}
-        for r in runs
-    ]  # fmt: skip
+    seeds: dict[tuple[str, int, int, float], list[Run]] = {}
+    for r in runs:
+        seeds.setdefault((r.method, r.tau, r.workers, r.lr), []).append(r)
+    # A learning rate is judged by its median seed (the paper keeps its best of 3 runs; the
+    # median is what a reader can expect of one run).
+    records = []
+    for group in seeds.values():
+        group.sort(key=lambda r: (_rank(r.best_error), _rank(r.final_error), r.seed))
+        median_run = group[(len(group) - 1) // 2]
+        records.append({
+            "method": median_run.method, "tau": median_run.tau, "workers": median_run.workers,
+            "lr": median_run.lr, "best_center_test_error": _stat([r.best_error for r in group])[0],
+            "center_test_error": _stat([r.final_error for r in group])[0], "run": median_run,
+            "runs": group,
+        })  # fmt: skip
     best = select_best(records)
     tried: dict[tuple[str, int, int], int] = {}
     rates: dict[tuple[str, int, int], set[float]] = {}
@@ -345,20 +444,23 @@ def build_report(
         )
     lines: list[Line] = []
     for pv in panels:
-        chosen: list[Run] = [
-            s["run"]
+        chosen = [
+            s
             for s in best.values()
             if s["run"].sequential or panel is None or getattr(s["run"], panel) == pv
         ]
-        chosen.sort(key=lambda r: (r.sequential, list(METHODS).index(r.method), r.tau, r.workers))
-        for r in chosen:
-            other_varies = sum(1 for c in chosen if c.method == r.method) > 1
+        chosen.sort(key=lambda s: (s["run"].sequential, list(METHODS).index(s["run"].method),
+                                   s["run"].tau, s["run"].workers))  # fmt: skip
+        for s in chosen:
+            r = s["run"]
+            other_varies = sum(1 for c in chosen if c["run"].method == r.method) > 1
             key = (r.method, r.tau, r.workers)
             edge = grid_edge(r.lr, rates[key])
-            lines.append(Line(pv, _label(r, panel, other_varies), r, tried[key], edge=edge))
+            label = _label(r, panel, other_varies)
+            lines.append(Line(pv, label, r, tried[key], edge=edge, runs=list(s["runs"])))
     target, rule = _target(lines, target)
     for line in lines:
-        line.time_to_target = line.run.time_to(target)
+        line.time_to(target)
     for pv in panels:
         ref = next((ln for ln in lines if ln.panel == pv and ln.run.method == reference), None)
         for line in (ln for ln in lines if ln.panel == pv):
@@ -370,12 +472,16 @@ def build_report(
     return Report(panel, panels, lines, reference, target, rule, label)
 
 
+def _rank(value: float) -> float:
+    return value if math.isfinite(value) else math.inf
+
+
 def _target(lines: Sequence[Line], target: float | None) -> tuple[float, str]:
     if target is not None:
         if not 0 < target <= 1:
             raise ValueError(f"--target {target!r} must be a test error in (0, 1], e.g. 0.05")
         return target, "given with --target"
-    errors = sorted({id(ln.run): ln.run.best_error for ln in lines}.values())
+    errors = sorted({id(ln.run): ln.best_error[0] for ln in lines}.values())
     errors = [e for e in errors if math.isfinite(e)]
     if not errors:
         return 1.0, "no finite test error: target 1"
@@ -403,31 +509,54 @@ def _panel_name(report: Report, pv: int | None) -> str:
     return "all" if report.panel is None else f"{_PANEL_SYMBOL[report.panel]}={pv}"
 
 
+def _fmt_stat(stat: Stat, spec: str) -> str:
+    med, lo, hi = stat
+    if lo == hi:  # one seed, or seeds that agree
+        return _fmt(med, spec)
+    return f"{_fmt(med, spec)} [{_fmt(lo, spec)}–{_fmt(hi, spec)}]"
+
+
+def _fmt_time(ln: Line) -> str:
+    med = _fmt(ln.time_to_target, ".2f", "not reached")
+    if ln.seeds == 1:
+        return med
+    lo, hi = ln.time_spread
+    return f"{med} [{_fmt(lo, '.2f', 'none')}–{_fmt(hi, '.2f', 'not reached')}]"
+
+
 def table_markdown(report: Report, title: str | None = None) -> str:
-    """The Markdown table: one row per method and panel."""
+    """The Markdown table: one row per method and panel, medians over seeds with their
+    spread (min–max)."""
     ref = (report.reference or "none").upper()
     out = [f"# {title}", ""] if title else []
     out += [
         f"Target center test error: **{report.target:.4f}** ({report.target_rule}). "
-        f"Speedup = time of {ref} to the target / time of the method, same panel. "
-        "Best lr: the run (learning rate, seed) with the lowest center test error; exchanges "
-        "and MB moved are the whole run's (both directions). Time: "
-        f"{report.time_label}. A best lr marked (top edge) or (bottom edge) is the largest "
-        "or smallest rate tried for that setting, (one rate) the only one: the best rate may "
-        "lie outside the grid.",
+        "Every number is the median over the seeds of the best learning rate, with the "
+        "spread [min–max] over those seeds; two lines differ by more than the spread when "
+        "their [min–max] do not overlap. Best lr: the rate whose median seed has the lowest "
+        "best center test error. Time to target: from each run's first training step; a seed "
+        "that never reaches the target counts as slowest ('not reached' as the median: half "
+        f"of them or more did not). Speedup = median time of {ref} to the target / median "
+        "time of the method, same panel. Exchanges and MB moved (both directions): up to the "
+        "plotted time (the training budget) and over the whole run, which may go on past it. "
+        f"Time: {report.time_label}. A best lr marked (top edge) or (bottom edge) is the "
+        "largest or smallest rate tried for that setting, (one rate) the only one: the best "
+        "rate may lie outside the grid.",
         "",
-        "| panel | method | best lr | runs | best error | final error | time to target (s) "
-        "| speedup | exchanges | MB moved |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| panel | method | best lr | seeds | runs | best error | final error "
+        "| time to target (s) | reached | speedup | exchanges (plotted) | MB (plotted) "
+        "| exchanges (whole run) | MB (whole run) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for ln in report.lines:
         r = ln.run
+        (px, pmb), (wx, wmb) = ln.traffic(True), ln.traffic(False)
         out.append(
             f"| {_panel_name(report, ln.panel)} | {ln.label} | {r.lr:g}{_edge_mark(ln.edge)} "
-            f"| {ln.tried} "
-            f"| {_fmt(r.best_error, '.4f')} | {_fmt(r.final_error, '.4f')} "
-            f"| {_fmt(ln.time_to_target, '.2f', 'not reached')} | {_fmt(ln.speedup, '.2f')} "
-            f"| {r.exchanges} | {r.megabytes:.1f} |"
+            f"| {ln.seeds} | {ln.tried} "
+            f"| {_fmt_stat(ln.best_error, '.4f')} | {_fmt_stat(ln.final_error, '.4f')} "
+            f"| {_fmt_time(ln)} | {ln.reached}/{ln.seeds} | {_fmt(ln.speedup, '.2f')} "
+            f"| {px:.0f} | {pmb:.1f} | {wx:.0f} | {wmb:.1f} |"
         )
     return "\n".join(out) + "\n"
 
@@ -443,6 +572,66 @@ def _binned(times: Sequence[float], values: Sequence[float], bins: int) -> tuple
         sums.setdefault(min(int(t / width), bins - 1), []).append(v)
     keys = sorted(sums)
     return [(k + 0.5) * width for k in keys], [sum(sums[k]) / len(sums[k]) for k in keys]
+
+
+def _step_values(times: Sequence[float], values: Sequence[float], grid: Sequence[float]) -> list:
+    """The value of the last evaluation at or before each grid time (NaN before the first)."""
+    out, k = [], -1
+    for g in grid:
+        while k + 1 < len(times) and times[k + 1] <= g:
+            k += 1
+        out.append(values[k] if k >= 0 else math.nan)
+    return out
+
+
+def _band(columns: Sequence[Sequence[float]]) -> tuple[list, list, list]:
+    """Median, min and max across seeds at each point (NaN where a seed has no value)."""
+    meds, los, his = [], [], []
+    for col in zip(*columns, strict=True):
+        finite = [v for v in col if math.isfinite(v)]
+        full = len(finite) == len(col)
+        meds.append(statistics.median(finite) if full else math.nan)
+        los.append(min(finite) if full else math.nan)
+        his.append(max(finite) if full else math.nan)
+    return meds, los, his
+
+
+def seed_curves(line: Line) -> dict[str, Any]:
+    """The line's curves over its seeds: median, min and max on common time points.
+
+    Test loss and error: at the union of the seeds' evaluation times, each seed holding its
+    last evaluation, up to the earliest last evaluation of a seed (so every seed is in every
+    point). Training loss: 60 time bins up to the earliest last step of a seed.
+    """
+    runs = line.runs
+    ends = [r.times[-1] for r in runs if r.times]
+    out: dict[str, Any] = {}
+    if len(ends) == len(runs):
+        grid = sorted({t for r in runs for t in r.times if t <= min(ends)})
+        err = _band([_step_values(r.times, r.errors, grid) for r in runs])
+        loss = _band([_step_values(r.times, r.test_losses, grid) for r in runs])
+        out["time"], out["test_error"], out["test_loss"] = grid, err, loss
+    else:
+        out["time"], out["test_error"], out["test_loss"] = [], ([], [], []), ([], [], [])
+    loss_ends = [max(r.loss_times) for r in runs if r.loss_times]
+    if len(loss_ends) == len(runs):
+        end, bins = min(loss_ends), 60
+        width = (end or 1.0) / bins
+        columns = []
+        for r in runs:
+            sums: dict[int, list[float]] = {}
+            for t, v in zip(r.loss_times, r.losses, strict=True):
+                if t <= end and math.isfinite(v):
+                    sums.setdefault(min(int(t / width), bins - 1), []).append(v)
+            columns.append([sum(sums[k]) / len(sums[k]) if k in sums else math.nan
+                            for k in range(bins)])  # fmt: skip
+        med, lo, hi = _band(columns)
+        keep = [k for k in range(bins) if math.isfinite(med[k])]
+        out["loss_time"] = [(k + 0.5) * width for k in keep]
+        out["training_loss"] = tuple([v[k] for k in keep] for v in (med, lo, hi))
+    else:
+        out["loss_time"], out["training_loss"] = [], ([], [], [])
+    return out
 
 
 def draw_figure(report: Report, title: str | None = None) -> Any:
@@ -462,12 +651,20 @@ def draw_figure(report: Report, title: str | None = None) -> Any:
             r = ln.run
             style = {"color": _COLORS.get(r.method), "linewidth": 1.6,
                      "linestyle": "--" if r.sequential else "-"}  # fmt: skip
-            lt, lv = _binned(r.loss_times, r.losses, 60)
-            for row, values in enumerate((lv, r.test_losses)):
+            c = seed_curves(ln)
+            (lv, llo, lhi), (tl, tlo, thi) = c["training_loss"], c["test_loss"]
+            err = [[100 * e for e in v] for v in c["test_error"]]
+            for row, values in enumerate((lv, tl)):
                 positive[row] = positive[row] or any(v > 0 for v in values if math.isfinite(v))
-            axes[0][col].plot(lt, lv, **style)
-            axes[1][col].plot(r.times, r.test_losses, **style)
-            (h,) = axes[2][col].plot(r.times, [100 * e for e in r.errors], **style)
+            h = None
+            for ax, x, (med, lo, hi) in (
+                (axes[0][col], c["loss_time"], (lv, llo, lhi)),
+                (axes[1][col], c["time"], (tl, tlo, thi)),
+                (axes[2][col], c["time"], err),
+            ):
+                (h,) = ax.plot(x, med, **style)
+                if ln.seeds > 1:  # the band: min to max over the seeds
+                    ax.fill_between(x, lo, hi, color=style["color"], alpha=0.18, linewidth=0)
             order = (r.sequential, list(METHODS).index(r.method), ln.label)
             handles.setdefault(ln.label, (order, h))
         axes[0][col].set_title(_panel_name(report, pv), fontsize=11)
@@ -499,6 +696,10 @@ def draw_figure(report: Report, title: str | None = None) -> Any:
     lines = [v[1] for _, v in ordered] + [target]
     fig.legend(lines, labels, loc="outside lower center", ncol=min(len(labels), 8),
                fontsize=9, frameon=False)  # fmt: skip
+    seeds = max((ln.seeds for ln in report.lines), default=1)
+    if seeds > 1:
+        note = f"lines: median over {seeds} seeds; bands: min to max over the seeds"
+        title = f"{title}\n{note}" if title else note
     if title:
         fig.suptitle(title, fontsize=12)
     return fig
@@ -510,25 +711,48 @@ def _edge_mark(edge: str | None) -> str:
     )
 
 
+_KEYS = ("median", "min", "max")
+
+
 def report_json(report: Report) -> dict[str, Any]:
     def r3(values: Sequence[float]) -> list[float | None]:
         return [round(v, 5) if math.isfinite(v) else None for v in values]
 
+    def band(name: str, values: Sequence[Sequence[float]]) -> dict[str, list[float | None]]:
+        return {f"{name}_{k}": r3(v) for k, v in zip(_KEYS, values, strict=True)}
+
+    def stat(value: Stat) -> dict[str, float | None]:
+        return dict(zip(("median", "min", "max"), r3(value), strict=True))
+
     lines = []
     for ln in report.lines:
         r = ln.run
-        lt, lv = _binned(r.loss_times, r.losses, 60)
+        c = seed_curves(ln)
+        (px, pmb), (wx, wmb) = ln.traffic(True), ln.traffic(False)
         lines.append({
             "panel": ln.panel, "label": ln.label, "method": r.method, "tau": r.tau,
             "workers": r.workers, "lr": r.lr, "seed": r.seed, "runtime": r.runtime,
             "run": r.path.name, "runs_tried": ln.tried, "grid_edge": ln.edge,
-            "best_error": r.best_error,
-            "final_error": r.final_error, "time_to_target": ln.time_to_target,
-            "speedup": ln.speedup, "exchanges": r.exchanges, "megabytes": r.megabytes,
+            "seeds": ln.seeds, "best_error": ln.best_error[0], "final_error": ln.final_error[0],
+            "best_error_spread": stat(ln.best_error), "final_error_spread": stat(ln.final_error),
+            "time_to_target": ln.time_to_target,
+            "time_to_target_spread": {"min": ln.time_spread[0], "max": ln.time_spread[1]},
+            "seeds_reaching_target": ln.reached, "speedup": ln.speedup,
+            "exchanges": wx, "megabytes": wmb,
+            "plotted_exchanges": px, "plotted_megabytes": pmb,
             "local_steps": r.summary.get("local_steps"),
-            "curve": {"time": r3(r.times), "test_error": r3(r.errors),
-                      "test_loss": r3(r.test_losses)},
-            "training_loss": {"time": r3(lt), "loss": r3(lv)},
+            "per_seed": [
+                {"seed": s.seed, "run": s.path.name, "best_error": s.best_error,
+                 "final_error": s.final_error, "time_to_target": s.time_to(report.target),
+                 "exchanges": s.exchanges, "megabytes": s.megabytes,
+                 "plotted_exchanges": s.plotted_exchanges,
+                 "plotted_megabytes": s.plotted_megabytes}
+                for s in sorted(ln.runs, key=lambda run: run.seed)
+            ],
+            "curve": {"time": r3(c["time"]), **band("test_error", c["test_error"]),
+                      **band("test_loss", c["test_loss"])},
+            "training_loss": {"time": r3(c["loss_time"]),
+                              **band("loss", c["training_loss"])},
         })  # fmt: skip
     return {"panel": report.panel, "panels": report.panels, "reference": report.reference,
             "target": report.target, "target_rule": report.target_rule,

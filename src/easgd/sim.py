@@ -20,7 +20,9 @@ Schedules:
 
 Objectives: :class:`Quadratic` (``F(x) = h/2 * |x|^2`` with Gaussian gradient noise, the
 setting of the stability and variance analysis) or :class:`ModelObjective` (a real model on real
-data: per-worker replicas whose parameters are views of the worker's flat vector).
+data: per-worker replicas whose parameters are views of the worker's flat vector); either
+wrapped in :class:`Grouped` simulates ``easgd train --group-size G`` (each simulated worker
+a group whose gradient is the mean of its G ranks' batches).
 """
 
 from __future__ import annotations
@@ -46,15 +48,18 @@ from easgd.algorithms import (
     Op,
     Request,
     Worker,
+    compressed_elastic_receive_,
+    compressed_elastic_send_,
     run_step,
     simulate_compressed_sum,
 )
-from easgd.compress import codec
+from easgd.compress import Codec, codec, padded
 
 __all__ = [
     "SCHEDULES",
     "CostModel",
     "GradFn",
+    "Grouped",
     "ModelObjective",
     "Objective",
     "Quadratic",
@@ -203,6 +208,52 @@ class ModelObjective:
         )
 
 
+class Grouped:
+    """Groups of ``size`` workers that average their gradients every step, as single workers.
+
+    Worker ``r`` of a simulation of this objective is group ``r`` of a real run with
+    ``--group-size size``: its gradient oracle is the mean of ``base``'s oracles of the
+    ranks ``r*size .. r*size + size - 1`` (their own mini-batches) at the same point, summed
+    in rank order, as the group's all-reduce sums them (bitwise for ``size`` 2). So a group
+    of G workers with the mean gradient is one worker with a G-times larger batch.
+    """
+
+    def __init__(self, base: Objective, size: int) -> None:
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"size={size!r} must be an integer >= 1 (workers per group)")
+        self.base, self.size = base, size
+
+    def initial_point(self) -> Tensor:
+        return self.base.initial_point()
+
+    def worker_vector(self, rank: int) -> Tensor:
+        """Group ``rank``'s x: its first rank's replica (where the base has replicas)."""
+        vec = getattr(self.base, "worker_vector", None)
+        return vec(rank * self.size) if vec is not None else self.base.initial_point()
+
+    def grad_buffer(self, rank: int) -> Tensor | None:
+        return self.base.grad_buffer(rank * self.size)
+
+    def grad_fn(self, rank: int, seed: int) -> GradFn:
+        fns = [self.base.grad_fn(rank * self.size + j, seed) for j in range(self.size)]
+        scratch: list[Tensor] = []
+
+        def fn(x: Tensor, out: Tensor) -> float:
+            loss = fns[0](x, out)
+            for f in fns[1:]:
+                if not scratch:
+                    scratch.append(torch.empty_like(out))
+                loss += f(x, scratch[0])
+                out.add_(scratch[0])
+            out.div_(self.size)
+            return loss / self.size
+
+        return fn
+
+    def evaluate(self, x: Tensor) -> dict[str, float]:
+        return self.base.evaluate(x)
+
+
 @dataclass(frozen=True)
 class CostModel:
     """Virtual costs of the asynchronous (and synchronous) schedules, in seconds and bytes.
@@ -316,6 +367,28 @@ def resolve_mode(hp: Hyperparams, schedule: str) -> Mode:
         ) from None
 
 
+class _AsyncCompressed:
+    """One worker's asynchronous compressed exchange in the simulator: the client's side and
+    the server's side of :func:`easgd.algorithms.compressed_elastic_serve_`, each with its
+    own copy of the reference (as the real client and server keep them)."""
+
+    def __init__(self, codec: Codec, x: Tensor) -> None:
+        self.codec = codec
+        n = padded(x.numel(), codec.align)
+        self.worker_ref, self.server_ref = x.clone(), x.clone()
+        self.scratch = torch.zeros(n, dtype=x.dtype)
+        self.server_scratch = torch.zeros(n, dtype=x.dtype)
+        size = codec.packed_size(n, x.dtype)
+        self.request = torch.zeros(size, dtype=torch.uint8)
+        self.reply = torch.zeros(size, dtype=torch.uint8)
+
+    def exchange(self, center: Center, x: Tensor, d: Tensor) -> None:
+        compressed_elastic_send_(x, self.worker_ref, self.codec, self.scratch, self.request)
+        center.handle_compressed(self.server_ref, self.request, self.reply,
+                                 self.server_scratch, self.codec)  # fmt: skip
+        compressed_elastic_receive_(self.worker_ref, self.reply, d, self.codec, self.scratch)
+
+
 class _Sim:
     def __init__(
         self,
@@ -329,13 +402,15 @@ class _Sim:
         self.objective, self.hp, self.schedule, self.cost = objective, hp, schedule, cost
         self.mode = resolve_mode(hp, schedule)
         self.codec = codec(compress)
-        if compress != "none" and not (hp.spec.elastic and self.mode is Mode.SYNC):
+        if compress != "none" and not hp.spec.elastic:
             raise ValueError(
-                f"compress={compress!r} with method={hp.method!r} on the {schedule!r} "
-                "schedule: compressed exchanges are synchronous EASGD/EAMSGD's (schedule "
-                "'sync'); the asynchronous compressed exchange is not implemented yet"
+                f"compress={compress!r} with method={hp.method!r}: compressed exchanges are "
+                "EASGD/EAMSGD's (their elastic differences); use compress='none'"
             )
         self._sums: list[CompressedSum] = []
+        # Asynchronous compressed exchanges: each worker's reference, as the worker and as the
+        # server keep it (equal by construction), and the packed buffers (AsyncCompressed).
+        self._async: list[_AsyncCompressed] = []
         x0 = objective.initial_point()
         self.p = hp.workers
         missing = sorted(w for w in cost.stragglers if w >= self.p)
@@ -371,10 +446,15 @@ class _Sim:
             return torch.stack([w.x for w in self.workers]).mean(0)
         return self.workers[0].evaluation_vector()
 
-    def serve(self, req: Request) -> None:
-        """An exchange with the center, served at once."""
+    def serve(self, req: Request, rank: int) -> None:
+        """Worker ``rank``'s exchange with the center, served at once."""
         assert req.reply is not None
-        self.center.handle(req.op, req.payload, req.reply)
+        if self.codec.name != "none" and req.op is Op.ELASTIC:
+            if not self._async:
+                self._async = [_AsyncCompressed(self.codec, w.x) for w in self.workers]
+            self._async[rank].exchange(self.center, req.payload, req.reply)
+        else:
+            self.center.handle(req.op, req.payload, req.reply)
         self.exchanges += 1
         self.bytes += 2 * self.msg_bytes
 
@@ -438,7 +518,7 @@ class _Sim:
                     comm_time += self.cost.allreduce(self.msg_bytes, self.p)
             else:
                 for r in live:
-                    self.serve(reqs[r])
+                    self.serve(reqs[r], r)
                     replies[r] = None
                 comm_time += self.p * self.cost.server_time + 2 * self.cost.message(self.msg_bytes)
         step = max(self.cost.draw_step(r, self.rng) for r in range(self.p))
@@ -457,7 +537,7 @@ class _Sim:
 
         def serve(req: Request) -> None:
             nonlocal duration
-            self.serve(req)
+            self.serve(req, r)
             duration += self.cost.server_time + 2 * self.cost.message(self.msg_bytes)
 
         run_step(self.workers[r], self.grads[r], serve)
@@ -516,7 +596,7 @@ class _Sim:
                 server_free = start + self.cost.server_time
                 push(server_free, r, "served")
             elif kind == "served":
-                self.serve(req)
+                self.serve(req, r)
                 on_update(now)
                 push(now + self.cost.message(self.msg_bytes), r, "reply")
             else:  # reply reached the worker

@@ -21,6 +21,7 @@ __all__ = ["DEFAULT_MODELS", "Task", "build_task", "model_grad_fn", "task_from_c
 #: The network trained on each data set when none is named.
 DEFAULT_MODELS = {
     "digits": "digits-cnn",
+    "digits-hard": "digits-cnn",
     "mnist": "lenet5-report",
     "fashion-mnist": "lenet5-report",
     "cifar10": "cifar-paper",

@@ -41,6 +41,12 @@ def main() -> None:
     parser.add_argument("--inf", default=None)
     parser.add_argument("--scaler", action="store_true")
     parser.add_argument("--compress", default="none")
+    parser.add_argument(
+        "--peek",
+        type=int,
+        default=None,
+        help="this rank reads the center after every step (a settle on one rank alone)",
+    )
     parser.add_argument("--outer-lr", type=float, default=0.7)
     parser.add_argument("--outer-momentum", type=float, default=0.9)
     parser.add_argument("--inner", choices=["sgd", "adamw"], default="sgd")
@@ -86,6 +92,11 @@ def main() -> None:
                 scaler.update()
             else:
                 opt.step()
+            if args.peek is not None:
+                if args.peek == rank:
+                    _ = opt.center  # settles the exchange in flight on this rank only
+                # and every rank logs its loss, as training loops do: a collective of its own
+                dist.all_reduce(torch.ones(1))
         opt.finish()
     except OutOfStepError as error:
         print(json.dumps({"rank": rank, "error": str(error)}), flush=True)

@@ -272,21 +272,27 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         return _print_runs(args, out, device)
     _prepare_data(get_experiment(args.name).dataset, args.data_dir)
-    result = run_sweep(
-        get_experiment(args.name),
-        out,
-        runtime=args.runtime,
-        scale=args.scale,
-        seeds=args.seeds,
-        lr_grid=args.lr_grid,
-        only=_only(args),
-        data_dir=args.data_dir,
-        step_time=args.step_time,
-        device=device,
-        same_init=args.same_init,
-        max_extensions=args.lr_extensions,
-        progress=None if args.quiet else _progress,
-    )
+    from easgd.experiments.sweep import SweepInterrupted
+
+    try:
+        result = run_sweep(
+            get_experiment(args.name),
+            out,
+            runtime=args.runtime,
+            scale=args.scale,
+            seeds=args.seeds,
+            lr_grid=args.lr_grid,
+            only=_only(args),
+            data_dir=args.data_dir,
+            step_time=args.step_time,
+            device=device,
+            same_init=args.same_init,
+            max_extensions=args.lr_extensions,
+            progress=None if args.quiet else _progress,
+        )
+    except SweepInterrupted as exc:
+        print(f"easgd experiment: {exc}", file=sys.stderr)
+        return exc.exit_status
     rows = [
         {"method": m, "tau": t, "p": p, "best lr": s["lr"],
          "grid edge": result.edge((m, t, p)) or "",

@@ -44,11 +44,14 @@ def register(subparsers: Any) -> None:
         help="figures and a table from run directories (never trains)",
         description=(
             "Walk DIR... for run directories (summary.json, config.json, eval.jsonl, "
-            "metrics.jsonl), keep the best learning rate of each method per panel, and draw "
-            "training loss, center test loss and center test error against time (one panel "
-            "per tau or per p, the sequential reference in every panel) with a Markdown "
-            "table: best and final error, time to a target error, speedup over the "
-            "reference, exchanges and MB moved."
+            "metrics.jsonl), group the seeds of each setting (method, tau, p, learning "
+            "rate), keep the learning rate of each method per panel whose median seed is "
+            "best, and draw training loss, center test loss and center test error against "
+            "time (the median over the seeds, with a min-max band; one panel per tau or per "
+            "p, the sequential reference in every panel) with a Markdown table: best and "
+            "final error and time to a target error (median [min-max] over the seeds), "
+            "speedup over the reference, exchanges and MB moved up to the plotted time and "
+            "over the whole run."
         ),
     )
     parser.add_argument("dirs", nargs="+", metavar="DIR", help="folders holding run directories")
@@ -107,7 +110,11 @@ def run(args: argparse.Namespace) -> int:
         reference=args.reference,
     )
     written = write_report(report, out, args.title)
-    print(f"{len(runs)} runs, {len(report.lines)} lines, target error {report.target:.4f}")
+    seeds = max((ln.seeds for ln in report.lines), default=1)
+    print(
+        f"{len(runs)} runs, {len(report.lines)} lines (up to {seeds} seeds each), "
+        f"target error {report.target:.4f}"
+    )
     for path in written:
         print(path)
     return 0

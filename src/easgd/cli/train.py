@@ -54,6 +54,15 @@ def register(subparsers: Any) -> None:
     g.add_argument(
         "--batch-size", type=int, default=_DEFAULTS.batch_size, help="mini-batch size per worker"
     )
+    g.add_argument(
+        "--group-size",
+        type=_group_size,
+        default=_DEFAULTS.group_size,
+        metavar="G",
+        help="easgd/eamsgd: groups of G consecutive workers average their gradients every "
+        "step and exchange elastically with the center as one worker, through the group's "
+        "first rank; under torchrun 'node' makes each node a group (LOCAL_WORLD_SIZE)",
+    )
     budget = g.add_mutually_exclusive_group()
     budget.add_argument(
         "--epochs",
@@ -292,6 +301,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         "timeout": args.timeout, "host": args.host, "max_restarts": args.max_restarts,
         "tls_cert": args.tls_cert, "tls_key": args.tls_key, "tls_ca": args.tls_ca,
         "tensorboard": args.tensorboard, "compress": args.compress,
+        "group_size": args.group_size,
     }  # fmt: skip
     return TrainConfig(**fields)
 
@@ -355,6 +365,30 @@ def _warn_lost(summary: dict[str, Any], max_restarts: int) -> None:
               f"beyond --max-restarts {max_restarts}; the run finished without "
               f"{'them' if len(lost) > 1 else 'it'} (summary.json: lost_workers)",
               file=sys.stderr)  # fmt: skip
+
+
+def _group_size(value: str) -> int | str:
+    """``--group-size``: a number, or ``node`` (torchrun's LOCAL_WORLD_SIZE, resolved in run)."""
+    if value == "node":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is neither a number of workers nor 'node'"
+        ) from None
+
+
+def _node_group_size(value: int | str) -> int | str:
+    """``--group-size node`` under torchrun: the processes of this node (LOCAL_WORLD_SIZE)."""
+    if value != "node":
+        return value
+    if not _under_torchrun():
+        raise ValueError(
+            "--group-size node is a node's processes under torchrun (LOCAL_WORLD_SIZE); "
+            "without torchrun give the workers per group, e.g. --group-size 2"
+        )
+    return int(os.environ["LOCAL_WORLD_SIZE"])
 
 
 def _under_torchrun() -> bool:
@@ -433,6 +467,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--config {args.config} with --resume: a resumed run keeps its "
                              "own config.json; drop one of the two")  # fmt: skip
         _apply_config_file(args)
+    args.group_size = _node_group_size(args.group_size)
     if not resume:
         check_elasticity_args(args)  # name the flag given, not the rate derived from it
     cfg = resume_config(args) if resume else config_from_args(args)

@@ -212,19 +212,25 @@ class AllReduceTransport(Transport):
         self.traffic.bytes_received += moved
 
     def _serve_compressed(self, req: Request, started: float) -> None:
+        # Phase 1 (the all-to-all) completes here, on every rank at the same exchange; only
+        # phase 2 (the all-gather) overlaps the next local steps, so that waiting for it
+        # stays local (one rank may settle alone: a snapshot, ``center``), as for the sum.
         check = self._start_check(req.step, finishing=False) if self.check_steps else None
         work, cs = self._start_compressed(req)
-        pending = _CompressedWork(self, work, cs, req.payload)
+        if check is not None:
+            check.verify()  # a peer out of step raises here, not in the all-to-all
+        work.wait()
+        own = cs.reduce_owned()
+        gather = dist.all_gather_single(cs.gathered, own, group=self.group, async_op=True)
+        pending = _CompressedWork(gather, cs, req.payload)
         self.traffic.exchanges += 1
         if self.overlap:
             key = req.payload.data_ptr()
             if key in self._in_flight:
                 raise RuntimeError("a SUM on this buffer is already in flight: WAIT for it first")
-            self._in_flight[key] = (pending, time.perf_counter() - started, check)
+            self._in_flight[key] = (pending, time.perf_counter() - started, None)
             req.deferred = True
             return
-        if check is not None:
-            check.verify()
         pending.wait()
         self.traffic.last_exchange_seconds = time.perf_counter() - started
 
@@ -264,7 +270,7 @@ class AllReduceTransport(Transport):
         return self._sums[key]
 
     def _start_compressed(self, req: Request) -> tuple[Any, CompressedSum]:
-        """Phase 1 of a compressed sum (the all-to-all), in flight; see CompressedSum."""
+        """Phase 1 of a compressed sum (the all-to-all), started; see CompressedSum."""
         cs = self._compressed_sum(req.payload)
         packed = cs.encode_local(req.payload)
         work = dist.all_to_all_single(cs.parts, packed, group=self.group, async_op=True)
@@ -272,13 +278,6 @@ class AllReduceTransport(Transport):
         self.traffic.bytes_sent += moved
         self.traffic.bytes_received += moved
         return work, cs
-
-    def _finish_compressed(self, work: Any, cs: CompressedSum, payload: Tensor) -> None:
-        """Phase 2: this rank's shard summed and compressed, every shard gathered, decoded."""
-        work.wait()
-        own = cs.reduce_owned()
-        dist.all_gather_single(cs.gathered, own, group=self.group)
-        cs.decode_all(payload)
 
     def _start_check(self, step: int, *, finishing: bool) -> _Check:
         slots = torch.zeros(_Counters.size(torch.float64, self.world), dtype=torch.float64)
@@ -386,12 +385,24 @@ class _Counters:
         block = [float((step >> (self.bits * i)) & mask) for i in range(self.digits)]
         block.append(1.0 if finishing else 0.0)
         width = self.digits + 1
+        view = self._numpy()
+        if view is not None:  # a few element writes, no tensor made (this is per exchange)
+            view[:] = 0.0
+            view[rank * width : (rank + 1) * width] = block
+            return
         self.slots.zero_()
         values = torch.tensor(block, dtype=self.slots.dtype, device=self.slots.device)
         self.slots[rank * width : (rank + 1) * width].copy_(values)
 
+    def _numpy(self) -> Any:
+        """The slots as a NumPy array sharing their memory, where NumPy has the dtype."""
+        if self.slots.device.type != "cpu" or self.slots.dtype is torch.bfloat16:
+            return None
+        return self.slots.numpy()
+
     def read(self) -> tuple[list[int], list[bool]]:
-        values = self.slots.tolist()
+        view = self._numpy()
+        values = view.tolist() if view is not None else self.slots.tolist()
         width = self.digits + 1
         steps, finishing = [], []
         for r in range(self.world):
@@ -402,15 +413,14 @@ class _Counters:
 
 
 class _CompressedWork:
-    """A compressed sum in flight: ``wait()`` completes its second phase."""
+    """A compressed sum's all-gather in flight: ``wait()`` (local) decodes the sum."""
 
-    def __init__(
-        self, transport: AllReduceTransport, work: Any, cs: CompressedSum, payload: Tensor
-    ) -> None:
-        self.transport, self.work, self.cs, self.payload = transport, work, cs, payload
+    def __init__(self, work: Any, cs: CompressedSum, payload: Tensor) -> None:
+        self.work, self.cs, self.payload = work, cs, payload
 
     def wait(self) -> None:
-        self.transport._finish_compressed(self.work, self.cs, self.payload)
+        self.work.wait()
+        self.cs.decode_all(self.payload)
 
 
 class _Check:

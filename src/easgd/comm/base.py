@@ -132,7 +132,8 @@ def make_transport(
     its restarted server lacks, reporting ``server_lost``/``server_back`` to ``on_event``;
     ``tls``: an ``ssl.SSLContext`` for servers that speak TLS
     (:func:`easgd.comm.wire.client_tls_context`).
-    ``compress``: synchronous EASGD's sums compressed (:class:`AllReduceTransport`).
+    ``compress``: EASGD's exchanges compressed (synchronous: :class:`AllReduceTransport`;
+    asynchronous: both directions of every elastic exchange, :class:`PSClient`).
     Synchronous: joins the default process group from the ``env://`` variables
     (``timeout``; gloo, or NCCL for a CUDA ``device``) unless ``group`` is given.
     CUDA workers of a CPU server are staged through pinned memory.
@@ -147,6 +148,7 @@ def make_transport(
         client = PSClient(
             addresses, numel, worker_id=worker_id, secret=secret, timeout=timeout,
             reconnect_timeout=reconnect_timeout, resolve=resolve, on_event=on_event, tls=tls,
+            compress=compress,
         )  # fmt: skip
         return Staged(client, device) if device.type == "cuda" else client
     if mode is Mode.SYNC:

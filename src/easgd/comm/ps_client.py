@@ -27,11 +27,21 @@ from typing import Any, NoReturn
 import torch
 from torch import Tensor
 
-from easgd.algorithms import Hyperparams, Mode, Request, contribution
+from easgd.algorithms import (
+    Hyperparams,
+    Mode,
+    Op,
+    Request,
+    compressed_elastic_receive_,
+    compressed_elastic_send_,
+    contribution,
+)
 from easgd.comm.base import Traffic, Transport
 from easgd.comm.wire import (
     BYE_DONE,
     CMD_OP,
+    COMPRESS_CODES,
+    COMPRESS_SHIFT,
     DEFAULT_HEARTBEAT,
     DEFAULT_TIMEOUT,
     ERRORS,
@@ -52,6 +62,7 @@ from easgd.comm.wire import (
     shard_ranges,
     tensor_bytes,
 )
+from easgd.compress import codec, padded
 
 __all__ = [
     "DEFAULT_HEARTBEAT",
@@ -197,6 +208,12 @@ class PSClient(Transport):
         tls: a client TLS context (:func:`easgd.comm.wire.client_tls_context`) for servers
             that speak TLS (default None: plain TCP); the server's certificate is verified
             against the host name of its address.
+        compress: ``"none"`` (default), ``"bf16"`` or ``"int8"``: elastic exchanges cross
+            the wire compressed both ways (``Cmd.ELASTIC_PACKED``): this client and each
+            server keep the same reference of the worker's x, the client sends
+            ``encode(x - reference)`` and gets ``encode(d)`` back
+            (:func:`easgd.algorithms.compressed_elastic_serve_`). Not with
+            ``reconnect_timeout`` (a restarted server has no reference).
 
     Attributes:
         traffic: the counters for the metrics (:class:`easgd.comm.base.Traffic`; also as
@@ -227,7 +244,17 @@ class PSClient(Transport):
         resolve: Callable[[int], tuple[str, int]] | None = None,
         on_event: Callable[[dict[str, Any]], None] | None = None,
         tls: ssl.SSLContext | None = None,
+        compress: str = "none",
     ) -> None:
+        self.codec = codec(compress)
+        if compress != "none" and reconnect_timeout:
+            raise ValueError(
+                f"compress={compress!r} with reconnect_timeout={reconnect_timeout}: a "
+                "restarted server does not have this worker's reference of the compressed "
+                "exchange (it is not checkpointed); use compress='none' with restarts"
+            )
+        self._reference: Tensor | None = None  # what the servers reconstructed of x
+        self._packed: list[tuple[Tensor, Tensor, Tensor]] = []  # per shard: in, out, scratch
         if not addresses:
             raise ValueError("addresses is empty; give the (host, port) of every server")
         if not timeout > 0:
@@ -329,9 +356,10 @@ class PSClient(Transport):
             if self._dtype is not None:
                 raise RuntimeError("join() was already called; a new session needs a new client")
             code = dtype_code(x.dtype)
+            flags = COMPRESS_CODES[self.codec.name] << COMPRESS_SHIFT
             for conn, (a, b) in zip(self._conns, self.ranges, strict=True):
                 conn.session = self.nonce  # a JOIN's session field carries the client's nonce
-                self._send(conn, Cmd.JOIN, None, dtype=code, numel=b - a, aux=a)
+                self._send(conn, Cmd.JOIN, None, dtype=code, numel=b - a, aux=a, flags=flags)
             hps = []
             for conn, (a, b) in zip(self._conns, self.ranges, strict=True):
                 h = self._recv(conn, x[a:b], more=True)
@@ -340,6 +368,19 @@ class PSClient(Transport):
             self.join_t = self.server_t
             self._dtype = x.dtype
             self._server_hp = self._agreed(hps)
+            if self.codec.name != "none":
+                if self._server_hp.spec.server_op is not Op.ELASTIC:
+                    self._fail_value(
+                        f"compress={self.codec.name!r}: the servers run "
+                        f"{self._server_hp.method}, whose exchanges are not compressed"
+                    )
+                self._reference = x.detach().clone()  # the center each server also keeps
+                for a, b in self.ranges:
+                    n = padded(b - a, self.codec.align)
+                    size = self.codec.packed_size(n, x.dtype)
+                    self._packed.append((torch.zeros(size, dtype=torch.uint8),
+                                         torch.zeros(size, dtype=torch.uint8),
+                                         torch.zeros(n, dtype=x.dtype)))  # fmt: skip
 
     def _recv_join_trailer(self, conn: _Conn) -> tuple[Hyperparams, dict[str, Any]]:
         """The JSON trailer of a JOIN reply: the server's hyperparameters, and what a
@@ -386,6 +427,9 @@ class PSClient(Transport):
             raise ValueError(f"{request.op.value!r} request without a reply buffer")
         self._check_vector("payload", request.payload)
         self._check_vector("reply", request.reply)
+        if self._reference is not None and request.op is Op.ELASTIC:
+            self._serve_packed(request)
+            return
         with self._lock:
             self._check_joined(request.payload)
             if cmd != self._exchange_cmd:
@@ -431,6 +475,31 @@ class PSClient(Transport):
                         conn.buckets[sent_seq[i]][0].sub_(request.payload[a:b])
             for i in sorted(lost):  # only with reconnect_timeout > 0 (else _Lost is not raised)
                 self._reconnect(i, cmd, request)
+            self.traffic.last_exchange_seconds = time.perf_counter() - start
+            self.traffic.exchanges += 1
+
+    def _serve_packed(self, request: Request) -> None:
+        """A compressed elastic exchange with every shard (see ``compress``)."""
+        ref = self._reference
+        assert ref is not None and request.reply is not None
+        with self._lock:
+            self._check_joined(request.payload)
+            start = time.perf_counter()
+            for conn, (a, b), (out, _, scratch) in zip(
+                self._conns, self.ranges, self._packed, strict=True
+            ):
+                if conn.lost is not None:
+                    self._fail_connection(conn, ConnectionError(str(conn.lost)))
+                compressed_elastic_send_(request.payload[a:b], ref[a:b], self.codec, scratch, out)
+                self._send(conn, Cmd.ELASTIC_PACKED, out)
+            for conn, (a, b), (_, back, scratch) in zip(
+                self._conns, self.ranges, self._packed, strict=True
+            ):
+                h = self._recv(conn, back)
+                conn.acked += 1
+                conn.pending, conn.durable = h.pending, h.durable
+                compressed_elastic_receive_(ref[a:b], back, request.reply[a:b], self.codec,
+                                            scratch)  # fmt: skip
             self.traffic.last_exchange_seconds = time.perf_counter() - start
             self.traffic.exchanges += 1
 

@@ -64,6 +64,7 @@ from easgd.comm.wire import (
     handshake_refusal,
     resolve_secret,
 )
+from easgd.compress import Codec
 from easgd.runlog import Event, JsonlWriter, atomic_write_json, previous_checkpoint
 
 __all__ = [
@@ -572,6 +573,28 @@ class ParameterServer:
         self._check_finite(payload, stats, "payload")
         with self._lock:
             self.center.handle(op, payload, reply)
+            self._exchanges += 1
+            stats.exchanges += 1
+            c = stats.client
+            self._worker_exchanges[c] = self._worker_exchanges.get(c, 0) + 1
+            return Clocks(self.center.t, self._durable_seq, self._seq)
+
+    def apply_compressed(
+        self,
+        reference: Tensor,
+        packed_in: Tensor,
+        packed_out: Tensor,
+        scratch: Tensor,
+        codec: Codec,
+        stats: SessionStats,
+    ) -> Clocks:
+        """One compressed elastic exchange of ``stats``'s session, atomically
+        (:meth:`easgd.algorithms.Center.handle_compressed`); the payload is decoded and
+        checked finite first (:class:`NonFiniteError`: nothing applied)."""
+        codec.decode(packed_in, scratch)
+        self._check_finite(scratch, stats, "compressed payload")
+        with self._lock:
+            self.center.handle_compressed(reference, packed_in, packed_out, scratch, codec)
             self._exchanges += 1
             stats.exchanges += 1
             c = stats.client

@@ -42,7 +42,10 @@ from easgd.algorithms import Hyperparams, Op
 from easgd.comm.wire import (
     BYE_DONE,
     CMD_OP,
+    COMPRESS_NAMES,
+    COMPRESS_SHIFT,
     DEFAULT_TIMEOUT,
+    JOIN_RECOVER,
     MAX_JSON,
     OP_CMD,
     AuthenticationError,
@@ -61,6 +64,7 @@ from easgd.comm.wire import (
     server_handshake,
     tensor_bytes,
 )
+from easgd.compress import Codec, codec, padded
 from easgd.runlog import Event
 
 __all__ = [
@@ -161,6 +165,16 @@ class SessionHost(Protocol):
 
     def apply(self, op: Op, payload: Tensor, reply: Tensor, stats: SessionStats) -> Clocks: ...
 
+    def apply_compressed(
+        self,
+        reference: Tensor,
+        packed_in: Tensor,
+        packed_out: Tensor,
+        scratch: Tensor,
+        codec: Codec,
+        stats: SessionStats,
+    ) -> Clocks: ...
+
     def clocks(self) -> Clocks: ...
 
     def recovery_info(self, client: int) -> dict[str, int]: ...
@@ -217,6 +231,11 @@ class Session:
         self.chan: Channel | None = None
         self.payload: Tensor | None = None
         self.reply: Tensor | None = None
+        # A compressed session (JOIN flags): its codec, the reference of the worker's x that
+        # it and the worker keep alike, and its packed buffers (allocated at JOIN).
+        self.codec: Codec | None = None
+        self.reference: Tensor | None = None
+        self.packed: tuple[Tensor, Tensor, Tensor] | None = None
         self._tls_sock: ssl.SSLSocket | None = None
         self._dtype = dtype_code(server.dtype)
         self._exchange_cmd = OP_CMD[server.exchange_op]
@@ -241,6 +260,7 @@ class Session:
             self._serve(chan, srv.silence(heartbeat_ms))
         finally:
             self.payload = self.reply = None  # a session's memory ends with it
+            self.reference = self.packed = None
             if self._tls_sock is not None:
                 with contextlib.suppress(OSError):
                     self._tls_sock.close()
@@ -383,6 +403,8 @@ class Session:
             return self._reject(h, "the first request of a session must be JOIN")
         if h.cmd in CMD_OP:
             return self._exchange(h)
+        if h.cmd == Cmd.ELASTIC_PACKED:
+            return self._exchange_packed(h)
         if h.cmd == Cmd.RECOVER:
             return self._recover(h)
         return self._reject(h, f"unknown command {h.cmd}")
@@ -400,6 +422,17 @@ class Session:
         if self.stats is not None:
             return self._reject(h, "JOIN twice on one connection")
         refusal = srv.check_request(h, offset=h.aux)
+        code = h.flags >> COMPRESS_SHIFT
+        if not refusal and code:
+            if code not in COMPRESS_NAMES:
+                refusal = f"unknown compression code {code} in JOIN"
+            elif srv.exchange_op is not Op.ELASTIC:
+                refusal = (
+                    f"compressed exchanges are elastic (easgd, eamsgd); this server runs "
+                    f"{srv.hp.method}"
+                )
+            elif h.flags & JOIN_RECOVER:
+                refusal = "a compressed session cannot recover a restarted shard"
         if refusal:
             return self._reject(h, refusal)
         trailer = pack_json({"hp": srv.hp.to_dict(), **srv.recovery_info(h.session)})
@@ -410,6 +443,14 @@ class Session:
         except ValueError as exc:  # another process holds this worker's session
             return self._reject(h, str(exc))
         self.stats.client = h.session
+        if code:
+            self.codec = codec(COMPRESS_NAMES[code])
+            n = padded(srv.numel, self.codec.align)
+            size = self.codec.packed_size(n, srv.dtype)
+            self.reference = center.clone()  # the center the worker starts from, as it does
+            self.packed = (torch.zeros(size, dtype=torch.uint8),
+                           torch.zeros(size, dtype=torch.uint8),
+                           torch.zeros(n, dtype=srv.dtype))  # fmt: skip
         clocks = srv.clocks()
         self._send_reply(center, t=t, body_in=0, trailer=trailer, worker_id=h.worker_id,
                          session=self.stats.session_id, durable=clocks.durable,
@@ -464,6 +505,46 @@ class Session:
             return False
         self._send_reply(reply, t=clocks.t, body_in=self._nbytes, durable=clocks.durable,
                          pending=clocks.pending)  # fmt: skip
+        return True
+
+    def _exchange_packed(self, h: Header) -> bool:
+        """A compressed elastic exchange: ``encode(x - reference)`` in, ``encode(d)`` out."""
+        srv = self.server
+        refusal = ""
+        if self.codec is None or self.packed is None or self.reference is None:
+            refusal = "a compressed exchange on a session that did not JOIN with a codec"
+        elif h.dtype != dtype_code(torch.uint8) or h.numel != self.packed[0].numel():
+            refusal = (
+                f"compressed payload of {h.numel} bytes, this {self.codec.name} session "
+                f"takes {self.packed[0].numel()}; do all workers build the same model?"
+            )
+        if refusal:
+            self._drain(h)
+            return self._reject(h, refusal)
+        assert self.stats is not None and self.chan is not None
+        assert self.codec is not None and self.packed is not None and self.reference is not None
+        packed_in, packed_out, scratch = self.packed
+        deadline = self._recv_deadline(packed_in.numel())
+        self.chan.recv_body(tensor_bytes(packed_in), deadline=deadline)
+        self.chan.end_recv(deadline=deadline)
+        try:
+            clocks = srv.apply_compressed(self.reference, packed_in, packed_out, scratch,
+                                          self.codec, self.stats)  # fmt: skip
+        except ValueError as exc:  # refused input (a NaN, say): nothing was applied
+            return self._reject(h, str(exc))
+        except Exception as exc:
+            logger.exception("parameter server %s: exchange failed", srv.where)
+            self._send_error(ErrorKind.SERVER, f"the server failed: {exc!r}")
+            self._end(SessionState.REJECTED, f"server error: {exc!r}")
+            return False
+        chan = self.chan
+        size = packed_out.numel()
+        self._count(chan.frame_size(packed_in.numel()), chan.frame_size(size))
+        deadline = self._send_deadline(size)
+        chan.send_header(Cmd.OK, deadline=deadline, dtype=dtype_code(torch.uint8), numel=size,
+                         aux=clocks.t, durable=clocks.durable, pending=clocks.pending)  # fmt: skip
+        chan.send_body(tensor_bytes(packed_out), deadline=deadline)
+        chan.end_send(deadline=deadline)
         return True
 
     def _reply_center(self, h: Header, *, evaluation: bool) -> bool:

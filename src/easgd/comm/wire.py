@@ -94,6 +94,9 @@ except ImportError:  # pragma: no cover - depends on the environment
 __all__ = [
     "BYE_DONE",
     "CMD_OP",
+    "COMPRESS_CODES",
+    "COMPRESS_NAMES",
+    "COMPRESS_SHIFT",
     "DEFAULT_HEARTBEAT",
     "DEFAULT_TIMEOUT",
     "ERRORS",
@@ -178,6 +181,9 @@ class Cmd(enum.IntEnum):
     PING = 7  # heartbeat; reply: header only (aux = center clock)
     RECOVER = 8  # payload: a worker's contributions the restarted shard's checkpoint lacks
     CONTROL = 9  # body: pack_json(message) (numel = its bytes); reply: OK + pack_json(answer)
+    # payload: encode(x - reference), uint8 (numel = its bytes) -> reply: encode(d), uint8
+    # (a session that JOINed with a codec in ``flags``: COMPRESS_CODES; easgd.compress)
+    ELASTIC_PACKED = 10
     OK = 16
     ERROR = 17
 
@@ -276,7 +282,12 @@ _DTYPES: dict[torch.dtype, int] = {
     torch.float64: 2,
     torch.float16: 3,
     torch.bfloat16: 4,
+    torch.uint8: 5,  # packed (compressed) payloads only
 }
+#: The codec a JOIN asks for, in bits 4-7 of its ``flags`` (0: none, full precision).
+COMPRESS_CODES = {"none": 0, "bf16": 1, "int8": 2}
+COMPRESS_NAMES = {v: k for k, v in COMPRESS_CODES.items()}
+COMPRESS_SHIFT = 4
 _CODES = {v: k for k, v in _DTYPES.items()}
 
 

@@ -1,6 +1,7 @@
 """The data sets of the experiments, loaded into normalized tensors.
 
-``digits`` (scikit-learn, offline, 1x8x8), ``mnist`` and ``fashion-mnist`` (1x28x28),
+``digits`` (scikit-learn, offline, 1x8x8), ``digits-hard`` (made from digits: 1x28x28,
+distorted, offline; :mod:`easgd.data.digits_hard`), ``mnist`` and ``fashion-mnist`` (1x28x28),
 ``cifar10`` (3x32x32, trained on random 28x28 crops and tested on the center crop: the
 28x28 input is the paper's, the random/center crops our choice, paper-spec 3) and
 ``imagenet`` (your ImageNet-format folder, ``data_dir``: :mod:`easgd.data.imagefolder`,
@@ -44,7 +45,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "imagenet")
+DATASETS = ("digits", "digits-hard", "mnist", "fashion-mnist", "cifar10", "imagenet")
 
 #: Side of the CIFAR crops the model sees (the paper: 28 of 32).
 CIFAR_CROP = 28
@@ -56,6 +57,7 @@ _ALIASES = {
     "fashionmnist": "fashion-mnist",
     "cifar-10": "cifar10",
     "ilsvrc": "imagenet",
+    "digits_hard": "digits-hard",
 }
 
 
@@ -210,6 +212,8 @@ class DatasetInfo:
 DATASET_INFO: Mapping[str, DatasetInfo] = MappingProxyType(
     {
         "digits": DatasetInfo("digits", 1, 8, 10, 1437, 360),
+        # 8 distorted 28x28 copies of each training digit, 3 of each test digit.
+        "digits-hard": DatasetInfo("digits-hard", 1, 28, 10, 11496, 1080),
         "mnist": DatasetInfo("mnist", 1, 28, 10, 60000, 10000),
         "fashion-mnist": DatasetInfo("fashion-mnist", 1, 28, 10, 60000, 10000),
         "cifar10": DatasetInfo("cifar10", 3, CIFAR_CROP, 10, 50000, 10000),
@@ -348,6 +352,13 @@ def load_dataset(
     if key == "digits":
         train_x, train_y, test_x, test_y = (torch.tensor(a) for a in digits_arrays())
         return _build(key, train_x, train_y, test_x, test_y)
+    if key == "digits-hard":  # generated from digits once, then cached (easgd.data.digits_hard)
+        from easgd.data.digits_hard import digits_hard_arrays
+
+        arrays = digits_hard_arrays(cache_dir=None if cache_dir is None else str(cache_dir))
+        train_x, test_x = (_to_unit_tensor(a) for a in arrays[0::2])
+        train_y, test_y = (torch.from_numpy(a.copy()) for a in arrays[1::2])
+        return _build(key, train_x, train_y, test_x, test_y)
     if key == "imagenet":  # your folder, decoded once into the cache (easgd.data.imagefolder)
         from easgd.data.imagefolder import load_image_folder
 
@@ -392,7 +403,7 @@ def locate_dataset(
     key = _canonical_name(name)
     if spec is not None and spec.name != key:
         raise ValueError(f"spec is for {spec.name!r} but the data set asked for is {key!r}")
-    if key == "digits":
+    if key in ("digits", "digits-hard"):  # generated, not fetched
         return {}
     if key == "imagenet":  # nothing to fetch: the split folders, checked (easgd.data.imagefolder)
         from easgd.data.imagefolder import TEST_SPLITS, scan_image_folder

@@ -311,6 +311,18 @@ def _setting(summary: Mapping[str, Any]) -> Setting:
     return (str(summary["method"]), int(summary["tau"]), int(summary["workers"]))
 
 
+class SweepInterrupted(RuntimeError):
+    """A signal stopped the sweep during one of its runs; ``exit_status`` is the run's."""
+
+    def __init__(self, run: str, cause: BaseException) -> None:
+        super().__init__(
+            f"interrupted during run {run}: the runs done so far are kept; run the same "
+            "command again to continue from there"
+        )
+        self.run = run
+        self.exit_status = int(getattr(cause, "exit_status", 130))
+
+
 def _run_one(
     ctx: SweepContext,
     rt: Runtime,
@@ -340,6 +352,10 @@ def _run_one(
         atomic_write_json(paths.run_info, {**ctx.run_info(run), **rt.run_info(ctx, run)})
         summary = run_fn(ctx, run, folder)
     except Exception as exc:
+        if getattr(exc, "status", None) == RunStatus.INTERRUPTED:
+            # SIGINT/SIGTERM reached the run's launcher: the user stops the sweep, not this
+            # run only (its folder has no result: a rerun of the sweep starts it afresh).
+            raise SweepInterrupted(run.name, exc) from exc
         message = f"{type(exc).__name__}: {exc}"
         atomic_write_json(paths.failed,
                           {"error": message, "traceback": traceback.format_exc()})  # fmt: skip

@@ -43,6 +43,7 @@ from easgd.roles.context import (
     secret,
     server_addresses,
 )
+from easgd.roles.group import group_gradient, group_transport
 from easgd.runlog import (
     Checkpoint,
     CheckpointError,
@@ -107,13 +108,20 @@ def run_worker(cfg: TrainConfig, ctx: RoleContext, index: int) -> None:
     addresses = server_addresses(ctx.store, cfg.servers, cfg.timeout) if cfg.servers_used else []
     # Under --max-restarts the launcher restarts a dead server shard: follow it to its new
     # address (the store) and re-send what its checkpoint lacks.
-    transport = make_transport(
-        mode, device=device, numel=flat.numel, addresses=addresses, worker_id=index,
-        secret=secret(), timeout=cfg.timeout,
-        reconnect_timeout=_reconnect_timeout(cfg),
-        resolve=lambda shard: server_addresses(ctx.store, cfg.servers, cfg.timeout)[shard],
-        on_event=lambda event: log.event(**event), tls=cfg.client_tls(), compress=cfg.compress,
+    # With --group-size, a group's leader opens this transport for the group (roles.group).
+    transport = group_transport(
+        mode=mode, group_size=cfg.group_size, workers=cfg.workers, index=index, device=device,
+        store=ctx.store, timeout=cfg.timeout,
+        make_inner=lambda group: make_transport(
+            mode, device=device, numel=flat.numel, addresses=addresses, worker_id=index,
+            secret=secret(), timeout=cfg.timeout, group=group,
+            reconnect_timeout=_reconnect_timeout(cfg),
+            resolve=lambda shard: server_addresses(ctx.store, cfg.servers, cfg.timeout)[shard],
+            on_event=lambda event: log.event(**event), tls=cfg.client_tls(),
+            compress=cfg.compress,
+        ),
     )  # fmt: skip
+    grad_fn = group_gradient(transport, grad_fn)  # the group's mean gradient, if grouped
     transport.start(flat.params)  # every worker starts from the center
     worker = Worker(hp, flat.params, mode, grad=flat.grads)
     state = _State(cfg, ctx, index, worker, stream)
