@@ -138,6 +138,7 @@ class AllReduceTransport(Transport):
         # payload data_ptr -> (work, seconds to start it, the step check in flight)
         self._in_flight: dict[int, tuple[Any, float, _Check | None]] = {}
         self._sum_like: Tensor | None = None  # the shape of this rank's sums (finish_check)
+        self._tails: dict[tuple[int, int, int], _Counters] = {}
         self._vote = torch.zeros(1)
         self._vote_work: Any = None  # the time-budget vote in flight
 
@@ -173,7 +174,7 @@ class AllReduceTransport(Transport):
                     f"the request reserves {req.tail} elements; this transport needs "
                     f"{self.reserve(req.payload.dtype)} (Worker(reserve=transport.reserve(dtype)))"
                 )
-            counters = _Counters(req.payload[-req.tail :], self.world)
+            counters = self._tail_counters(req.payload, req.tail)
             counters.write(self.rank, req.step, finishing=False)
             check = _Check(None, counters)
             self._sum_like = req.payload
@@ -246,6 +247,14 @@ class AllReduceTransport(Transport):
         if check is not None and check.work is None:
             check.verify()  # counters in the payload's tail
         self.traffic.last_exchange_seconds = start_seconds + time.perf_counter() - started
+
+    def _tail_counters(self, payload: Tensor, tail: int) -> _Counters:
+        """The counters in ``payload``'s reserved tail (one object per buffer, reused)."""
+        key = (payload.data_ptr(), payload.numel(), tail)
+        counters = self._tails.get(key)
+        if counters is None:
+            counters = self._tails[key] = _Counters(payload[-tail:], self.world)
+        return counters
 
     def reserve(self, dtype: torch.dtype) -> int:
         """How many trailing elements of an EASGD sum buffer the step counters need.
@@ -368,6 +377,9 @@ class _Counters:
         self.slots, self.world = slots, world
         self.bits = self.digit_bits(slots.dtype)
         self.digits = math.ceil(_COUNTER_BITS / self.bits)
+        # NumPy's view of the slots where it has the dtype: element writes without a tensor.
+        plain = slots.device.type == "cpu" and slots.dtype is not torch.bfloat16
+        self._view = slots.numpy() if plain else None
 
     @staticmethod
     def digit_bits(dtype: torch.dtype) -> int:
@@ -385,7 +397,7 @@ class _Counters:
         block = [float((step >> (self.bits * i)) & mask) for i in range(self.digits)]
         block.append(1.0 if finishing else 0.0)
         width = self.digits + 1
-        view = self._numpy()
+        view = self._view
         if view is not None:  # a few element writes, no tensor made (this is per exchange)
             view[:] = 0.0
             view[rank * width : (rank + 1) * width] = block
@@ -394,14 +406,8 @@ class _Counters:
         values = torch.tensor(block, dtype=self.slots.dtype, device=self.slots.device)
         self.slots[rank * width : (rank + 1) * width].copy_(values)
 
-    def _numpy(self) -> Any:
-        """The slots as a NumPy array sharing their memory, where NumPy has the dtype."""
-        if self.slots.device.type != "cpu" or self.slots.dtype is torch.bfloat16:
-            return None
-        return self.slots.numpy()
-
     def read(self) -> tuple[list[int], list[bool]]:
-        view = self._numpy()
+        view = self._view
         values = view.tolist() if view is not None else self.slots.tolist()
         width = self.digits + 1
         steps, finishing = [], []

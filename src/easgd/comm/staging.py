@@ -1,6 +1,7 @@
 """CUDA workers and a CPU parameter server: requests staged through pinned host memory.
 
-The parameter server keeps the center on the CPU (as the paper's servers did) and its wire
+The parameter server keeps the center on the CPU (our choice: paper-spec only says a
+centralized parameter server; CPU memory is the larger and cheaper) and its wire
 format is raw host bytes; a worker whose parameters live on a GPU copies each payload into
 a pinned host buffer, exchanges it, and copies the reply back without blocking the host.
 """
