@@ -107,6 +107,7 @@ __all__ = [
     "local_step_",
     "mdownpour_center_",
     "nesterov_lookahead_",
+    "run_exchanges",
     "run_finish",
     "run_settle",
     "run_step",
@@ -1253,17 +1254,23 @@ def contribution(req: Request) -> Tensor | None:
 
 
 def _no_compute(req: Request) -> float:
-    raise RuntimeError(f"settling or finishing made a {req.op.value!r} request")
+    raise RuntimeError(f"a part of a step without its gradient made a {req.op.value!r} request")
+
+
+def run_exchanges(steps: Generator[Request, Any, None], serve: Serve) -> None:
+    """Drive a generator that only exchanges (:meth:`Worker.settle`, :meth:`Worker.finish`,
+    :meth:`Worker.begin_step`, :meth:`Worker.end_step`); a compute request is an error."""
+    drive(steps, _no_compute, serve)
 
 
 def run_settle(worker: Worker, serve: Serve) -> None:
     """Drive :meth:`Worker.settle` (complete a deferred exchange)."""
-    drive(worker.settle(), _no_compute, serve)
+    run_exchanges(worker.settle(), serve)
 
 
 def run_finish(worker: Worker, serve: Serve) -> None:
     """Drive :meth:`Worker.finish` (every rank, at the end of training)."""
-    drive(worker.finish(), _no_compute, serve)
+    run_exchanges(worker.finish(), serve)
 
 
 def run_step(worker: Worker, grad_fn: Callable[[Tensor, Tensor], float], serve: Serve) -> float:

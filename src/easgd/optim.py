@@ -88,6 +88,7 @@ from easgd.algorithms import (
     Request,
     Worker,
     drive,
+    run_exchanges,
     run_settle,
 )
 from easgd.comm.base import Transport
@@ -488,10 +489,6 @@ class ElasticAveraging(torch.optim.Optimizer):
         self._loss = loss
         return float("nan") if loss is None else float(loss)
 
-    @staticmethod
-    def _no_compute(req: Request) -> float:
-        raise RuntimeError(f"an EAMSGD half-step made a {req.op.value!r} request")
-
     def _eamsgd_step(self, skip: bool) -> None:
         """The paper's EAMSGD step around a gradient the user's loop already computed."""
         group = self.optimizer.param_groups[0]
@@ -500,13 +497,13 @@ class ElasticAveraging(torch.optim.Optimizer):
             self.hp = self.hp.replace(lr=lr, weight_decay=wd)
             self.worker.hp = self.hp
         if not self._begun:  # the first step: exchange at t = 0, look-ahead (v = 0: none)
-            drive(self.worker.begin_step(), self._no_compute, self._serve)
+            run_exchanges(self.worker.begin_step(), self._serve)
         self.flat.ensure_grad_views_()
         if skip:
             self.flat.grads.zero_()  # keep the step and its exchange; momentum only
-        drive(self.worker.end_step(), self._no_compute, self._serve)
+        run_exchanges(self.worker.end_step(), self._serve)
         # The next step's first half, so the next gradient is taken at its look-ahead.
-        drive(self.worker.begin_step(), self._no_compute, self._serve)
+        run_exchanges(self.worker.begin_step(), self._serve)
         self._begun = True
 
     @torch.no_grad()

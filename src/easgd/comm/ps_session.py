@@ -32,6 +32,7 @@ import mmap
 import socket
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
@@ -357,15 +358,16 @@ class Session:
     def _send_reply(
         self, reply: Tensor, *, t: int, body_in: int, trailer: bytes = b"", **fields: int
     ) -> None:
-        """OK header, the shard in ``reply``, then ``trailer``, as one frame; counted before
-        it is sent, so that a worker holding the reply finds it in the server's stats."""
+        """OK header, ``reply`` (the shard, or a packed reply), then ``trailer``, as one
+        frame; counted before it is sent, so that a worker holding the reply finds it in the
+        server's stats."""
         chan = self.chan
         assert chan is not None
-        size = self._nbytes + len(trailer)
+        size = reply.numel() * reply.element_size() + len(trailer)
         self._count(chan.frame_size(body_in), chan.frame_size(size))
         deadline = self._send_deadline(size)
-        chan.send_header(Cmd.OK, deadline=deadline, dtype=self._dtype, numel=self.server.numel,
-                         aux=t, **fields)  # fmt: skip
+        chan.send_header(Cmd.OK, deadline=deadline, dtype=dtype_code(reply.dtype),
+                         numel=reply.numel(), aux=t, **fields)  # fmt: skip
         chan.send_body(tensor_bytes(reply), deadline=deadline)
         if trailer:
             chan.send_body(trailer, deadline=deadline)
@@ -374,7 +376,7 @@ class Session:
     def _recv_payload(self, into: Tensor) -> None:
         """A request's body into ``into``, verified: nothing of it is used before this returns."""
         assert self.chan is not None
-        deadline = self._recv_deadline(self._nbytes)
+        deadline = self._recv_deadline(into.numel() * into.element_size())
         self.chan.recv_body(tensor_bytes(into), deadline=deadline)
         self.chan.end_recv(deadline=deadline)
 
@@ -494,18 +496,26 @@ class Session:
         assert self.stats is not None
         payload, reply = self._exchange_buffers()
         self._recv_payload(payload)
-        try:
-            clocks = srv.apply(CMD_OP[h.cmd], payload, reply, self.stats)
-        except ValueError as exc:  # refused input (a NaN, say): nothing was applied
-            return self._reject(h, str(exc))
-        except Exception as exc:
-            logger.exception("parameter server %s: exchange failed", srv.where)
-            self._send_error(ErrorKind.SERVER, f"the server failed: {exc!r}")
-            self._end(SessionState.REJECTED, f"server error: {exc!r}")
-            return False
+        stats = self.stats
+        clocks = self._applied(h, lambda: srv.apply(CMD_OP[h.cmd], payload, reply, stats))
+        if isinstance(clocks, bool):
+            return clocks
         self._send_reply(reply, t=clocks.t, body_in=self._nbytes, durable=clocks.durable,
                          pending=clocks.pending)  # fmt: skip
         return True
+
+    def _applied(self, h: Header, apply: Callable[[], Clocks]) -> Clocks | bool:
+        """``apply()``'s clocks, or what the session answers when it fails: a refused input
+        (a NaN, say: nothing was applied) is rejected, a failure of the server ends it."""
+        try:
+            return apply()
+        except ValueError as exc:
+            return self._reject(h, str(exc))
+        except Exception as exc:
+            logger.exception("parameter server %s: exchange failed", self.server.where)
+            self._send_error(ErrorKind.SERVER, f"the server failed: {exc!r}")
+            self._end(SessionState.REJECTED, f"server error: {exc!r}")
+            return False
 
     def _exchange_packed(self, h: Header) -> bool:
         """A compressed elastic exchange: ``encode(x - reference)`` in, ``encode(d)`` out."""
@@ -524,27 +534,14 @@ class Session:
         assert self.stats is not None and self.chan is not None
         assert self.codec is not None and self.packed is not None and self.reference is not None
         packed_in, packed_out, scratch = self.packed
-        deadline = self._recv_deadline(packed_in.numel())
-        self.chan.recv_body(tensor_bytes(packed_in), deadline=deadline)
-        self.chan.end_recv(deadline=deadline)
-        try:
-            clocks = srv.apply_compressed(self.reference, packed_in, packed_out, scratch,
-                                          self.codec, self.stats)  # fmt: skip
-        except ValueError as exc:  # refused input (a NaN, say): nothing was applied
-            return self._reject(h, str(exc))
-        except Exception as exc:
-            logger.exception("parameter server %s: exchange failed", srv.where)
-            self._send_error(ErrorKind.SERVER, f"the server failed: {exc!r}")
-            self._end(SessionState.REJECTED, f"server error: {exc!r}")
-            return False
-        chan = self.chan
-        size = packed_out.numel()
-        self._count(chan.frame_size(packed_in.numel()), chan.frame_size(size))
-        deadline = self._send_deadline(size)
-        chan.send_header(Cmd.OK, deadline=deadline, dtype=dtype_code(torch.uint8), numel=size,
-                         aux=clocks.t, durable=clocks.durable, pending=clocks.pending)  # fmt: skip
-        chan.send_body(tensor_bytes(packed_out), deadline=deadline)
-        chan.end_send(deadline=deadline)
+        self._recv_payload(packed_in)
+        codec, reference, stats = self.codec, self.reference, self.stats
+        clocks = self._applied(h, lambda: srv.apply_compressed(
+            reference, packed_in, packed_out, scratch, codec, stats))  # fmt: skip
+        if isinstance(clocks, bool):
+            return clocks
+        self._send_reply(packed_out, t=clocks.t, body_in=packed_in.numel(),
+                         durable=clocks.durable, pending=clocks.pending)  # fmt: skip
         return True
 
     def _reply_center(self, h: Header, *, evaluation: bool) -> bool:
