@@ -172,7 +172,7 @@ def test_easgd_train_compressed_moves_fewer_bytes_to_the_same_center(
         out = tmp_path / name
         proc = subprocess.run(
             [sys.executable, "-m", "easgd", "train", "--method", "easgd", "--mode", mode,
-             "--workers", "2", "--steps", "60", "--tau", "3", "--compress", name,
+             "--workers", "2", "--steps", "300", "--tau", "3", "--compress", name,
              "--out", str(out), "--quiet"],
             capture_output=True, text=True, cwd=ROOT, timeout=360,
         )  # fmt: skip
@@ -182,15 +182,18 @@ def test_easgd_train_compressed_moves_fewer_bytes_to_the_same_center(
         return json.loads((out / "summary.json").read_text())
 
     base, bf16, int8 = run("none"), run("bf16"), run("int8")
-    assert base["exchanges"] == bf16["exchanges"] == int8["exchanges"] == 40
+    assert base["exchanges"] == bf16["exchanges"] == int8["exchanges"] == 200
     for run_ in (bf16, int8):
         assert run_["status"] == "completed"
     # Asynchronous bytes count every frame's header (the JOIN, pings, BYE, MAC tags) as
     # well: the payloads are exactly 2x and 3.94x smaller, the totals a little less.
     assert base["bytes_sent"] / bf16["bytes_sent"] >= (2.0 if mode == "sync" else 1.99)
     assert base["bytes_sent"] / int8["bytes_sent"] >= 3.5
+    # 300 steps, where the centers have nearly converged (about 12% error): asynchronous
+    # runs interleave differently each time, which moved the error by 0.05 after 60 steps
+    # (a failed CI) but by 0.006 over ten runs here (2 test images of 360).
     for run_ in (bf16, int8):
-        assert abs(run_["center_test_error"] - base["center_test_error"]) <= 0.05
+        assert abs(run_["center_test_error"] - base["center_test_error"]) <= 0.03
 
 
 @pytest.mark.parametrize(("name", "servers"), [("bf16", 1), ("int8", 1), ("bf16", 2)])
