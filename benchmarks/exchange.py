@@ -53,7 +53,9 @@ the raw all-reduce's cost in the same loop.
 Usage, from the repository root::
 
     python -m benchmarks.exchange [--quick] [--numel 5000000] [--repeats N] [--no-loop]
-        [--profile ROW ...] [--json PATH]
+        [--only codec] [--profile ROW ...] [--json PATH]
+
+``--only codec`` runs the three codec rows alone (no servers, no peer), still interleaved.
 
 Every process runs one torch thread. The figures and what limits them:
 ``benchmarks/RESULTS.md``, section 2. Add a row by appending to ``build_rows`` (and, when
@@ -370,10 +372,9 @@ def _codec_round_trip(
     return run
 
 
-def build_rows(
-    x: torch.Tensor, d: torch.Tensor, clients: dict[str, PSClient], periods: int
-) -> list[Row]:
-    sync = SyncExchange(x)
+def codec_rows(x: torch.Tensor) -> list[Row]:
+    """``codec_copy`` (one copy of ``x``, padded to whole int8 chunks) and, for each codec,
+    encode + decode of the same vector into the same destination, in this process."""
     xp = torch.zeros(padded(x.numel()))  # the vector in whole int8 chunks
     xp[: x.numel()] = x
     scratch = torch.empty_like(xp)
@@ -381,6 +382,20 @@ def build_rows(
         name: torch.empty(codec(name).packed_size(xp.numel()), dtype=torch.uint8)
         for name in COMPRESSED
     }
+    return [
+        Row("codec_copy", "one copy of the flat vector", lambda: scratch.copy_(xp)),
+        *(
+            Row(f"codec_{name}", f"{name} encode + decode of the flat vector",
+                _codec_round_trip(name, xp, packed[name], scratch))
+            for name in COMPRESSED
+        ),
+    ]  # fmt: skip
+
+
+def build_rows(
+    x: torch.Tensor, d: torch.Tensor, clients: dict[str, PSClient], periods: int
+) -> list[Row]:
+    sync = SyncExchange(x)
 
     def echo() -> None:
         dist.send(x, 1)
@@ -424,12 +439,7 @@ def build_rows(
                 _gloo_row(_COMPRESSED_MODE + i, SyncExchange(x.clone(), compress=name)))
             for i, name in enumerate(COMPRESSED)
         ),
-        Row("codec_copy", "one copy of the flat vector", lambda: scratch.copy_(xp)),
-        *(
-            Row(f"codec_{name}", f"{name} encode + decode of the flat vector",
-                _codec_round_trip(name, xp, packed[name], scratch))
-            for name in COMPRESSED
-        ),
+        *codec_rows(x),
     ]  # fmt: skip
     if periods:
         for i, kind in enumerate(LOOP_KINDS):
@@ -569,8 +579,14 @@ def run(
     periods: int,
     missing: Missing,
     profile: tuple[str, ...] = (),
+    only: str | None = None,
 ) -> dict[str, Any]:
     torch.set_num_threads(1)
+    if only == "codec":  # the codec rows alone, in this process: no servers, no peer
+        rows = codec_rows(torch.randn(numel, generator=torch.Generator().manual_seed(0)))
+        samples = measure(rows, repeats, warmup)
+        profiles = {name: profile_row(rows, name) for name in profile}
+        return _result(samples, profiles, missing, numel, repeats, warmup, periods)
     ctx = mp.get_context("spawn")
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
@@ -644,6 +660,18 @@ def run(
                 if proc.is_alive():
                     proc.kill()
                     proc.join()
+    return _result(samples, profiles, missing, numel, repeats, warmup, periods)
+
+
+def _result(
+    samples: dict[str, list[float]],
+    profiles: dict[str, str],
+    missing: Missing,
+    numel: int,
+    repeats: int,
+    warmup: int,
+    periods: int,
+) -> dict[str, Any]:
     SUMMARY_NUMEL[0] = numel
     rows = summarize(samples, missing)
     return {
@@ -678,6 +706,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-loop", action="store_true", help="skip the training-loop rows")
     parser.add_argument(
+        "--only",
+        choices=["codec"],
+        default=None,
+        help="only these rows: codec = codec_copy, codec_bf16, codec_int8 (no servers, no peer)",
+    )
+    parser.add_argument(
         "--profile",
         nargs="+",
         default=(),
@@ -687,7 +721,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     numel = args.numel or (200_000 if args.quick else 5_000_000)
     repeats = args.repeats or (3 if args.quick else 20)
-    periods = 0 if args.no_loop else (args.periods or (2 if args.quick else 10))
+    periods = 0 if args.no_loop or args.only else (args.periods or (2 if args.quick else 10))
     info = machine_info()
     missing = Missing()
     result = run(
@@ -697,6 +731,7 @@ def main(argv: list[str] | None = None) -> int:
         periods=periods,
         missing=missing,
         profile=tuple(args.profile),
+        only=args.only,
     )
     result = {"benchmark": "exchange", "quick": args.quick, "machine": info, **result}
     rows = result["rows"]
@@ -710,6 +745,10 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     for name, table in result["profiles"].items():
         print(f"torch.profiler, {name}, 10 calls on rank 0 (self CPU time):\n{table}")
+    if args.only:  # the targets below are ratios of rows that did not run
+        result["target_met"] = {}
+        write_json(args.json, result)
+        return missing.exit_code(args.quick)
     by = {r["name"]: r for r in rows}
     verdicts = {
         "async (ps_elastic / gloo_echo)": (by["ps_elastic"]["ratio"], ASYNC_TARGET),

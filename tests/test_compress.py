@@ -254,3 +254,107 @@ def test_a_compressed_join_to_a_server_without_elastic_exchanges_is_refused() ->
         with pytest.raises(ValueError, match="compressed exchanges are elastic"):
             client.start(torch.zeros(256))
         client.close(clean=False)
+
+
+def _int8_whole(v: torch.Tensor) -> torch.Tensor:
+    """The int8 packed form written out on the whole vector at once (no blocks, no scratch):
+    scale max|v| / 127, q = round half to even of v * (127 * (1 / max|v|)), 0 where that
+    factor is not finite."""
+    rows = v.view(-1, CHUNK)
+    peak = rows.abs().amax(1).float()
+    inv = (peak.reciprocal() * 127.0).nan_to_num(nan=0.0, posinf=0.0)
+    q = (rows * inv.to(v.dtype)[:, None]).round().to(torch.int8)
+    return torch.cat([(peak / 127.0).view(torch.uint8), q.view(-1).view(torch.uint8)])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_int8_blocks_encode_and_decode_the_whole_vector_bitwise(dtype: torch.dtype) -> None:
+    # The codec works in blocks of chunks (one block's temporaries stay in cache); across
+    # block boundaries, a short last block and the scratch kept between calls of other sizes,
+    # its bytes are those of the whole vector at once, and so are the decoded values.
+    from easgd.compress import _BLOCK
+
+    c = codec("int8")
+    gen = torch.Generator().manual_seed(3)
+    for chunks in (1, _BLOCK - 1, _BLOCK, _BLOCK + 1, 3 * _BLOCK + 5, 2):
+        scale = torch.logspace(-30, 3, chunks, dtype=torch.float64).repeat_interleave(CHUNK)
+        v = (torch.randn(chunks * CHUNK, generator=gen, dtype=torch.float64) * scale).to(dtype)
+        rows = v.view(-1, CHUNK)
+        rows[::7] = 0.0  # all-zero chunks: scale 0, q 0
+        rows[3::11] = -0.0
+        rows[5::13, 1:] = 0.0  # one value and zeros
+        packed = torch.empty(c.packed_size(v.numel()), dtype=torch.uint8)
+        c.encode(v, packed)
+        assert torch.equal(packed, _int8_whole(v)), chunks
+        back = torch.empty_like(v)
+        c.decode(packed, back)
+        scales = packed[: 4 * chunks].view(torch.float32).to(dtype)[:, None]
+        whole = packed[4 * chunks :].view(torch.int8).view(chunks, CHUNK).to(dtype) * scales
+        assert torch.equal(back.view(-1, CHUNK), whole), chunks
+        assert not packed[: 4 * chunks].view(torch.float32).signbit().any()  # no -0.0 scale
+
+
+def test_int8_rounds_half_to_even_and_keeps_tiny_chunks_finite() -> None:
+    c = codec("int8")
+    v = torch.zeros(2 * CHUNK)
+    ties = [0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5, -126.5]
+    v[0], v[1 : 1 + len(ties)] = 127.0, torch.tensor(ties)  # 127 * (1 / 127) == 1 exactly
+    v[CHUNK], v[CHUNK + 1] = 1e-38, -5e-39  # 127 / max|v| overflows float32: q = 0
+    packed = torch.empty(c.packed_size(v.numel()), dtype=torch.uint8)
+    c.encode(v, packed)
+    q = packed[8:].view(torch.int8).view(2, CHUNK)
+    assert q[0, : 1 + len(ties)].tolist() == [127, 0, 2, 2, 0, -2, -2, 126, -126]
+    assert not q[1].any()
+    back = torch.empty_like(v)
+    c.decode(packed, back)
+    assert back.isfinite().all() and not back[CHUNK:].any()
+
+
+def test_int8_threads_encode_with_their_own_scratch() -> None:
+    # Server sessions encode in their own threads at once: every thread's bytes are its
+    # vector's, whatever the others encode meanwhile (each thread keeps its own blocks).
+    import threading
+
+    c = codec("int8")
+    gen = torch.Generator().manual_seed(4)
+    vectors = [torch.randn((k + 1) * 700 * CHUNK, generator=gen) * (k + 1) for k in range(4)]
+    expected = [_int8_whole(v) for v in vectors]
+    start = threading.Barrier(len(vectors))
+    wrong: list[int] = []
+
+    def encode(k: int) -> None:
+        packed = torch.empty_like(expected[k])
+        start.wait(timeout=60)
+        for _ in range(20):
+            c.encode(vectors[k], packed)
+            if not torch.equal(packed, expected[k]):
+                wrong.append(k)
+
+    threads = [threading.Thread(target=encode, args=(k,)) for k in range(len(vectors))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert wrong == []
+
+
+def test_codec_benchmark_rows_alone_side_by_side_with_a_copy(tmp_path: Path) -> None:
+    # `python -m benchmarks.exchange --only codec`: the three codec rows in one process (no
+    # servers), each codec's encode + decode a ratio against one copy of the same vector.
+    import json
+    import subprocess
+
+    out = tmp_path / "codec.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.exchange", "--only", "codec", "--quick",
+         "--json", str(out)],
+        capture_output=True, text=True, timeout=240, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    rows = {r["name"]: r for r in result["rows"]}
+    assert set(rows) == {"codec_copy", "codec_bf16", "codec_int8"}
+    assert rows["codec_copy"]["ratio"] == 1.0 and result["target_met"] == {}
+    for r in rows.values():
+        assert r["baseline"] == "codec_copy" and len(r["samples_ms"]) == result["repeats"]
+        assert r["ratio"] == r["median_ms"] / rows["codec_copy"]["median_ms"]

@@ -171,3 +171,41 @@ def test_preflight_decodes_the_folder_once_and_checks_the_paper_network(
         check_train(cfg.replace(batch_size=7))
     with pytest.raises(PreflightError, match="--data-dir"):
         check_train(cfg.replace(data_dir=None))
+
+
+def test_batchnorm_recalibration_sees_the_training_transform() -> None:
+    # The center of a batch-norm net on an image folder (or CIFAR-10's crops) is evaluated
+    # after update_bn on training images: they must pass through the training transform
+    # (uint8 -> cropped, normalized float), as the network saw them. Before, the raw uint8
+    # tensor went into the network and the evaluation failed.
+    from easgd.data.imagefolder import FolderTrainTransform
+    from easgd.evaluation import evaluate_center
+    from easgd.flat import parameters_to_flat_views
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+        torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 3),
+    )  # fmt: skip
+    flat = parameters_to_flat_views(model)
+    gen = torch.Generator().manual_seed(1)
+    train_x = torch.randint(0, 256, (40, 3, 10, 10), dtype=torch.uint8, generator=gen)
+    transform = FolderTrainTransform(8, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
+    test = (torch.randn(6, 3, 8, 8, generator=gen), torch.tensor([0, 1, 2, 0, 1, 2]))
+    with pytest.raises(RuntimeError):  # what happened before: uint8 into the network
+        evaluate_center(model, flat, flat.params.clone(), test, train_x)
+    center = flat.params.detach().clone()
+    result = evaluate_center(model, flat, center, test, train_x, batch_size=16,
+                             transform=transform)  # fmt: skip
+    assert 0.0 <= result["error"] <= 1.0
+    # The running mean is that of the transformed batches (seeded 0, as the function says).
+    bn = model[1]
+    again = torch.nn.Sequential(*[m for m in model])
+    seeded = torch.Generator().manual_seed(0)
+    chunks = [transform(train_x[i : i + 256], seeded) for i in range(0, 40, 256)]
+    ref = torch.nn.BatchNorm2d(4)
+    with torch.no_grad():
+        ref.train()
+        ref.momentum = None
+        ref(again[0](torch.cat(chunks)))
+    assert torch.allclose(bn.running_mean, ref.running_mean, atol=1e-6)

@@ -488,3 +488,26 @@ def test_failed_mirrors_are_said_once_in_the_error(
         check_train(cfg, spec=extra["spec"])
     assert not [r for r in caplog.records if "download of" in r.getMessage()]
     assert not logging.getLogger("easgd.data.download").filters
+
+
+def test_eval_device_is_checked_and_named_like_device(tmp_path: Path) -> None:
+    cfg = TrainConfig(steps=1, out=str(tmp_path / "run"))
+    if not torch.cuda.is_available():
+        with pytest.raises(PreflightError, match=r"--eval-device cuda: .*use --eval-device cpu"):
+            check_train(cfg.replace(eval_device="cuda"))
+    with pytest.raises(ConfigError, match="eval_device='gpu'; choose cpu, cuda"):
+        TrainConfig(steps=1, eval_device="gpu")
+    check_train(cfg.replace(eval_device="auto"))  # auto: the CPU here, or a GPU
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_center_evaluated_on_the_gpu_scores_as_on_the_cpu() -> None:
+    from easgd.finalize import CenterEvaluation
+
+    cfg = TrainConfig(steps=1, model="digits-cnn")
+    cpu, gpu = CenterEvaluation(cfg), CenterEvaluation(cfg.replace(eval_device="cuda"))
+    assert gpu.device.type == "cuda"
+    center = cpu.initial + 0.01
+    a, b = cpu(center), gpu(center)
+    assert a["error"] == b["error"]
+    assert abs(a["loss"] - b["loss"]) < 1e-4

@@ -25,7 +25,16 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from easgd.algorithms import Hyperparams, Mode, Request, Worker, contribution, run_step
+from easgd.algorithms import (
+    Hyperparams,
+    Mode,
+    Op,
+    Request,
+    Worker,
+    contribution,
+    run_settle,
+    run_step,
+)
 from easgd.comm.ps import PSClient, read_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,9 +101,12 @@ class Trainer(threading.Thread):
     """One worker on a noisy quadratic, through a reconnecting client; records its
     contributions (the center deltas it was answered with) for the reference."""
 
-    def __init__(self, wid: int, hp: Hyperparams, shards: list[Shard], done: list[int]) -> None:
+    def __init__(
+        self, wid: int, hp: Hyperparams, shards: list[Shard], done: list[int], overlap: int = 0
+    ) -> None:
         super().__init__(daemon=True)
-        self.wid, self.hp, self.done = wid, hp, done
+        self.wid, self.hp, self.done, self.overlap = wid, hp, done, overlap
+        self.flying: Request | None = None  # an overlapped exchange, answered at its WAIT
         self.events: list[dict[str, Any]] = []
         self.client = PSClient(
             [s.wait_listening() for s in shards], N, worker_id=wid, heartbeat=0.2,
@@ -111,6 +123,12 @@ class Trainer(threading.Thread):
 
     def serve(self, req: Request) -> None:
         self.client.serve(req)
+        if req.op is Op.WAIT:  # the overlapped exchange's reply is in now
+            req, self.flying = self.flying, None
+            assert req is not None
+        elif req.deferred:
+            self.flying = req
+            return
         added = contribution(req)
         if added is not None:  # MDOWNPOUR's center update is not a sum of contributions
             self.sum.add_(added)
@@ -120,9 +138,10 @@ class Trainer(threading.Thread):
         try:
             x = torch.empty(N)
             self.client.start(x)
-            worker = Worker(self.hp, x, Mode.ASYNC)
+            worker = Worker(self.hp, x, Mode.ASYNC, overlap=self.overlap)
             for _ in range(STEPS):
                 run_step(worker, self.grad, self.serve)
+            run_settle(worker, self.serve)
             self.client.close()
         except BaseException as exc:
             self.error = exc
@@ -131,15 +150,18 @@ class Trainer(threading.Thread):
 
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize(
-    ("method", "shards", "every"),
-    [("easgd", 1, 0.2), ("eamsgd", 1, 0.2), ("downpour", 1, 0.2), ("easgd", 2, 0.2),
-     ("downpour", 1, 1000.0), ("adownpour", 1, 0.2)],  # 1000: no checkpoint before the kill
+    ("method", "shards", "every", "overlap"),
+    [("easgd", 1, 0.2, 0), ("eamsgd", 1, 0.2, 0), ("downpour", 1, 0.2, 0),
+     ("easgd", 2, 0.2, 0), ("downpour", 1, 1000.0, 0), ("adownpour", 1, 0.2, 0),
+     ("eamsgd", 2, 0.2, 1)],  # 1000: no checkpoint before the kill
     ids=["easgd", "eamsgd", "downpour", "easgd-2-shards-kill-one", "downpour-no-checkpoint",
-         "adownpour"],
+         "adownpour", "eamsgd-overlapped-2-shards"],
 )  # fmt: skip
 def test_a_killed_shard_restarts_and_loses_no_update(
-    tmp_path: Path, method: str, shards: int, every: float
+    tmp_path: Path, method: str, shards: int, every: float, overlap: int
 ) -> None:
+    # overlap: the exchanges go out on the client's background thread, which meets the
+    # dead shard and reconnects while the worker computes (Worker(overlap=1)).
     workers = 2
     hp = Hyperparams(method=method, lr=0.1, workers=workers)
     servers = [Shard(tmp_path, method, s, shards, every) for s in range(shards)]
@@ -148,7 +170,7 @@ def test_a_killed_shard_restarts_and_loses_no_update(
     done = [0] * workers
     trainers: list[Trainer] = []
     try:
-        trainers = [Trainer(w, hp, servers, done) for w in range(workers)]
+        trainers = [Trainer(w, hp, servers, done, overlap) for w in range(workers)]
         for t in trainers:
             t.start()
         # Kill at a random point of the run: after a seeded number of exchanges.

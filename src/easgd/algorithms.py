@@ -92,6 +92,7 @@ __all__ = [
     "Worker",
     "adamw_step_",
     "average_rate",
+    "check_overlap",
     "compress_with_feedback_",
     "compressed_elastic_receive_",
     "compressed_elastic_send_",
@@ -299,7 +300,7 @@ class Op(enum.Enum):
     LOCAL = "local"  # an external optimizer takes the local step on x; the driver sends the loss
     ELASTIC = "elastic"  # async: payload x -> reply d = alpha*(x - center), center += d
     SUM = "sum"  # sync: all-reduce (sum) payload in place; the driver may defer it (below)
-    WAIT = "wait"  # sync: complete the deferred SUM of payload (started by this worker)
+    WAIT = "wait"  # complete a deferred SUM of payload, or a deferred ELASTIC's reply payload
     MEAN = "mean"  # sync: all-reduce (mean) payload in place across workers
     PUSH_PULL = "push_pull"  # DOWNPOUR: payload acc -> center += acc; reply = center
     GRAD_PULL = "grad_pull"  # MDOWNPOUR: payload g -> server Nesterov step; reply = center
@@ -836,8 +837,14 @@ class Request:
     #: synchronous exchange's step counters); 0 where none were reserved.
     tail: int = 0
     #: Set by a driver that started a ``SUM`` without completing it (an asynchronous
-    #: all-reduce); the worker then yields ``WAIT`` on the same payload before it reads it.
+    #: all-reduce), or an ``ELASTIC`` exchange whose reply is still on its way (only where
+    #: ``deferrable``); the worker then yields ``WAIT`` on the same buffer (the ``SUM``'s
+    #: payload, the ``ELASTIC``'s reply) before it reads it.
     deferred: bool = False
+    #: Whether the driver may defer this request (an overlapped worker's ``ELASTIC``: its
+    #: payload is the worker's own copy of x, untouched until the reply is waited for).
+    #: A ``SUM`` is always deferrable.
+    deferrable: bool = False
 
 
 #: The tensors of :meth:`Worker.state_dict` (None where a method has no use for one).
@@ -864,6 +871,20 @@ class Worker:
         reserve: extra trailing elements of the synchronous exchange's buffer that belong
             to the transport (``AllReduceTransport(check_steps=True)`` carries every rank's
             step counter there, in the same collective as the data).
+        overlap: ``K`` in ``1..tau`` overlaps the asynchronous elastic exchange (EASGD,
+            EAMSGD in the asynchronous mode) with ``K`` local steps, as the authors' code
+            did: at an exchange the worker sends a copy of its x and goes on computing; the
+            reply ``d = alpha*(x_sent - center)`` is applied to x at the start of the step
+            ``K`` steps later (the driver waits for it there if it is not back yet), or
+            earlier when the worker settles (evaluation, checkpoint, the end). ``K = 1`` is
+            the paper's update exactly (bitwise): ``d`` is applied before the next gradient,
+            where the blocking exchange applies it, so it hides the round trip behind one
+            gradient computation; ``K > 1`` hides up to ``K`` steps of latency, and the
+            steps in between take their gradients without the pull (``K = tau``: one
+            exchange stale). The center's update is never stale (the server applies ``d``
+            on arrival). The lag is the rule's, not the driver's: a driver that answers at
+            once (the simulator's round-robin schedule) gives the trajectory of one that
+            answers while the worker computes (``PSClient``). Default 0: blocking.
     """
 
     def __init__(
@@ -876,6 +897,7 @@ class Worker:
         external_local: bool = False,
         trainable: int | None = None,
         reserve: int = 0,
+        overlap: int = 0,
     ) -> None:
         spec = hp.spec
         if external_local and not spec.wraps_optimizer:
@@ -933,11 +955,20 @@ class Worker:
         self.exp_avg_sq = zeros(self.xt) if adamw else None
         self.last_loss = math.nan
         self._in_flight = False  # a deferred synchronous sum awaits its center update
+        check_overlap(hp, self.mode, overlap)
+        self.overlap = overlap
+        # Overlapped: the copy of x that was sent; the exchange whose reply d (in self.diff)
+        # is still to be applied to x (and may still be on its way), and the step it is due.
+        self.sent = zeros(x) if overlap else None
+        self._owed = False
+        self._due = 0
+        self._elastic: Request | None = None
 
     @property
     def in_flight(self) -> bool:
-        """Whether a deferred synchronous exchange still owes its center update."""
-        return self._in_flight
+        """Whether an exchange still owes its update: a deferred synchronous sum the
+        center's, an overlapped asynchronous exchange its pull on x (settle to apply it)."""
+        return self._in_flight or self._owed
 
     def settle(self) -> Generator[Request, Any, None]:
         """Complete a deferred synchronous exchange: ``WAIT`` for the sum, update the center.
@@ -947,6 +978,8 @@ class Worker:
         the end of training; waiting is local (the all-reduce was started by every rank),
         so one rank may settle alone.
         """
+        if self._owed:  # an overlapped asynchronous exchange: apply its pull on x
+            yield from self._apply_owed()
         if not self._in_flight:
             return
         assert self.center is not None and self.sum_buf is not None
@@ -954,6 +987,15 @@ class Worker:
         yield Request(Op.WAIT, self._sum_full, tail=self._reserve)
         elastic_center_sync_(self.center, self.sum_buf, beta=self.hp.beta, p=self.hp.workers)
         self._in_flight = False
+
+    def _apply_owed(self) -> Generator[Request, Any, None]:
+        """An overlapped exchange's pull: ``WAIT`` for its reply if deferred, ``x -= d``."""
+        req, self._elastic = self._elastic, None
+        assert req is not None and self.diff is not None
+        if req.deferred:
+            yield Request(Op.WAIT, self.diff, step=self.t)
+        self.x.sub_(self.diff)  # the server's d = alpha*(x_sent - c)
+        self._owed = False
 
     def finish(self) -> Generator[Request, Any, None]:
         """The end of training, on every rank: settle, and make the result current.
@@ -973,7 +1015,7 @@ class Worker:
         update, and a state taken before it is not the state the run continues from.
         Scratch buffers (the gradient, the elastic difference, the sum) are not state.
         """
-        if self._in_flight:
+        if self.in_flight:
             raise RuntimeError("state_dict() with an exchange in flight: settle the worker first")
         return {"x": self.x, "v": self.v, "acc": self.acc, "center": self.center, "z": self.z,
                 "outer_v": self.outer_v, "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq,
@@ -991,7 +1033,8 @@ class Worker:
                     )
                 mine.copy_(theirs)
         self.t = int(state["t"])
-        self._in_flight = False
+        self._in_flight = self._owed = False
+        self._elastic = None
 
     def communicates(self) -> bool:
         """Whether the step about to run exchanges with the center."""
@@ -1043,8 +1086,16 @@ class Worker:
         Nesterov look-ahead point ``x + delta*v``, after the elastic exchange).
         """
         spec, x = self.spec, self.x
+        if self._owed and self.t >= self._due:  # overlapped: the last exchange's pull
+            yield from self._apply_owed()
         if spec.elastic and self.communicates():
-            if self.mode is Mode.ASYNC:
+            if self.mode is Mode.ASYNC and self.sent is not None:  # overlapped
+                assert not self._owed  # due at most tau steps after its exchange
+                self.sent.copy_(x)
+                req = Request(Op.ELASTIC, self.sent, self.diff, step=self.t, deferrable=True)
+                yield req
+                self._elastic, self._owed, self._due = req, True, self.t + self.overlap
+            elif self.mode is Mode.ASYNC:
                 assert self.diff is not None
                 yield Request(Op.ELASTIC, x, self.diff)
             else:
@@ -1102,7 +1153,7 @@ class Worker:
                         self._in_flight = True
                     else:
                         elastic_center_sync_(self.center, self.sum_buf, beta=hp.beta, p=hp.workers)
-                else:
+                elif self.sent is None:  # overlapped: applied at the next exchange
                     assert self.diff is not None
                     x.sub_(self.diff)  # the server's d = alpha*(x - c)
             elif spec.exchange is Exchange.PARAM_MEAN and comm:
@@ -1216,6 +1267,25 @@ class Center:
 
 Compute = Callable[[Request], float]
 Serve = Callable[[Request], None]
+
+
+def check_overlap(hp: Hyperparams, mode: Mode, overlap: int) -> None:
+    """A ValueError unless ``overlap`` (see :class:`Worker`) is 0 or a lag this run can use."""
+    if isinstance(overlap, bool) or not isinstance(overlap, int) or overlap < 0:
+        raise ValueError(f"overlap={overlap!r} must be an integer >= 0 (0: blocking exchanges)")
+    if not overlap:
+        return
+    if not (hp.spec.elastic and mode is Mode.ASYNC):
+        raise ValueError(
+            f"overlap={overlap} with method={hp.method!r} in mode {mode.value!r}: only the "
+            "asynchronous elastic exchange (easgd, eamsgd in the async mode) is overlapped; "
+            "use overlap=0"
+        )
+    if overlap > hp.tau:
+        raise ValueError(
+            f"overlap={overlap} is more than tau={hp.tau}: an exchange's reply is applied "
+            f"before the next exchange is sent; use an overlap between 1 and {hp.tau}"
+        )
 
 
 def drive(steps: Generator[Request, Any, None], compute: Compute, serve: Serve) -> None:

@@ -84,18 +84,21 @@ class CenterEvaluation:
 
     def __init__(self, cfg: TrainConfig) -> None:
         from easgd.flat import parameters_to_flat_views
+        from easgd.roles.context import resolve_device
         from easgd.task import task_from_config
 
         self.task = task_from_config(cfg)
-        self.model = self.task.build()
+        self.device = resolve_device(cfg.eval_device, 0)
+        self.model = self.task.build().to(self.device)
         self.flat = parameters_to_flat_views(self.model)
-        #: The run's initial center (every worker starts from it: the same seed).
-        self.initial = self.flat.params.detach().clone()
+        #: The run's initial center (every worker starts from it: the same seed), on the CPU.
+        self.initial = self.flat.params.detach().cpu().clone()
 
     def __call__(self, center: torch.Tensor) -> dict[str, float]:
         from easgd.evaluation import evaluate_center
 
-        return evaluate_center(self.model, self.flat, center, self.task.test, self.task.train[0])
+        return evaluate_center(self.model, self.flat, center, self.task.test, self.task.train[0],
+                               transform=self.task.transform)  # fmt: skip
 
 
 def read_final_center(

@@ -140,6 +140,12 @@ class ElasticAveraging(torch.optim.Optimizer):
             send their elastic differences compressed, with error feedback (2x and 3.9x
             fewer bytes; :class:`easgd.algorithms.CompressedSum`). Asynchronously, build
             the client with ``PSClient(..., compress=...)``.
+        overlap: asynchronously, ``K`` in ``1..tau``: each exchange goes out at the end of
+            the ``step()`` call before its step, in the background, so it is in flight
+            while the loop computes the next gradient; its reply is applied ``K`` calls
+            later. ``K = 1`` is the paper's update exactly (the blocking wrapper's
+            trajectory, bitwise), with the round trip hidden behind the loop's forward and
+            backward pass; see ``easgd.algorithms.Worker``. Default 0: ``step()`` waits.
     """
 
     #: ``GradScaler.step`` calls ``step()`` even when it found inf/nan gradients (it sets
@@ -163,6 +169,7 @@ class ElasticAveraging(torch.optim.Optimizer):
         process_group: dist.ProcessGroup | None = None,
         enabled: bool = True,
         compress: str = "none",
+        overlap: int = 0,
     ) -> None:
         spec = METHODS.get(method)
         if spec is None or not spec.wraps_optimizer or spec.sequential:
@@ -243,6 +250,7 @@ class ElasticAveraging(torch.optim.Optimizer):
         self.worker = Worker(
             self.hp, x, mode, grad=self.flat.grads, external_local=not self._own_step,
             trainable=self.flat.numel, reserve=reserve(x.dtype) if reserve else 0,
+            overlap=overlap,
         )  # fmt: skip
         # EAMSGD: whether the current step's first half (exchange, look-ahead) has run.
         self._begun = False
@@ -519,6 +527,17 @@ class ElasticAveraging(torch.optim.Optimizer):
             self._eamsgd_step(skip)
             return self._loss
         self._loss = None
+        if self.worker.overlap:
+            # Overlapped: the exchange of step t goes out at the end of call t - 1, so it
+            # is in flight while the loop computes step t's gradient; its pull is applied at
+            # the end of call t + K - 1, where the blocking exchange applies it for K = 1.
+            if not self._begun:
+                run_exchanges(self.worker.begin_step(), self._serve)
+            self._local_step(closure, skip)
+            run_exchanges(self.worker.end_step(), self._serve)
+            run_exchanges(self.worker.begin_step(), self._serve)
+            self._begun = True
+            return self._loss
         drive(self.worker.step(), lambda _req: self._local_step(closure, skip), self._serve)
         return self._loss
 
@@ -544,6 +563,7 @@ class ElasticAveraging(torch.optim.Optimizer):
         if self._own_step:
             assert w.v is not None or self.hp.momentum == 0
             state["easgd"]["v"] = None if w.v is None else w.v.clone()
+        if self._own_step or w.overlap:
             state["easgd"]["begun"] = self._begun
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, state)
@@ -591,7 +611,9 @@ class ElasticAveraging(torch.optim.Optimizer):
             v = extra.get("v")
             if v is not None and self.worker.v is not None:
                 self.worker.v.copy_(v)
-            # The model saved with it holds the look-ahead point of the pending step.
+        if self._own_step or self.worker.overlap:
+            # The model saved with it holds the point of the pending step (EAMSGD: its
+            # look-ahead; overlapped: its exchange was sent, and applied by the save).
             self._begun = bool(extra.get("begun", False))
 
 

@@ -154,6 +154,7 @@ def check_train(
     _check_tls(cfg)
     _check_tensorboard(cfg)
     device = check_device(cfg.device)
+    check_device(cfg.eval_device, "--eval-device")
     notes: list[str] = []  # the files used although their MD5 differs (--no-verify)
     if _is_custom(cfg.dataset):  # your own data: loaded and checked here, once
         dataset, model, shape, classes, files, train_size = _check_custom_data(cfg)
@@ -448,12 +449,12 @@ def _check_host(cfg: TrainConfig) -> None:
         ) from None  # fmt: skip
 
 
-def check_device(device: str) -> str:
+def check_device(device: str, flag: str = "--device") -> str:
     """``device`` resolved as a worker resolves it (easgd.roles.context.resolve_device).
 
-    Raises :class:`PreflightError` naming ``--device``: CUDA asked for and not there (a CPU
-    build of torch, no visible GPU) or an index past the last GPU. ``easgd train`` and
-    ``easgd experiment`` both check ``--device`` with it.
+    Raises :class:`PreflightError` naming ``flag`` (``--device``, ``--eval-device``): CUDA
+    asked for and not there (a CPU build of torch, no visible GPU) or an index past the last
+    GPU. ``easgd train`` and ``easgd experiment`` both check ``--device`` with it.
     """
     import torch
 
@@ -470,23 +471,21 @@ def check_device(device: str) -> str:
                 "no CUDA device is visible (torch.cuda.is_available() is False: no GPU, no "
                 "driver, or CUDA_VISIBLE_DEVICES hides them)"
             )
-        raise PreflightError(
-            "--device", device, f"--device {device}: {why}; use --device cpu (or auto)"
-        )
+        raise PreflightError(flag, device, f"{flag} {device}: {why}; use {flag} cpu (or auto)")
     if device.startswith("cuda:"):
         count = torch.cuda.device_count()
         index = device.removeprefix("cuda:")
         if not index.isdigit():
             raise PreflightError(
-                "--device", device,
-                f"--device {device}: not a device; use cuda, cuda:N (N a GPU index) or cpu",
+                flag, device,
+                f"{flag} {device}: not a device; use cuda, cuda:N (N a GPU index) or cpu",
             )  # fmt: skip
         if int(index) >= count:
             raise PreflightError(
-                "--device", device,
-                f"--device {device}: this machine has {count} CUDA device"
+                flag, device,
+                f"{flag} {device}: this machine has {count} CUDA device"
                 f"{'s' if count != 1 else ''} (cuda:0..cuda:{count - 1}); use one of them, or "
-                "--device cuda (each worker on a GPU by its local rank)",
+                f"{flag} cuda (each process on a GPU by its local rank)",
             )  # fmt: skip
     return device
 

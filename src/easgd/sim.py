@@ -18,6 +18,13 @@ Schedules:
   from :class:`CostModel`, each message a latency plus size/bandwidth, and the center serves
   one request at a time with a service time. Deterministic for a seed.
 
+Engines (``simulate(engine=...)``): ``per-worker`` drives one Worker generator per replica;
+``batched`` (:mod:`easgd.sim_batched`, the synchronous schedule) drives ONE Worker whose
+vectors hold every replica as a row, so a global step costs a few tensor operations
+whatever P is (bitwise the per-worker results without noise); ``auto`` picks it where it
+gives the per-worker results. :class:`CostModel` ``group_size`` prices groups of workers
+(:class:`Grouped`): a ring all-reduce of the gradient over the group's link in every step.
+
 Objectives: :class:`Quadratic` (``F(x) = h/2 * |x|^2`` with Gaussian gradient noise, the
 setting of the stability and variance analysis) or :class:`ModelObjective` (a real model on real
 data: per-worker replicas whose parameters are views of the worker's flat vector); either
@@ -28,6 +35,7 @@ a group whose gradient is the mean of its G ranks' batches).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import heapq
 import math
 import random
@@ -50,12 +58,14 @@ from easgd.algorithms import (
     Worker,
     compressed_elastic_receive_,
     compressed_elastic_send_,
+    run_settle,
     run_step,
     simulate_compressed_sum,
 )
 from easgd.compress import Codec, codec, padded
 
 __all__ = [
+    "ENGINES",
     "SCHEDULES",
     "CostModel",
     "GradFn",
@@ -69,6 +79,8 @@ __all__ = [
 ]
 
 SCHEDULES = ("sync", "round-robin", "async")
+#: The simulator's engines (``simulate(engine=...)``).
+ENGINES = ("auto", "per-worker", "batched")
 
 GradFn = Callable[[Tensor, Tensor], float]
 
@@ -117,17 +129,40 @@ class Quadratic:
         return torch.full((self.dim,), float(self.x0), dtype=torch.float64)
 
     def grad_fn(self, rank: int, seed: int) -> GradFn:
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + rank)
-        noise = torch.empty(self.dim, dtype=torch.float64)
+        return self._oracle(torch.Generator().manual_seed(seed * 1_000_003 + rank), self.dim)
+
+    def _oracle(self, gen: torch.Generator, n: int) -> GradFn:
+        """``g = h*x + sigma*xi`` on vectors of ``n`` values, ``xi`` drawn from ``gen``; the
+        loss is ``h/2 * |x|^2 / n`` (the mean over the coordinates)."""
+        noise = torch.empty(n, dtype=torch.float64)
 
         def fn(x: Tensor, out: Tensor) -> float:
             torch.mul(x, self.h, out=out)
             if self.sigma:
                 noise.normal_(generator=gen)
                 out.add_(noise, alpha=self.sigma)
-            return 0.5 * self.h * float(x.dot(x)) / self.dim
+            return 0.5 * self.h * float(x.dot(x)) / n
 
         return fn
+
+    def batched_grad_fn(self, p: int, seed: int, stream: int = 0) -> GradFn:
+        """A gradient oracle for all ``p`` workers at once (the batched engine,
+        :mod:`easgd.sim_batched`): ``fn(X, out)`` on flat vectors of ``p * dim`` values,
+        worker ``r``'s ``dim`` at ``r*dim``; the loss is the workers' mean loss.
+
+        The gradient ``h*x`` is :meth:`grad_fn`'s bitwise. The noise comes from ONE generator
+        for the whole ``p * dim`` block (seeded from ``seed`` and ``stream``), not from the
+        per-worker generators of :meth:`grad_fn`: it has the same distribution (independent
+        standard normals), but not the same draws, so with ``sigma > 0`` the two engines
+        agree in distribution only.
+        """
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + 999_983 * (stream + 1))
+        return self._oracle(gen, p * self.dim)
+
+    @property
+    def batched_is_exact(self) -> bool:
+        """Whether :meth:`batched_grad_fn` gives :meth:`grad_fn`'s values (no noise)."""
+        return self.sigma == 0
 
     def grad_buffer(self, rank: int) -> Tensor | None:
         return None
@@ -204,8 +239,9 @@ class ModelObjective:
         from easgd.evaluation import evaluate_center
 
         return evaluate_center(
-            self.eval_model, self.eval_flat, x, self.test, self.train[0], self.eval_batch_size
-        )
+            self.eval_model, self.eval_flat, x, self.test, self.train[0], self.eval_batch_size,
+            transform=self.transform,
+        )  # fmt: skip
 
 
 class Grouped:
@@ -235,7 +271,25 @@ class Grouped:
         return self.base.grad_buffer(rank * self.size)
 
     def grad_fn(self, rank: int, seed: int) -> GradFn:
-        fns = [self.base.grad_fn(rank * self.size + j, seed) for j in range(self.size)]
+        return self._mean([self.base.grad_fn(rank * self.size + j, seed) for j in range(self.size)])
+
+    @property
+    def batched(self) -> bool:
+        """Whether the base gives batched gradients (then so do the groups)."""
+        return callable(getattr(self.base, "batched_grad_fn", None))
+
+    @property
+    def batched_is_exact(self) -> bool:
+        return bool(getattr(self.base, "batched_is_exact", False))
+
+    def batched_grad_fn(self, p: int, seed: int, stream: int = 0) -> GradFn:
+        """All ``p`` groups at once: the mean of ``size`` batched oracles of the base (each
+        its own noise stream); see :meth:`Quadratic.batched_grad_fn`."""
+        streams = range(stream * self.size, (stream + 1) * self.size)
+        return self._mean([self.base.batched_grad_fn(p, seed, j) for j in streams])  # type: ignore[attr-defined]
+
+    def _mean(self, fns: list[GradFn]) -> GradFn:
+        """The mean of the oracles' gradients, summed in order (as the group's all-reduce)."""
         scratch: list[Tensor] = []
 
         def fn(x: Tensor, out: Tensor) -> float:
@@ -269,6 +323,14 @@ class CostModel:
         bytes_per_param: bytes of one parameter on the wire (default 4, float32).
         numel: parameters counted for message sizes; None means the objective's own size
             (set it to model a large network while computing on a small objective).
+        group_size: G > 1: every simulated worker is a group of G workers (``easgd train
+            --group-size G``, with the objective wrapped in :class:`Grouped`) whose local
+            step ends with a ring all-reduce of the gradients (``numel * bytes_per_param``
+            bytes) over the group's own link: each local step costs
+            ``step_time + allreduce(bytes, G)`` on that link (default 1: no group).
+        group_latency: one-way latency of the group's link (an intra-node link, e.g. NVLink
+            or shared memory); None (default) means ``latency``.
+        group_bandwidth: bytes/s of the group's link; None (default) means ``bandwidth``.
     """
 
     step_time: float = 1.0
@@ -280,6 +342,9 @@ class CostModel:
     server_time: float = 0.0
     bytes_per_param: int = 4
     numel: int | None = None
+    group_size: int = 1
+    group_latency: float | None = None
+    group_bandwidth: float | None = None
 
     def __post_init__(self) -> None:
         if self.step_dist not in ("constant", "exponential", "lognormal"):
@@ -310,8 +375,31 @@ class CostModel:
                 f"numel={self.numel!r} must be an integer >= 1 (parameters in a message), or "
                 "None for the objective's own size"
             )
+        g = self.group_size
+        if isinstance(g, bool) or not isinstance(g, int) or g < 1:
+            raise ValueError(
+                f"group_size={g!r} must be an integer >= 1 (workers per group; 1: no groups)"
+            )
+        given = [n for n in ("group_latency", "group_bandwidth") if getattr(self, n) is not None]
+        if given and g == 1:
+            raise ValueError(
+                f"{given[0]}={getattr(self, given[0])!r} with group_size=1: there is no group "
+                "link to price; set group_size > 1, or drop it"
+            )
+        if self.group_latency is not None and not (
+            math.isfinite(self.group_latency) and self.group_latency >= 0
+        ):
+            raise ValueError(
+                f"group_latency={self.group_latency!r} must be a finite number >= 0 (seconds)"
+            )
+        if self.group_bandwidth is not None and not self.group_bandwidth > 0:
+            raise ValueError(f"group_bandwidth={self.group_bandwidth!r} must be > 0 bytes/s")
 
     def draw_step(self, rank: int, rng: random.Random) -> float:
+        """One local step's virtual time: the compute (drawn), and a group's all-reduce."""
+        return self._draw_compute(rank, rng) + self.group_allreduce()
+
+    def _draw_compute(self, rank: int, rng: random.Random) -> float:
         mean = self.step_time * self.stragglers.get(rank, 1.0)
         if self.step_dist == "exponential":
             return rng.expovariate(1.0 / mean) if mean > 0 else 0.0
@@ -320,14 +408,30 @@ class CostModel:
             return rng.lognormvariate(math.log(mean) - s2 / 2, math.sqrt(s2))
         return mean
 
-    def message(self, nbytes: int) -> float:
+    def message(self, nbytes: int, *, group: bool = False) -> float:
+        """One message's time on the workers' link (or, ``group=True``, the group's)."""
+        if group:
+            latency = self.latency if self.group_latency is None else self.group_latency
+            bandwidth = self.bandwidth if self.group_bandwidth is None else self.group_bandwidth
+            return latency + nbytes / bandwidth
         return self.latency + nbytes / self.bandwidth
 
-    def allreduce(self, nbytes: int, p: int) -> float:
-        """Ring all-reduce: 2(p-1) messages of nbytes/p each."""
+    def allreduce(self, nbytes: int, p: int, *, group: bool = False) -> float:
+        """Ring all-reduce: 2(p-1) messages of nbytes/p each (on the group's link: group)."""
         if p == 1:
             return 0.0
-        return 2 * (p - 1) * self.message(math.ceil(nbytes / p))
+        return 2 * (p - 1) * self.message(math.ceil(nbytes / p), group=group)
+
+    def group_allreduce(self) -> float:
+        """A group's all-reduce of its gradients in every local step (0 without groups)."""
+        if self.group_size == 1:
+            return 0.0
+        if self.numel is None:
+            raise ValueError(
+                f"group_size={self.group_size} needs numel (the gradient's size) to price the "
+                "group's all-reduce; the simulator sets it to the objective's size"
+            )
+        return self.allreduce(self.numel * self.bytes_per_param, self.group_size, group=True)
 
 
 @dataclass
@@ -346,6 +450,8 @@ class SimResult:
     virtual_seconds: float = 0.0
     real_seconds: float = 0.0
     local_steps: int = 0
+    #: The engine that ran it: ``per-worker`` or ``batched`` (``simulate(engine=...)``).
+    engine: str = "per-worker"
 
 
 def resolve_mode(hp: Hyperparams, schedule: str) -> Mode:
@@ -398,9 +504,24 @@ class _Sim:
         seed: int,
         cost: CostModel,
         compress: str = "none",
+        overlap: int = 0,
     ) -> None:
+        x0 = objective.initial_point()
+        if cost.group_size > 1 and cost.numel is None:  # the group all-reduces the gradient
+            cost = dataclasses.replace(cost, numel=x0.numel())
+        size = objective.size if isinstance(objective, Grouped) else cost.group_size
+        if cost.group_size > 1 and size != cost.group_size:
+            raise ValueError(
+                f"CostModel(group_size={cost.group_size}) prices groups of {cost.group_size}, "
+                f"but the objective is Grouped(size={size}); give both the same size"
+            )
         self.objective, self.hp, self.schedule, self.cost = objective, hp, schedule, cost
         self.mode = resolve_mode(hp, schedule)
+        if overlap and self.mode is not Mode.ASYNC:
+            raise ValueError(
+                f"overlap={overlap!r} on the {schedule!r} schedule: the overlapped exchange is the "
+                "asynchronous one; use schedule='async' or 'round-robin'"
+            )
         self.codec = codec(compress)
         if compress != "none" and not hp.spec.elastic:
             raise ValueError(
@@ -411,7 +532,6 @@ class _Sim:
         # Asynchronous compressed exchanges: each worker's reference, as the worker and as the
         # server keep it (equal by construction), and the packed buffers (AsyncCompressed).
         self._async: list[_AsyncCompressed] = []
-        x0 = objective.initial_point()
         self.p = hp.workers
         missing = sorted(w for w in cost.stragglers if w >= self.p)
         if missing:
@@ -426,16 +546,48 @@ class _Sim:
         self.center = Center(hp, x0.clone())
         self.workers: list[Worker] = []
         self.grads: list[GradFn] = []
+        self._build_workers(x0, seed, overlap)
+        self.rng = random.Random(seed)
+        # Constant step times draw nothing: the synchronous step (the slowest worker's) is
+        # the same at every global step, computed once instead of p draws a step.
+        self._constant_step: float | None = None
+        if cost.step_dist == "constant":
+            self._constant_step = max(cost.draw_step(r, self.rng) for r in range(self.p))
+        self.exchanges = 0
+        self.bytes = 0
+        self._in_flight = 0.0  # virtual seconds of a synchronous all-reduce still running
+
+    def _build_workers(self, x0: Tensor, seed: int, overlap: int) -> None:
+        """One :class:`Worker` and one gradient oracle per replica, each starting at ``x0``."""
+        objective = self.objective
         for r in range(self.p):
             vec = getattr(objective, "worker_vector", None)
             x = vec(r) if vec is not None else torch.empty_like(x0)
             x.copy_(x0)
-            self.workers.append(Worker(hp, x, self.mode, grad=objective.grad_buffer(r)))
+            self.workers.append(
+                Worker(self.hp, x, self.mode, grad=objective.grad_buffer(r), overlap=overlap)
+            )
             self.grads.append(objective.grad_fn(r, seed))
-        self.rng = random.Random(seed)
-        self.exchanges = 0
-        self.bytes = 0
-        self._in_flight = 0.0  # virtual seconds of a synchronous all-reduce still running
+
+    def worker_vectors(self) -> list[Tensor]:
+        """Every worker's x, in rank order (views)."""
+        return [w.x for w in self.workers]
+
+    def worker_momenta(self) -> list[Tensor | None]:
+        """Every worker's momentum v, in rank order (None for methods without one)."""
+        return [w.v for w in self.workers]
+
+    def local_steps(self) -> int:
+        """The local steps all workers took."""
+        return sum(w.t for w in self.workers)
+
+    def all_reduce_(self, payloads: list[Tensor], *, mean: bool) -> None:
+        """A synchronous SUM (or MEAN) of the workers' payloads, in rank order, in place."""
+        total = torch.stack(payloads).sum(0)
+        if mean:
+            total /= self.p
+        for payload in payloads:
+            payload.copy_(total)
 
     def center_vector(self) -> Tensor:
         """The method's result (MethodSpec.evaluated): on the center, or on the workers."""
@@ -463,8 +615,8 @@ class _Sim:
     def sync_step(self) -> float:
         """One global step of every worker in lockstep; returns its virtual duration."""
         gens = [w.step() for w in self.workers]
-        replies: list[Any] = [None] * self.p
-        live = list(range(self.p))
+        replies: list[Any] = [None] * len(gens)
+        live = list(range(len(gens)))
         comm_time = 0.0
         started_in_flight = False
         overlapped = self.hp.spec.elastic  # as the real runtime overlaps it
@@ -480,7 +632,7 @@ class _Sim:
             if not live:
                 break
             ops = {reqs[r].op for r in live}
-            if len(ops) != 1 or len(live) != self.p:
+            if len(ops) != 1 or len(live) != len(self.workers):
                 raise RuntimeError(f"workers out of lockstep: {sorted(o.value for o in ops)}")
             op = ops.pop()
             if op is Op.GRAD:
@@ -500,11 +652,8 @@ class _Sim:
                 self._in_flight = self.cost.allreduce(self.msg_bytes, self.p)
                 started_in_flight = True
             elif op in (Op.SUM, Op.MEAN):
-                total = torch.stack([reqs[r].payload for r in live]).sum(0)
-                if op is Op.MEAN:
-                    total /= self.p
+                self.all_reduce_([reqs[r].payload for r in live], mean=op is Op.MEAN)
                 for r in live:
-                    reqs[r].payload.copy_(total)
                     replies[r] = None
                 self.exchanges += 1
                 self.bytes += self.p * 2 * (self.p - 1) * math.ceil(self.msg_bytes / self.p)
@@ -521,7 +670,9 @@ class _Sim:
                     self.serve(reqs[r], r)
                     replies[r] = None
                 comm_time += self.p * self.cost.server_time + 2 * self.cost.message(self.msg_bytes)
-        step = max(self.cost.draw_step(r, self.rng) for r in range(self.p))
+        step = self._constant_step
+        if step is None:
+            step = max(self.cost.draw_step(r, self.rng) for r in range(self.p))
         if overlapped and not started_in_flight:
             self._in_flight = max(0.0, self._in_flight - step)
         return step + comm_time
@@ -553,6 +704,10 @@ class _Sim:
         seq = 0
         gens: list[Generator[Request, Any, None]] = [w.step() for w in self.workers]
         pending: list[Request | None] = [None] * self.p
+        # Overlapped exchanges (Worker(overlap=True)): the request on its way, and whether
+        # the worker waits for its reply (it yielded WAIT before the reply came back).
+        flying: list[Request | None] = [None] * self.p
+        waiting = [False] * self.p
         done_steps = [0] * self.p
         server_free = 0.0
         now = 0.0
@@ -574,6 +729,18 @@ class _Sim:
                     gens[rank] = self.workers[rank].step()
                     reply = None
                     continue
+                if req.deferrable:  # overlapped: on its way while the worker computes
+                    req.deferred = True
+                    flying[rank] = req
+                    push(at + self.cost.message(self.msg_bytes), rank, "o-arrive")
+                    reply = None
+                    continue
+                if req.op is Op.WAIT:
+                    if flying[rank] is None:  # the reply is already in
+                        reply = None
+                        continue
+                    waiting[rank] = True
+                    return
                 pending[rank] = req
                 if req.op is Op.GRAD:
                     push(at + self.cost.draw_step(rank, self.rng), rank, "computed")
@@ -585,24 +752,36 @@ class _Sim:
             advance(r, None, 0.0)
         while events:
             now, _, r, kind = heapq.heappop(events)
-            req = pending[r]
+            req = flying[r] if kind.startswith("o-") else pending[r]
             assert req is not None
-            if kind == "computed":
+            if kind == "o-reply":  # an overlapped reply reached its worker
+                flying[r] = None
+                if waiting[r]:
+                    waiting[r] = False
+                    advance(r, None, now)
+            elif kind == "computed":
                 loss = self.grads[r](self.workers[r].x, req.payload)
                 advance(r, loss, now)
-            elif kind == "arrive":
+            elif kind in ("arrive", "o-arrive"):
                 # The center serves one request at a time, in arrival order.
                 start = max(now, server_free)
                 server_free = start + self.cost.server_time
-                push(server_free, r, "served")
-            elif kind == "served":
+                push(server_free, r, "o-served" if kind == "o-arrive" else "served")
+            elif kind in ("served", "o-served"):
                 self.serve(req, r)
                 on_update(now)
-                push(now + self.cost.message(self.msg_bytes), r, "reply")
+                push(now + self.cost.message(self.msg_bytes), r,
+                     "o-reply" if kind == "o-served" else "reply")  # fmt: skip
             else:  # reply reached the worker
                 advance(r, None, now)
             record(now)
         return now
+
+
+def _answered(req: Request) -> None:
+    """The simulator's answer to a settling worker: every reply is in by the end."""
+    if req.op is not Op.WAIT:
+        raise RuntimeError(f"a settling worker made a {req.op.value!r} request")
 
 
 def simulate(
@@ -617,6 +796,8 @@ def simulate(
     trajectory: bool = False,
     progress: Callable[[int, int], None] | None = None,
     compress: str = "none",
+    overlap: int = 0,
+    engine: str = "auto",
 ) -> SimResult:
     """Run ``hp.workers`` replicas of ``objective`` for ``steps`` steps on ``schedule``.
 
@@ -628,12 +809,37 @@ def simulate(
     ``compress`` (``none``, ``bf16``, ``int8``; synchronous EASGD/EAMSGD) runs the
     compressed two-phase sum of :class:`easgd.algorithms.CompressedSum`, as the real
     runtime does, and counts its bytes.
+    ``overlap`` (``K`` in ``1..tau``; asynchronous EASGD/EAMSGD, schedules ``async`` and
+    ``round-robin``): the overlapped exchange of ``Worker(overlap=K)``: each reply is
+    applied ``K`` steps after its exchange; on the ``async`` schedule the worker computes
+    while its request and the reply cross the links and the server serves it, and waits
+    only if the reply is not back when it is due. At the end every worker applies its last
+    reply, as the runtime's workers do.
+    ``engine``: ``per-worker`` drives one :class:`Worker` per replica; ``batched``
+    (:mod:`easgd.sim_batched`) drives ONE worker whose tensors hold all P replicas' rows, so
+    a global step is a few tensor operations whatever P is (the synchronous schedule, no
+    compression, an objective with batched gradients, e.g. :class:`Quadratic`; its noise is
+    one stream for all workers, the per-worker engine's in distribution only); ``auto``
+    (default) is ``batched`` where it applies and gives the per-worker results (a
+    noise-free quadratic), else ``per-worker``.
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps={steps!r} must be an integer >= 0")
     if eval_interval is not None and not eval_interval > 0:
         raise ValueError(f"eval_interval={eval_interval!r} must be > 0 virtual seconds")
-    sim = _Sim(objective, hp, schedule, seed, cost or CostModel(), compress)
+    if engine not in ENGINES:
+        raise ValueError(f"engine={engine!r}; choose one of {', '.join(ENGINES)}")
+    cost = cost or CostModel()
+    sim_class: type[_Sim] = _Sim
+    if engine != "per-worker":
+        from easgd.sim_batched import BatchedSim, batched_unsupported
+
+        why = batched_unsupported(objective, hp, schedule, compress=compress, overlap=overlap)
+        if why is not None and engine == "batched":
+            raise ValueError(f"engine='batched' cannot run this: {why}; use engine='per-worker'")
+        if why is None and (engine == "batched" or getattr(objective, "batched_is_exact", False)):
+            sim_class = BatchedSim
+    sim = sim_class(objective, hp, schedule, seed, cost, compress, overlap)
     result = SimResult(center=sim.center_vector())
     started = time.perf_counter()
     next_eval = [0.0]
@@ -668,14 +874,17 @@ def simulate(
                 result.center_trajectory.append(sim.center_vector().clone())
 
         now = sim.run_async(steps, record, on_update)
+    for w in sim.workers:  # the last overlapped reply (every event was processed: it is in)
+        run_settle(w, _answered)
     if not result.times or result.times[-1] != now or eval_interval is None:
         record(now, force=True)
     result.center = sim.center_vector().clone()
-    result.workers = [w.x.clone() for w in sim.workers]
-    result.worker_momenta = [None if w.v is None else w.v.clone() for w in sim.workers]
+    result.workers = [x.clone() for x in sim.worker_vectors()]
+    result.worker_momenta = [None if v is None else v.clone() for v in sim.worker_momenta()]
     result.exchanges = sim.exchanges
     result.bytes_moved = sim.bytes
     result.virtual_seconds = now
     result.real_seconds = time.perf_counter() - started
-    result.local_steps = sum(w.t for w in sim.workers)
+    result.local_steps = sim.local_steps()
+    result.engine = "per-worker" if sim_class is _Sim else "batched"
     return result

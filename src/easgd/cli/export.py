@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = TrainConfig.from_dict(json.loads(paths.config.read_text())).resolved()
     except (ValueError, TypeError) as exc:
         raise ValueError(f"{paths.config}: not a config.json of easgd train ({exc})") from None
-    model, train_x = _model(cfg, recalibrate=args.recalibrate)
+    model, train_x, transform = _model(cfg, recalibrate=args.recalibrate)
     flat = parameters_to_flat_views(model)
     final = read_final_center(cfg, paths, numel=flat.numel)
     if final.center is None:
@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     if train_x is not None:
         from easgd.evaluation import recalibrate_batchnorm
 
-        recalibrate_batchnorm(model, train_x)
+        recalibrate_batchnorm(model, train_x, transform=transform)
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
     atomic_write_bytes(out, buf.getvalue(), mode=0o644)
@@ -83,22 +83,25 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model(cfg: Any, *, recalibrate: bool) -> tuple[Any, Any]:
-    """The run's network (its seed) and, to recalibrate batch norm, the training images."""
+def _model(cfg: Any, *, recalibrate: bool) -> tuple[Any, Any, Any]:
+    """The run's network (its seed) and, to recalibrate batch norm, the training images and
+    their training transform."""
     from easgd.data.custom import build_custom_model, is_custom
 
     if recalibrate or is_custom(cfg.dataset):  # your own data: its shape is in the data
         from easgd.task import task_from_config
 
         task = task_from_config(cfg)
-        return task.build(), task.train[0] if recalibrate else None
+        if not recalibrate:
+            return task.build(), None, None
+        return task.build(), task.train[0], task.transform
     from easgd.data.datasets import dataset_info
     from easgd.models import build_model
 
     info = dataset_info(cfg.dataset)
     if is_custom(cfg.model):
         shape = (info.in_channels, info.image_size, info.image_size)
-        return build_custom_model(cfg.model, shape, info.num_classes, seed=cfg.seed), None
+        return build_custom_model(cfg.model, shape, info.num_classes, seed=cfg.seed), None, None
     model = build_model(cfg.model, num_classes=info.num_classes, in_channels=info.in_channels,
                         image_size=info.image_size, seed=cfg.seed)  # fmt: skip
-    return model, None
+    return model, None, None

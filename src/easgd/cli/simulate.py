@@ -13,8 +13,10 @@ from easgd.cli._progress import Progress
 from easgd.cli._table import format_table
 from easgd.runlog import json_dumps
 from easgd.sim import (
+    ENGINES,
     SCHEDULES,
     CostModel,
+    Grouped,
     Objective,
     Quadratic,
     SimResult,
@@ -240,6 +242,29 @@ def register(subparsers: Any) -> None:
         default=None,
         help="evaluate the center every this many virtual seconds",
     )
+    run_g.add_argument(
+        "--engine",
+        default="auto",
+        choices=ENGINES,
+        help="per-worker (one worker generator per replica), batched (every replica a row "
+        "of one population: the sync schedule at large P; its noise is one stream) or auto "
+        "(batched where it gives the per-worker results)",
+    )
+    run_g.add_argument(
+        "--compress",
+        default="none",
+        choices=("none", "bf16", "int8"),
+        help="easgd/eamsgd: compressed exchanges with error feedback, as easgd train "
+        "--compress (the cost model counts the compressed bytes)",
+    )
+    run_g.add_argument(
+        "--overlap",
+        type=int,
+        default=0,
+        metavar="K",
+        help="asynchronous easgd/eamsgd (schedules async, round-robin): each reply applied K "
+        "local steps after its exchange while the worker computes, as easgd train --overlap",
+    )
     run_g.add_argument("--json", action="store_true", help="print one JSON object")
     run_g.add_argument("--quiet", action="store_true", help="no progress display")
     cost = parser.add_argument_group("cost model (virtual seconds and bytes)")
@@ -268,6 +293,29 @@ def register(subparsers: Any) -> None:
         type=int,
         default=None,
         help="parameters counted in message sizes",
+    )
+    group = parser.add_argument_group("groups (as easgd train --group-size)")
+    group.add_argument(
+        "--group-size",
+        type=int,
+        default=1,
+        metavar="G",
+        help="easgd/eamsgd: groups of G consecutive workers average their gradients every "
+        "step and exchange elastically with the center as one worker (the center sees "
+        "P/G workers); each local step also pays a ring all-reduce of the gradient over "
+        "the group's link",
+    )
+    group.add_argument(
+        "--group-latency",
+        type=float,
+        default=None,
+        help="one-way latency of the group's link (intra-node; default: --latency)",
+    )
+    group.add_argument(
+        "--group-bandwidth",
+        type=float,
+        default=None,
+        help="bytes per second of the group's link (intra-node; default: --bandwidth)",
     )
     parser.set_defaults(func=run)
     _FLAG_DEFAULTS.update({a.dest: parser.get_default(a.dest) for a in parser._actions})
@@ -320,6 +368,49 @@ def _check_problem(args: argparse.Namespace) -> None:
         )
 
 
+def _check_groups(args: argparse.Namespace) -> int:
+    """``--group-size``: in range and applicable; returns the groups (P/G). The group link's
+    flags are CostModel's to check (in range, and given only with groups)."""
+    g, p = args.group_size, args.workers
+    if g < 1:
+        raise ValueError(f"--group-size {g} must be >= 1 workers per group (1: no groups)")
+    if g == 1:
+        return p
+    if p % g:
+        raise ValueError(
+            f"--workers {p} is not a multiple of --group-size {g}: the workers form groups "
+            f"of {g} consecutive ranks; give a multiple of {g} workers"
+        )
+    if not METHODS[args.method].elastic:
+        raise ValueError(
+            f"--group-size {g} with --method {args.method}: {args.method} has no elastic "
+            "exchange; groups average gradients inside and exchange elastically with the "
+            "center: use --method easgd or eamsgd"
+        )
+    return p // g  # the group link's values: CostModel checks them
+
+
+def _check_exchange(args: argparse.Namespace, hp: Hyperparams, mode: Mode) -> None:
+    """``--compress`` and ``--overlap``: refused, in the flags' words, where they do not apply."""
+    from easgd.algorithms import check_overlap
+
+    if args.compress != "none" and not hp.spec.elastic:
+        raise ValueError(
+            f"--compress {args.compress} with --method {hp.method}: compressed exchanges are "
+            "EASGD/EAMSGD's elastic differences (--method easgd or eamsgd)"
+        )
+    if args.overlap and mode is not Mode.ASYNC:
+        raise ValueError(
+            f"--overlap {args.overlap} on the {args.schedule} schedule: the overlapped "
+            "exchange is the asynchronous one; use --schedule async or round-robin"
+        )
+    try:
+        check_overlap(hp, mode, args.overlap)
+    except ValueError as exc:
+        text = str(exc).replace(f"overlap={args.overlap}", f"--overlap {args.overlap}", 1)
+        raise ValueError(text.replace(f"tau={hp.tau}", f"--tau {hp.tau}", 1)) from None
+
+
 def _check_cost(args: argparse.Namespace, hp: Hyperparams, mode: Mode) -> None:
     """The cost flags: in range, and paid for by this method on this schedule.
 
@@ -334,8 +425,11 @@ def _check_cost(args: argparse.Namespace, hp: Hyperparams, mode: Mode) -> None:
     for worker, factor in args.straggler:
         text = f"--straggler {worker}:{factor:g}"
         if not 0 <= worker < p:
+            given = f"--workers {p}"
+            if getattr(args, "group_size", 1) > 1:  # the simulated workers are the groups
+                given = f"{p} groups (--workers {args.workers} / --group-size {args.group_size})"
             raise ValueError(
-                f"{text}: there is no worker {worker} with --workers {p}; workers are 0..{p - 1}"
+                f"{text}: there is no worker {worker} with {given}; workers are 0..{p - 1}"
             )
         if worker in seen:
             raise ValueError(f"{text}: worker {worker} is given twice; give each worker once")
@@ -401,6 +495,10 @@ def result_json(args: argparse.Namespace, hp: Hyperparams, res: SimResult) -> di
         "method": hp.method,
         "schedule": args.schedule,
         "p": hp.workers,
+        "group_size": args.group_size,
+        "engine": res.engine,
+        "compress": args.compress,
+        "overlap": args.overlap,
         "tau": hp.tau,
         "lr": hp.lr,
         "alpha": used["alpha"],
@@ -433,9 +531,14 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.steps < 0:
         raise ValueError(f"--steps {args.steps} must be >= 0")
+    groups = _check_groups(args)
+    given_workers = args.workers
+    args.workers = groups  # the center sees the groups (as easgd train's methods do)
     check_elasticity_args(args)
     hp = hyperparams_from_args(args)
+    args.workers = given_workers
     mode = resolve_mode(hp, args.schedule)
+    _check_exchange(args, hp, mode)
     _check_cost(args, hp, mode)
     cost = CostModel(
         step_time=args.step_time,
@@ -445,10 +548,15 @@ def run(args: argparse.Namespace) -> int:
         bandwidth=args.bandwidth,
         server_time=args.server_time,
         numel=args.numel,
+        group_size=args.group_size,
+        group_latency=args.group_latency,
+        group_bandwidth=args.group_bandwidth,
     )
     if quadratic is not None:
         hp.check_quadratic(args.h)
-    problem = quadratic if quadratic is not None else _objective(args)
+    problem: Objective = quadratic if quadratic is not None else _objective(args)
+    if args.group_size > 1:
+        problem = Grouped(problem, args.group_size)
     progress = Progress("simulate", args.steps, enabled=not (args.quiet or args.json))
     res = simulate(
         problem,
@@ -460,6 +568,9 @@ def run(args: argparse.Namespace) -> int:
         eval_interval=args.eval_interval,
         trajectory=args.problem == "quadratic",
         progress=lambda done, total: progress.update(done),
+        engine=args.engine,
+        compress=args.compress,
+        overlap=args.overlap,
     )
     progress.close()
     out = result_json(args, hp, res)

@@ -107,6 +107,12 @@ def register(subparsers: Any) -> None:
         "nn.Module (MODULE a module name or a .py file); default: the dataset's own",
     )
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    g.add_argument(
+        "--eval-device",
+        default=_DEFAULTS.eval_device,
+        help="where the evaluator runs the center: cpu (default), cuda, cuda:N or auto (a GPU "
+        "is shared with a worker while training; with --eval-deferred it is free)",
+    )
     g.add_argument("--seed", type=int, default=0, help="seed of the init (worker i: seed + i)")
     g.add_argument(
         "--out", default=None, help="run directory (default: runs/<method>-<date>-<time>)"
@@ -140,6 +146,15 @@ def register(subparsers: Any) -> None:
         default=_DEFAULTS.compress,
         help="synchronous easgd/eamsgd: send the elastic differences as bf16 (2x fewer "
         "bytes) or int8 with a scale per 256 values (3.9x fewer), with error feedback",
+    )
+    g.add_argument(
+        "--overlap",
+        type=int,
+        default=_DEFAULTS.overlap,
+        metavar="K",
+        help="asynchronous easgd/eamsgd: send each exchange and keep computing; its reply "
+        "is applied K local steps later (1..tau; 1 is the paper's update exactly, hiding "
+        "the round trip behind one step; K > 1 hides more and pulls K steps late); 0: wait",
     )
     g.add_argument(
         "--eval-deferred",
@@ -214,7 +229,7 @@ def register(subparsers: Any) -> None:
 #: its default was given on the command line.
 _FLAG_DEFAULTS: dict[str, Any] = {}
 #: What a resumed run may change without changing its experiment (besides its budget).
-_RUN_SETTINGS = ("data_dir", "device", "eval_interval", "eval_deferred",
+_RUN_SETTINGS = ("data_dir", "device", "eval_device", "eval_interval", "eval_deferred",
                  "checkpoint_interval", "checkpoint_steps", "timeout", "host",
                  "max_restarts", "tls_cert", "tls_key", "tls_ca", "tensorboard",
                  "no_verify")  # fmt: skip
@@ -295,13 +310,14 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         "batch_size": args.batch_size, "epochs": epochs, "time_budget": args.time_budget,
         "steps": args.steps, "dataset": args.dataset, "model": args.model,
         "data_dir": args.data_dir, "no_verify": args.no_verify, "device": args.device,
+        "eval_device": args.eval_device,
         "seed": args.seed, "out": out,
         "eval_interval": args.eval_interval, "eval_deferred": args.eval_deferred,
         "checkpoint_interval": args.checkpoint_interval, "checkpoint_steps": args.checkpoint_steps,
         "timeout": args.timeout, "host": args.host, "max_restarts": args.max_restarts,
         "tls_cert": args.tls_cert, "tls_key": args.tls_key, "tls_ca": args.tls_ca,
         "tensorboard": args.tensorboard, "compress": args.compress,
-        "group_size": args.group_size,
+        "group_size": args.group_size, "overlap": args.overlap,
     }  # fmt: skip
     return TrainConfig(**fields)
 

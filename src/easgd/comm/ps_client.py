@@ -22,6 +22,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, NoReturn
 
 import torch
@@ -215,6 +216,13 @@ class PSClient(Transport):
             (:func:`easgd.algorithms.compressed_elastic_serve_`). Not with
             ``reconnect_timeout`` (a restarted server has no reference).
 
+    Overlapped exchanges: a request the worker marks ``deferrable`` (an elastic exchange of
+    ``Worker(overlap=K)``, whose payload is the worker's own copy of x) is sent and answered
+    on a background thread while the caller goes on computing; ``serve`` returns at once
+    with ``request.deferred`` set, and the worker's ``WAIT`` blocks until the reply is in
+    (``last_exchange_seconds`` is then the time it blocked; a failure of the exchange is
+    raised there). The heartbeat is silent meanwhile: the exchange is the activity.
+
     Attributes:
         traffic: the counters for the metrics (:class:`easgd.comm.base.Traffic`; also as
             the properties ``exchanges``, ``bytes_sent``, ``bytes_received``,
@@ -287,6 +295,8 @@ class PSClient(Transport):
         self._broken: BaseException | None = None
         self._closed = False
         self._lock = threading.Lock()
+        self._io: ThreadPoolExecutor | None = None  # overlapped exchanges' thread
+        self._flying: Future[None] | None = None
         self._last_io = time.monotonic()
         secret_b = self._secret = resolve_secret(secret)
         self._conns: list[_Conn] = []
@@ -416,7 +426,16 @@ class PSClient(Transport):
         return hps[0]
 
     def serve(self, request: Request) -> None:
-        """Fulfil one exchange request of :class:`easgd.algorithms.Worker` on every shard."""
+        """Fulfil one exchange request of :class:`easgd.algorithms.Worker` on every shard
+        (a ``deferrable`` one in the background: see Overlapped exchanges)."""
+        if request.op is Op.WAIT:
+            self._wait_flying()
+            return
+        if self._flying is not None:
+            raise RuntimeError(
+                f"a {request.op.value!r} request while an overlapped exchange is in flight: "
+                "the worker must WAIT for its reply first (Worker(overlap=) does)"
+            )
         cmd = OP_CMD.get(request.op)
         if cmd is None:
             raise ValueError(
@@ -427,8 +446,37 @@ class PSClient(Transport):
             raise ValueError(f"{request.op.value!r} request without a reply buffer")
         self._check_vector("payload", request.payload)
         self._check_vector("reply", request.reply)
+        if request.deferrable:
+            with self._lock:  # what can be refused is refused here, in the caller's thread
+                self._check_joined(request.payload)
+            if self._io is None:
+                self._io = ThreadPoolExecutor(1, thread_name_prefix=f"ps-overlap-{self.worker_id}")
+            request.deferred = True
+            self._flying = self._io.submit(self._exchange, request, cmd, False)
+            return
+        self._exchange(request, cmd, True)
+
+    def flush(self) -> None:
+        """Block until the overlapped exchange in flight, if any, is answered (its reply is
+        in the worker's buffer; the worker still applies it when it is due)."""
+        self._wait_flying()
+
+    def _wait_flying(self) -> None:
+        """Block until the overlapped exchange in flight (if any) is answered."""
+        flying, self._flying = self._flying, None
+        if flying is None:
+            return
+        start = time.perf_counter()
+        try:
+            flying.result()
+        finally:
+            self.traffic.last_exchange_seconds = time.perf_counter() - start
+
+    def _exchange(self, request: Request, cmd: Cmd, timed: bool) -> None:
+        """One exchange on every shard (``timed``: the caller waits for it)."""
+        assert request.reply is not None
         if self._reference is not None and request.op is Op.ELASTIC:
-            self._serve_packed(request)
+            self._serve_packed(request, timed)
             return
         with self._lock:
             self._check_joined(request.payload)
@@ -475,10 +523,11 @@ class PSClient(Transport):
                         conn.buckets[sent_seq[i]][0].sub_(request.payload[a:b])
             for i in sorted(lost):  # only with reconnect_timeout > 0 (else _Lost is not raised)
                 self._reconnect(i, cmd, request)
-            self.traffic.last_exchange_seconds = time.perf_counter() - start
+            if timed:
+                self.traffic.last_exchange_seconds = time.perf_counter() - start
             self.traffic.exchanges += 1
 
-    def _serve_packed(self, request: Request) -> None:
+    def _serve_packed(self, request: Request, timed: bool) -> None:
         """A compressed elastic exchange with every shard (see ``compress``)."""
         ref = self._reference
         assert ref is not None and request.reply is not None
@@ -500,7 +549,8 @@ class PSClient(Transport):
                 conn.pending, conn.durable = h.pending, h.durable
                 compressed_elastic_receive_(ref[a:b], back, request.reply[a:b], self.codec,
                                             scratch)  # fmt: skip
-            self.traffic.last_exchange_seconds = time.perf_counter() - start
+            if timed:
+                self.traffic.last_exchange_seconds = time.perf_counter() - start
             self.traffic.exchanges += 1
 
     def _account(
@@ -702,8 +752,12 @@ class PSClient(Transport):
         death).
         """
         if clean:
+            with contextlib.suppress(Exception):  # a failed exchange was the caller's to see
+                self._wait_flying()
             self._goodbye(done)
         self._closed = True
+        if self._io is not None:
+            self._io.shutdown(wait=False)
         if self._hb_thread is not None:
             self._hb_stop.set()
             if self._hb_thread is not threading.current_thread():

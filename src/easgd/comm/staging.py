@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from easgd.algorithms import Request
+from easgd.algorithms import Op, Request
 from easgd.comm.base import Traffic, Transport
 
 __all__ = ["Staged"]
@@ -26,6 +26,7 @@ class Staged(Transport):
         self.mode = inner.mode  # type: ignore[misc]
         self.traffic: Traffic = inner.traffic  # the inner transport's counters, shared
         self._buffers: dict[int, tuple[Tensor, Tensor]] = {}  # payload data_ptr -> host pair
+        self._flying: tuple[Tensor, Tensor] | None = None  # a deferred reply: (device, host)
 
     def _host(self, like: Tensor) -> tuple[Tensor, Tensor]:
         key = like.data_ptr()
@@ -47,10 +48,23 @@ class Staged(Transport):
         if request.payload.device.type == "cpu":
             self.inner.serve(request)
             return
+        if request.op is Op.WAIT:  # an overlapped exchange's reply: into the worker's buffer
+            flying, self._flying = self._flying, None
+            self.inner.serve(Request(Op.WAIT, request.payload))
+            if flying is not None:
+                reply, host = flying
+                reply.copy_(host, non_blocking=True)
+            return
         pay, rep = self._host(request.payload)
         pay.copy_(request.payload)
-        self.inner.serve(Request(request.op, pay, rep if request.reply is not None else None))
-        if request.reply is not None:
+        staged = Request(request.op, pay, rep if request.reply is not None else None,
+                         step=request.step, deferrable=request.deferrable)  # fmt: skip
+        self.inner.serve(staged)
+        if staged.deferred:  # the reply lands in rep later: copied at the WAIT
+            assert request.reply is not None
+            request.deferred = True
+            self._flying = (request.reply, rep)
+        elif request.reply is not None:
             request.reply.copy_(rep, non_blocking=True)
         else:
             request.payload.copy_(pay, non_blocking=True)

@@ -19,7 +19,10 @@ fast link inside the node. Synchronously the exchange is overlapped with the nex
 steps, as without groups: the leaders' all-reduce is in flight until the worker's ``WAIT``,
 where the leader broadcasts the sum that the group's other ranks have been waiting for since
 their ``SUM``, on a process group of its own (the gradient means go on meanwhile on the
-group's other one). The asynchronous exchange blocks.
+group's other one). The asynchronous exchange blocks. With ``--compress`` the leader's
+transport compresses (the leaders' two-phase compressed sum, or the leader's compressed
+session with the server), and the broadcast carries the result in full precision: every rank
+of the group holds what its leader holds, as without compression.
 
 Failure behaviour:
 

@@ -123,7 +123,7 @@ def run_worker(cfg: TrainConfig, ctx: RoleContext, index: int) -> None:
     )  # fmt: skip
     grad_fn = group_gradient(transport, grad_fn)  # the group's mean gradient, if grouped
     transport.start(flat.params)  # every worker starts from the center
-    worker = Worker(hp, flat.params, mode, grad=flat.grads)
+    worker = Worker(hp, flat.params, mode, grad=flat.grads, overlap=cfg.overlap)
     state = _State(cfg, ctx, index, worker, stream)
     if os.environ.get(RESUME_ENV, "") not in ("", "0"):
         state.resume()  # after start(): the broadcast or the pull must not overwrite it
