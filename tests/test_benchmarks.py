@@ -23,7 +23,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ("overhead", "exchange", "scaling", "time_to_accuracy", "sim_scale", "checkpoints",
-              "alpha_study")  # fmt: skip
+              "alpha_study", "overlap")  # fmt: skip
 
 
 def quick(name: str, tmp_path: Path, timeout: float) -> dict[str, Any]:
@@ -101,13 +101,33 @@ def test_time_to_accuracy_tables_keep_a_method_without_samples(
         {"method": "ddp", "lr": 0.1, "seed": 0, "time_to_target_s": 0.5,
          "best_error_in_budget": 0.02, "local_steps": 400, "trained_s": 2.0, "no_samples": None},
     ]  # fmt: skip
+    records += [  # a diverged run: never reached, no throughput; a 2-point grid
+        {"method": "diloco", "lr": 0.4, "seed": 0, "time_to_target_s": math.inf,
+         "best_error_in_budget": 1.0, "local_steps": 0, "trained_s": 0.0, "no_samples": None},
+        {"method": "diloco", "lr": 0.2, "seed": 0, "time_to_target_s": 1.0,
+         "best_error_in_budget": 0.02, "local_steps": 300, "trained_s": 3.0, "no_samples": None},
+    ]  # fmt: skip
     missing = common.Missing()
-    grid, best = tta._tables(records, {"eamsgd": (0.01,), "ddp": (0.1,)}, missing)
-    assert [(g["method"], g["seeds"]) for g in grid] == [("eamsgd", []), ("ddp", [0])]
+    grids = {"eamsgd": (0.01,), "ddp": (0.1,), "diloco": (0.2, 0.4)}
+    skipped = {"torchft_diloco": "torchft not installed"}
+    grid, best = tta._tables(records, grids, missing, skipped)
+    assert [(g["method"], g["seeds"]) for g in grid] == [
+        ("eamsgd", []), ("ddp", [0]), ("diloco", [0]), ("diloco", [0]), ("torchft_diloco", []),
+    ]  # fmt: skip
     rows = {r["method"]: r for r in best}
-    assert set(rows) == {"eamsgd", "ddp"}
+    assert set(rows) == {"eamsgd", "ddp", "diloco", "torchft_diloco"}
     assert math.isnan(rows["eamsgd"]["median_s"]) and rows["eamsgd"]["per_seed_s"] == []
     assert rows["ddp"]["median_s"] == 0.5 and rows["ddp"]["vs_best_baseline"] == 1.0
+    assert not rows["ddp"]["edge"]  # a grid of one has no edge to leave the best on
+    assert rows["diloco"]["lr"] == 0.2 and rows["diloco"]["edge"]
+    assert rows["diloco"]["vs_best_baseline"] == 2.0
+    diverged = next(g for g in grid if g["method"] == "diloco" and g["lr"] == 0.4)
+    assert diverged["median_s"] == math.inf and diverged["ksamples_to_target"] == math.inf
+    assert math.isnan(diverged["steps_per_s"])
+    # The skipped method keeps its row, says why, and is no baseline and no hole.
+    ft = rows["torchft_diloco"]
+    assert ft["note"] == "skipped: torchft not installed" and math.isnan(ft["median_s"])
+    assert math.isnan(ft["vs_best_baseline"])
     assert [m["row"] for m in missing.rows] == ["eamsgd lr=0.01"]
     assert tta._fastest(best)["method"] == "ddp"
 
@@ -186,8 +206,26 @@ def test_scaling_quick(tmp_path: Path) -> None:
 @pytest.mark.timeout(420)
 def test_time_to_accuracy_quick(tmp_path: Path) -> None:
     result = quick("time_to_accuracy", tmp_path, timeout=410)
-    assert {r["method"] for r in result["best"]} == {"eamsgd", "ddp", "postlocal"}
-    assert len(result["runs"]) == 3
+    methods = {"eamsgd", "eamsgd_int8", "diloco", "ddp", "postlocal", "torchft_diloco"}
+    skipped = result["skipped"]
+    if importlib.util.find_spec("torchft") is None:  # optional: its row says it is skipped
+        assert set(skipped) == {"torchft_diloco"}
+        assert skipped["torchft_diloco"].startswith("torchft not installed")
+    assert {r["method"] for r in result["best"]} == methods
+    for row in result["best"]:
+        if row["method"] in skipped:
+            assert row["note"] == f"skipped: {skipped[row['method']]}"
+            assert math.isnan(row["median_s"]) and row["lr"] is None
+    runs = {r["method"]: r for r in result["runs"]}
+    assert set(runs) == methods - set(skipped) and len(result["runs"]) == len(runs)
+    # What easgd's launcher ran, read back from each run's config.json and metrics.
+    assert runs["eamsgd_int8"]["config"] == {
+        "method": "eamsgd", "compress": "int8", "parameter_server": True,
+    }  # fmt: skip
+    assert runs["eamsgd"]["config"]["compress"] == "none"
+    assert runs["diloco"]["config"] == {
+        "method": "diloco", "compress": "none", "parameter_server": False,
+    }  # fmt: skip
     missing = {m["row"] for m in result["missing"]}
     for run in result["runs"]:
         assert all(0.0 <= c["test_error"] <= 1.0 for c in run["curve"])
@@ -215,14 +253,33 @@ def test_sim_scale_quick(tmp_path: Path) -> None:
     assert {r["problem"] for r in result["speed"]} == {"quadratic", "digits"}
     assert all(r["real_s_per_sim_hour"] > 0 for r in result["speed"])
     variants = {v["name"]: v for v in result["settings"]["variants"]}
-    assert {v["method"] for v in variants.values()} == {"allreduce", "eamsgd"}  # the library's
+    assert {v["method"] for v in variants.values()} == {"allreduce", "eamsgd", "diloco"}
     assert variants["allreduce_nesterov"]["momentum"] == 0.9
-    assert {(b["bandwidth"], b["variant"]) for b in result["best"]} == {
-        (bw, v) for bw in ("1Gbit", "100Gbit") for v in variants
+    sync = {n for n, v in variants.items() if v["schedule"] == "sync" or v["method"] == "allreduce"}
+    links = {True: ("1Gbit", "10Gbit", "100Gbit"), False: ("1Gbit", "10Gbit")}  # sync: all
+    best = {(b["P"], b["bandwidth"], b["variant"]): b for b in result["best"]}
+    assert set(best) == {
+        (p, bw, v)
+        for p in result["settings"]["time_to_accuracy_workers"]
+        for v in variants
+        for bw in links[v in sync]
     }
+    for p, bw, _ in best:  # the speedups are against the best all-reduce at that P and link
+        here = [b for (q, c, _), b in best.items() if (q, c) == (p, bw)]
+        assert max(b["speedup_vs_best_allreduce"] for b in here if "allreduce" in b["variant"]) == 1
+    for (p, _, v), b in best.items():  # a synchronous trajectory on a faster link: same steps,
+        if v in sync and b["steps_to_target"] is not None:  # no more time, and at least compute
+            compute = b["steps_to_target"] * result["settings"]["step_time"]
+            assert b["time_to_target_s"] >= compute * (1 - 1e-9)
+            faster = best[(p, "100Gbit", v)]
+            assert faster["steps_to_target"] == b["steps_to_target"]
+            assert faster["time_to_target_s"] <= b["time_to_target_s"]
+    scan = result["settings"]["scan_bandwidths"]
+    assert {c["variant"] for c in result["crossover"]} == sync - {"allreduce", "allreduce_nesterov"}
+    assert all(len(c["speedups"]) == len(scan) and c["verdict"] for c in result["crossover"])
     for run in result["runs"]:
-        times = [t for t, _ in run["curve"]]
-        assert times == sorted(times) and times[0] == 0.0
+        clock = [t for t, _ in run["curve"]]  # global steps (sync) or virtual seconds (async)
+        assert clock == sorted(clock) and clock[0] == 0
 
 
 @pytest.mark.slow
@@ -270,3 +327,16 @@ def test_checkpoints_quick(tmp_path: Path) -> None:
     for r in rows.values():
         assert len(r["samples"]) + sum(m["row"] == r["name"] for m in result["missing"]) == 1
     assert list(result["target_met"]) == ["default <= 1.03"]
+
+
+@pytest.mark.timeout(300)
+def test_overlap_quick(tmp_path: Path) -> None:
+    result = quick("overlap", tmp_path, timeout=280)
+    rows = {r["row"]: r for r in result["rows"]}
+    assert set(rows) == {"local", "blocking tau=1", "overlap tau=1 K=1"}
+    assert rows["local"]["ratio"] == 1.0
+    for name in ("blocking tau=1", "overlap tau=1 K=1"):
+        assert rows[name]["steps_per_s"] > 0
+        assert rows[name]["server_cpu_ms_per_exchange"] > 0  # the server really served
+    # Blocked time is measured, not assumed: a blocking exchange blocks for its round trip.
+    assert rows["blocking tau=1"]["blocked_ms_per_step"] > 0
