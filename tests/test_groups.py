@@ -40,7 +40,8 @@ def grouped_center(cfg: TrainConfig, schedule: str = "sync") -> torch.Tensor:
     base = ModelObjective(parts.build, parts.train, parts.test, cfg.batch_size, parts.transform)
     assert cfg.steps is not None
     res = simulate(Grouped(base, cfg.group_size), cfg.hyperparams(), schedule=schedule,
-                   steps=cfg.steps, seed=cfg.seed, compress=cfg.compress)  # fmt: skip
+                   steps=cfg.steps, seed=cfg.seed, compress=cfg.compress,
+                   overlap=cfg.overlap)  # fmt: skip
     return res.center
 
 
@@ -99,6 +100,19 @@ def test_compressed_exchanges_between_groups_equal_the_simulator(
     # ... and the compression did something (the uncompressed run ends elsewhere).
     assert not torch.equal(grouped_center(cfg.replace(compress="none"), mode),
                            grouped_center(cfg, mode))  # fmt: skip
+
+
+def test_an_overlapped_asynchronous_group_equals_the_simulator(tmp_path: Path) -> None:
+    # The leader's exchange goes out in the background; every rank of the group takes the
+    # reply from the leader's broadcast at the WAIT, K = 2 steps later.
+    summary = train(tmp_path / "run", "--method", "eamsgd", "--workers", "2",
+                    "--group-size", "2", "--tau", "2", "--overlap", "2", "--steps", "10",
+                    "--lr", "0.05")  # fmt: skip
+    cfg = TrainConfig.from_dict(json.loads((tmp_path / "run/config.json").read_text()))
+    assert summary["status"] == "completed" and cfg.overlap == 2
+    center = final_center(cfg, RunPaths(cfg.out))
+    assert_close(center, grouped_center(cfg, "async"), rtol=0, atol=0)
+    assert not torch.equal(center, grouped_center(cfg.replace(overlap=0), "async"))
 
 
 def test_asynchronous_groups_exchange_through_one_session_each(tmp_path: Path) -> None:

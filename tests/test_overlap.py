@@ -87,8 +87,6 @@ def test_the_simulated_clock_hides_a_round_trip_shorter_than_the_lag() -> None:
         ({"method": "downpour", "mode": "async", "overlap": 1}, "asynchronous elastic"),
         ({"method": "easgd", "mode": "async", "overlap": -1}, "integer >= 0"),
         ({"method": "easgd", "mode": "async", "overlap": True}, "integer >= 0"),
-        ({"method": "easgd", "mode": "async", "overlap": 1, "workers": 4, "group_size": 2},
-         "--group-size 2"),
     ],
 )  # fmt: skip
 def test_bad_overlaps_are_refused_by_name(kwargs: dict, match: str) -> None:

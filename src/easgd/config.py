@@ -331,12 +331,6 @@ class TrainConfig:
             check_overlap(self.hyperparams(), self.resolved_mode(), self.overlap)
         except ValueError as exc:
             raise ConfigError("overlap", self.overlap, str(exc)) from None
-        if self.overlap and self.group_size > 1:
-            raise ConfigError(
-                "overlap", self.overlap,
-                f"--overlap {self.overlap} with --group-size {self.group_size}: a group's "
-                "exchange is not overlapped yet; use --overlap 0 with groups",
-            )  # fmt: skip
 
     def hyperparams(self) -> Hyperparams:
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(Hyperparams)}

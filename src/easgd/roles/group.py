@@ -19,7 +19,10 @@ fast link inside the node. Synchronously the exchange is overlapped with the nex
 steps, as without groups: the leaders' all-reduce is in flight until the worker's ``WAIT``,
 where the leader broadcasts the sum that the group's other ranks have been waiting for since
 their ``SUM``, on a process group of its own (the gradient means go on meanwhile on the
-group's other one). The asynchronous exchange blocks. With ``--compress`` the leader's
+group's other one). The asynchronous exchange blocks, unless overlapped (``--overlap K``):
+then the leader's exchange goes out in the background and every rank of the group takes the
+reply from the leader's broadcast at the worker's ``WAIT``, K steps later (the same step on
+every rank: the lag is the rule's). With ``--compress`` the leader's
 transport compresses (the leaders' two-phase compressed sum, or the leader's compressed
 session with the server), and the broadcast carries the result in full precision: every rank
 of the group holds what its leader holds, as without compression.
@@ -84,6 +87,9 @@ class GroupTransport(Transport):
         self._flag = torch.zeros(1, device=device)
         # payload data_ptr -> (payload, the non-leader's broadcast in flight, or None)
         self._in_flight: dict[int, tuple[Tensor, Any]] = {}
+        # An overlapped elastic exchange (Worker(overlap=K)): the reply buffer that the
+        # group's WAIT broadcasts from the leader, once the leader's exchange is answered.
+        self._elastic: Request | None = None
 
     def _bcast(self, t: Tensor, group: Any = None) -> None:
         dist.broadcast(t, src=self.leader, group=self.intra.group if group is None else group)
@@ -140,6 +146,15 @@ class GroupTransport(Transport):
 
     def serve(self, req: Request) -> None:
         started = time.perf_counter()
+        if req.op is Op.WAIT and self._elastic is not None:
+            flying, self._elastic = self._elastic, None
+            assert flying.reply is not None
+            if self.inner is not None and flying.deferred:
+                self.inner.serve(Request(Op.WAIT, flying.reply))
+            self._bcast(flying.reply)  # every rank of the group waits here, at the same step
+            self.traffic.last_exchange_seconds = time.perf_counter() - started
+            self._count()
+            return
         if req.op is Op.WAIT:
             self._wait(req.payload)
             self.traffic.last_exchange_seconds = time.perf_counter() - started
@@ -147,6 +162,12 @@ class GroupTransport(Transport):
             return
         if req.op is Op.SUM:
             self._sum(req)
+        elif req.op is Op.ELASTIC and req.deferrable:  # overlapped: the reply at the WAIT
+            assert req.reply is not None
+            if self.inner is not None:
+                self.inner.serve(req)
+            self._elastic = Request(req.op, req.payload, req.reply, deferred=req.deferred)
+            req.deferred = True  # on every rank: each waits for the leader's broadcast
         elif req.op is Op.ELASTIC:  # asynchronous: the leader's d = alpha*(x - c)
             assert req.reply is not None
             if self.inner is not None:
