@@ -166,35 +166,45 @@ def _saved_step(paths: RunPaths, worker: int) -> int:
         return -1
 
 
-@pytest.mark.timeout(400)
-def test_a_synchronous_group_run_restarts_every_rank_when_one_dies(tmp_path: Path) -> None:
-    # SIGKILL a rank that is no leader: its group's next collective fails, the launcher
-    # restarts every rank from their last common checkpoint, and the run ends bitwise as the
-    # simulator's (as an uninterrupted run would).
+def _kill_worker_when(
+    cmd: list[str], paths: RunPaths, worker: int, ready: Any, what: str
+) -> tuple[int, str, str]:
+    """Run ``cmd``, SIGKILL ``worker`` once ``ready()`` (an event in the run's files, never
+    a clock), and return the run's ``(returncode, stdout, stderr)``."""
     import signal
     import time
 
-    out = tmp_path / "run"
-    paths = RunPaths(out)
-    cmd = [sys.executable, "-m", "easgd", "train", "--quiet", "--json", "--eval-interval", "5",
-           "--out", str(out), "--method", "easgd", "--mode", "sync", "--workers", "4",
-           "--group-size", "2", "--tau", "3", "--lr", "0.05", "--steps", "300",
-           "--checkpoint-every-steps", "6", "--max-restarts", "1"]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             cwd=ROOT, start_new_session=True)  # fmt: skip
     try:
-        while _saved_step(paths, 3) < 12:
-            assert proc.poll() is None, "the run ended before worker 3 saved step 12"
-            time.sleep(0.01)
+        while not ready():
+            assert proc.poll() is None, f"the run ended before {what}"
+            time.sleep(0.02)
         procs = json.loads(paths.processes.read_text())["processes"]
-        victim = next(p["pid"] for p in procs if p["role"] == "worker" and p["index"] == 3)
+        victim = next(p["pid"] for p in procs if p["role"] == "worker" and p["index"] == worker)
         os.kill(victim, signal.SIGKILL)
         stdout, stderr = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    assert proc.returncode == 0, stderr[-3000:]
+    return proc.returncode, stdout, stderr
+
+
+@pytest.mark.timeout(400)
+def test_a_synchronous_group_run_restarts_every_rank_when_one_dies(tmp_path: Path) -> None:
+    # SIGKILL a rank that is no leader: its group's next collective fails, the launcher
+    # restarts every rank from their last common checkpoint, and the run ends bitwise as the
+    # simulator's (as an uninterrupted run would).
+    out = tmp_path / "run"
+    paths = RunPaths(out)
+    cmd = [sys.executable, "-m", "easgd", "train", "--quiet", "--json", "--eval-interval", "5",
+           "--out", str(out), "--method", "easgd", "--mode", "sync", "--workers", "4",
+           "--group-size", "2", "--tau", "3", "--lr", "0.05", "--steps", "300",
+           "--checkpoint-every-steps", "6", "--max-restarts", "1"]  # fmt: skip
+    rc, stdout, stderr = _kill_worker_when(cmd, paths, 3, lambda: _saved_step(paths, 3) >= 12,
+                                           "worker 3 saved step 12")  # fmt: skip
+    assert rc == 0, stderr[-3000:]
     summary = json.loads(stdout.strip().splitlines()[-1])
     assert summary["status"] == "completed" and summary["restarts"] == 1
     events = list(iter_jsonl(paths.metrics))
@@ -210,34 +220,20 @@ def test_an_asynchronous_group_that_loses_a_rank_is_lost_and_the_run_goes_on(
 ) -> None:
     # SIGKILL worker 3 (no leader): its leader's next gradient mean fails, so the group ends;
     # the other group trains to its budget, and the run finishes without the lost one.
-    import signal
-    import time
-
     out = tmp_path / "run"
     paths = RunPaths(out)
     cmd = [sys.executable, "-m", "easgd", "train", "--quiet", "--json", "--eval-interval", "5",
            "--out", str(out), "--method", "eamsgd", "--workers", "4", "--group-size", "2",
            "--tau", "2", "--steps", "1500"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=ROOT, start_new_session=True)  # fmt: skip
 
     def exchanged(worker: int) -> bool:
         events = iter_jsonl(paths.metrics) if paths.metrics.exists() else []
         return any(e.get("event") == "exchange" and e.get("worker") == worker for e in events)
 
-    try:
-        while not (exchanged(3) and paths.processes.exists()):
-            assert proc.poll() is None, "the run ended before worker 3 exchanged"
-            time.sleep(0.05)
-        procs = json.loads(paths.processes.read_text())["processes"]
-        victim = next(p["pid"] for p in procs if p["role"] == "worker" and p["index"] == 3)
-        os.kill(victim, signal.SIGKILL)
-        stdout, stderr = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == 0, stderr[-3000:]
+    rc, stdout, stderr = _kill_worker_when(
+        cmd, paths, 3, lambda: exchanged(3) and paths.processes.exists(), "worker 3 exchanged"
+    )
+    assert rc == 0, stderr[-3000:]
     summary = json.loads(stdout.strip().splitlines()[-1])
     assert summary["status"] == "workers_lost" and sorted(summary["lost_workers"]) == [2, 3]
     done = {e["worker"]: e["step"] for e in iter_jsonl(paths.metrics)

@@ -341,3 +341,27 @@ def test_easgd_simulate_takes_overlap_and_compress() -> None:
     ):
         bad = sim(*args)
         assert bad.returncode == 2 and message in bad.stderr, bad.stderr
+
+
+def test_a_clean_close_raises_the_failure_of_an_exchange_nobody_waited_for() -> None:
+    # The worker never reached its WAIT (say, the loop ended early): closing the client must
+    # not say goodbye over a lost update as if nothing happened.
+    hp = Hyperparams(method="easgd", lr=0.05, tau=1, workers=1)
+    x0 = torch.zeros(1000)
+    (server,) = _servers(hp, x0, 1)
+    client = PSClient([server.address], 1000, worker_id=0, heartbeat=0, timeout=30)
+    x = x0.clone()
+    client.start(x)
+    real = client._exchange
+
+    def exchange(*args, **kwargs):  # type: ignore[no-untyped-def]
+        server.__exit__(None, None, None)  # the server dies before it answers
+        return real(*args, **kwargs)
+
+    client._exchange = exchange  # type: ignore[method-assign]
+    req = Request(Op.ELASTIC, x.clone(), torch.zeros(1000), deferrable=True)
+    client.serve(req)
+    assert req.deferred
+    with pytest.raises(PSConnectionError, match=r"parameter server 127\.0\.0\.1:\d+"):
+        client.close()
+    client.close(clean=False)  # idempotent after the error

@@ -92,6 +92,7 @@ __all__ = [
     "Worker",
     "adamw_step_",
     "average_rate",
+    "check_compress",
     "check_overlap",
     "compress_with_feedback_",
     "compressed_elastic_receive_",
@@ -1267,6 +1268,17 @@ class Center:
 
 Compute = Callable[[Request], float]
 Serve = Callable[[Request], None]
+
+
+def check_compress(hp: Hyperparams, compress: str) -> None:
+    """A ValueError unless ``compress`` (a codec name) applies to ``hp``'s method: only the
+    elastic methods' exchanges (their elastic differences) are compressed."""
+    if compress != "none" and not hp.spec.elastic:
+        raise ValueError(
+            f"compress={compress!r} with method={hp.method!r}: compressed exchanges are "
+            "EASGD/EAMSGD's elastic differences; use method='easgd' or method='eamsgd', or "
+            "compress='none'"
+        )
 
 
 def check_overlap(hp: Hyperparams, mode: Mode, overlap: int) -> None:

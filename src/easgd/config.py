@@ -309,13 +309,12 @@ class TrainConfig:
             )  # fmt: skip
         if self.compress == "none":
             return
-        spec = self.hyperparams().spec
-        if not spec.elastic:
-            raise ConfigError(
-                "compress", self.compress,
-                f"--compress {self.compress} with --method {self.method}: compressed "
-                "exchanges are EASGD/EAMSGD's elastic differences (--method easgd or eamsgd)",
-            )  # fmt: skip
+        from easgd.algorithms import check_compress
+
+        try:
+            check_compress(self.hyperparams(), self.compress)
+        except ValueError as exc:
+            raise ConfigError("compress", self.compress, flag_message(str(exc))) from None
         if self.resolved_mode() is Mode.ASYNC and self.max_restarts:
             raise ConfigError(
                 "compress", self.compress,

@@ -56,6 +56,7 @@ from easgd.algorithms import (
     Op,
     Request,
     Worker,
+    check_compress,
     compressed_elastic_receive_,
     compressed_elastic_send_,
     run_settle,
@@ -523,11 +524,7 @@ class _Sim:
                 "asynchronous one; use schedule='async' or 'round-robin'"
             )
         self.codec = codec(compress)
-        if compress != "none" and not hp.spec.elastic:
-            raise ValueError(
-                f"compress={compress!r} with method={hp.method!r}: compressed exchanges are "
-                "EASGD/EAMSGD's (their elastic differences); use compress='none'"
-            )
+        check_compress(hp, compress)
         self._sums: list[CompressedSum] = []
         # Asynchronous compressed exchanges: each worker's reference, as the worker and as the
         # server keep it (equal by construction), and the packed buffers (AsyncCompressed).

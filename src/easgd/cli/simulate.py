@@ -391,24 +391,21 @@ def _check_groups(args: argparse.Namespace) -> int:
 
 
 def _check_exchange(args: argparse.Namespace, hp: Hyperparams, mode: Mode) -> None:
-    """``--compress`` and ``--overlap``: refused, in the flags' words, where they do not apply."""
-    from easgd.algorithms import check_overlap
+    """``--compress`` and ``--overlap``: refused, in the flags' words, where they do not
+    apply (before the problem is built: a dataset takes a while to load)."""
+    from easgd.algorithms import check_compress, check_overlap
+    from easgd.config import flag_message
 
-    if args.compress != "none" and not hp.spec.elastic:
-        raise ValueError(
-            f"--compress {args.compress} with --method {hp.method}: compressed exchanges are "
-            "EASGD/EAMSGD's elastic differences (--method easgd or eamsgd)"
-        )
     if args.overlap and mode is not Mode.ASYNC:
         raise ValueError(
             f"--overlap {args.overlap} on the {args.schedule} schedule: the overlapped "
             "exchange is the asynchronous one; use --schedule async or round-robin"
         )
     try:
+        check_compress(hp, args.compress)
         check_overlap(hp, mode, args.overlap)
     except ValueError as exc:
-        text = str(exc).replace(f"overlap={args.overlap}", f"--overlap {args.overlap}", 1)
-        raise ValueError(text.replace(f"tau={hp.tau}", f"--tau {hp.tau}", 1)) from None
+        raise ValueError(flag_message(str(exc))) from None
 
 
 def _check_cost(args: argparse.Namespace, hp: Hyperparams, mode: Mode) -> None:

@@ -746,14 +746,19 @@ class PSClient(Transport):
     def close(self, *, clean: bool = True, done: bool = True) -> None:
         """Close the connections. Idempotent.
 
+        An overlapped exchange still in flight is waited for first; if it failed, the
+        connections are dropped and its error is raised (never lost with the goodbye).
         ``clean``: say goodbye first, when joined and no server failed (the servers record
         ``left``; ``done`` as in :meth:`bye`: a worker's clean close at the end of its loop
         is its finish); ``clean=False`` just drops the connections (the servers record a
         death).
         """
         if clean:
-            with contextlib.suppress(Exception):  # a failed exchange was the caller's to see
+            try:  # an overlapped exchange nobody waited for: its failure is not lost here
                 self._wait_flying()
+            except BaseException:
+                self.close(clean=False, done=done)
+                raise
             self._goodbye(done)
         self._closed = True
         if self._io is not None:
