@@ -365,3 +365,27 @@ def test_a_clean_close_raises_the_failure_of_an_exchange_nobody_waited_for() -> 
     with pytest.raises(PSConnectionError, match=r"parameter server 127\.0\.0\.1:\d+"):
         client.close()
     client.close(clean=False)  # idempotent after the error
+
+
+@pytest.mark.timeout(300)
+def test_the_summary_counts_the_overlapped_exchange_still_in_flight_at_the_last_event(
+    tmp_path: Path,
+) -> None:
+    # The last exchange event is written while the last overlapped exchange may still be on
+    # its way (a busy machine made the summary say 299 of 300). Each worker's worker_done,
+    # written after it settled, carries its totals, and the summary adds those.
+    from easgd.runlog import RunPaths, iter_jsonl
+
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "easgd", "train", "--method", "easgd", "--mode", "async",
+         "--workers", "2", "--steps", "60", "--tau", "1", "--overlap", "1",
+         "--out", str(out), "--quiet"],
+        capture_output=True, text=True, cwd=ROOT, timeout=280,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    done = [e for e in iter_jsonl(RunPaths(out).metrics) if e["event"] == "worker_done"]
+    assert sorted((e["worker"], e["exchanges"]) for e in done) == [(0, 60), (1, 60)]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["exchanges"] == 120
+    assert summary["bytes_sent"] == sum(e["bytes_sent"] for e in done)

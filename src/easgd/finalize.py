@@ -208,7 +208,7 @@ def finalize(
                 resumed[key] = int(event.get("resumed_step") or 0)
                 continue
             steps[key] = max(steps.get(key, 0), int(event["step"]))
-            if kind != Event.WORKER_DONE:
+            if kind != Event.WORKER_DONE or "exchanges" in event:  # its end: every exchange
                 totals[key] = event
     workers = [e for e in totals.values() if "exchanges" in e]
     local_steps = sum(max(0, n - resumed.get(key, 0)) for key, n in steps.items())

@@ -251,7 +251,12 @@ class _Log:
         self._write(Event.DIVERGED, step=self.worker.t, loss=loss, lr=lr)
 
     def done(self) -> None:
-        self._write(Event.WORKER_DONE, step=self.worker.t)
+        """The worker's end, with its traffic in all (what the summary adds up): after the
+        loop settled, every exchange in flight has completed and is counted here."""
+        traffic = self.transport.traffic
+        self._write(Event.WORKER_DONE, step=self.worker.t, exchanges=traffic.exchanges,
+                    bytes_sent=traffic.bytes_sent,
+                    bytes_received=traffic.bytes_received)  # fmt: skip
         self.out.close()
 
 

@@ -215,7 +215,14 @@ EVENT_FIELDS: Final[dict[Event, dict[str, FieldSpec]]] = {
     },
     Event.STEP: _PROGRESS,
     Event.EXCHANGE: _PROGRESS,
-    Event.WORKER_DONE: {**_COMMON, **_WORKER, **_STEP},
+    Event.WORKER_DONE: {
+        **_COMMON, **_WORKER, **_STEP,
+        "exchanges": _f("int", "", "the worker's exchanges in all (this process), every "
+                        "exchange in flight completed", False),
+        "bytes_sent": _f("int", "bytes", "bytes the worker sent in all (this process)", False),
+        "bytes_received": _f("int", "bytes", "bytes the worker received in all (this process)",
+                             False),
+    },
     Event.DIVERGED: {
         **_COMMON, **_WORKER,
         "step": _f("int", "steps", "the local step whose mini-batch loss was not finite"),
