@@ -211,10 +211,13 @@ def test_a_run_that_lost_every_worker_fails(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(420)
-def test_a_killed_server_is_restarted_from_its_checkpoint(tmp_path: Path) -> None:
+@pytest.mark.parametrize("compress", ["none", "int8"])
+def test_a_killed_server_is_restarted_from_its_checkpoint(tmp_path: Path, compress: str) -> None:
+    # int8: the compressed sessions recover too (the reference restarts at the new center).
     paths = RunPaths(tmp_path / "run")
     proc = _start(paths.root, "--workers", "2", "--tau", "2", "--steps", "2500",
-                  "--max-restarts", "1", "--checkpoint-interval", "0.5")  # fmt: skip
+                  "--max-restarts", "1", "--checkpoint-interval", "0.5",
+                  "--compress", compress)  # fmt: skip
     try:
         _wait_for(lambda: _events(paths, Event.CHECKPOINT, shard=0), proc, "a checkpoint")
         _wait_for(lambda: _events(paths, Event.EXCHANGE), proc, "an exchange")

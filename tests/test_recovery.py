@@ -102,7 +102,13 @@ class Trainer(threading.Thread):
     contributions (the center deltas it was answered with) for the reference."""
 
     def __init__(
-        self, wid: int, hp: Hyperparams, shards: list[Shard], done: list[int], overlap: int = 0
+        self,
+        wid: int,
+        hp: Hyperparams,
+        shards: list[Shard],
+        done: list[int],
+        overlap: int = 0,
+        compress: str = "none",
     ) -> None:
         super().__init__(daemon=True)
         self.wid, self.hp, self.done, self.overlap = wid, hp, done, overlap
@@ -111,7 +117,7 @@ class Trainer(threading.Thread):
         self.client = PSClient(
             [s.wait_listening() for s in shards], N, worker_id=wid, heartbeat=0.2,
             reconnect_timeout=PATIENCE, resolve=lambda i: shards[i].address(),
-            on_event=self.events.append,
+            on_event=self.events.append, compress=compress,
         )  # fmt: skip
         self.sum = torch.zeros(N)
         self.error: BaseException | None = None
@@ -150,18 +156,23 @@ class Trainer(threading.Thread):
 
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize(
-    ("method", "shards", "every", "overlap"),
-    [("easgd", 1, 0.2, 0), ("eamsgd", 1, 0.2, 0), ("downpour", 1, 0.2, 0),
-     ("easgd", 2, 0.2, 0), ("downpour", 1, 1000.0, 0), ("adownpour", 1, 0.2, 0),
-     ("eamsgd", 2, 0.2, 1)],  # 1000: no checkpoint before the kill
+    ("method", "shards", "every", "overlap", "compress"),
+    [("easgd", 1, 0.2, 0, "none"), ("eamsgd", 1, 0.2, 0, "none"),
+     ("downpour", 1, 0.2, 0, "none"), ("easgd", 2, 0.2, 0, "none"),
+     ("downpour", 1, 1000.0, 0, "none"), ("adownpour", 1, 0.2, 0, "none"),
+     ("eamsgd", 2, 0.2, 1, "none"), ("easgd", 1, 0.2, 0, "int8"),
+     ("eamsgd", 2, 0.2, 1, "bf16")],  # 1000: no checkpoint before the kill
     ids=["easgd", "eamsgd", "downpour", "easgd-2-shards-kill-one", "downpour-no-checkpoint",
-         "adownpour", "eamsgd-overlapped-2-shards"],
+         "adownpour", "eamsgd-overlapped-2-shards", "easgd-int8",
+         "eamsgd-bf16-overlapped-2-shards"],
 )  # fmt: skip
 def test_a_killed_shard_restarts_and_loses_no_update(
-    tmp_path: Path, method: str, shards: int, every: float, overlap: int
+    tmp_path: Path, method: str, shards: int, every: float, overlap: int, compress: str
 ) -> None:
     # overlap: the exchanges go out on the client's background thread, which meets the
     # dead shard and reconnects while the worker computes (Worker(overlap=1)).
+    # compress: the contributions are the decoded replies (what the center gained), and
+    # the restarted shard's session starts a new reference at its center.
     workers = 2
     hp = Hyperparams(method=method, lr=0.1, workers=workers)
     servers = [Shard(tmp_path, method, s, shards, every) for s in range(shards)]
@@ -170,7 +181,7 @@ def test_a_killed_shard_restarts_and_loses_no_update(
     done = [0] * workers
     trainers: list[Trainer] = []
     try:
-        trainers = [Trainer(w, hp, servers, done, overlap) for w in range(workers)]
+        trainers = [Trainer(w, hp, servers, done, overlap, compress) for w in range(workers)]
         for t in trainers:
             t.start()
         # Kill at a random point of the run: after a seeded number of exchanges.

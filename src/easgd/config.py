@@ -315,13 +315,6 @@ class TrainConfig:
             check_compress(self.hyperparams(), self.compress)
         except ValueError as exc:
             raise ConfigError("compress", self.compress, flag_message(str(exc))) from None
-        if self.resolved_mode() is Mode.ASYNC and self.max_restarts:
-            raise ConfigError(
-                "compress", self.compress,
-                f"--compress {self.compress} with --max-restarts {self.max_restarts} in "
-                "mode async: a restarted server does not have the workers' references of "
-                "the compressed exchange (they are not checkpointed); drop one of them",
-            )  # fmt: skip
 
     def _check_overlap(self) -> None:
         from easgd.algorithms import check_overlap

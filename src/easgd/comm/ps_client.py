@@ -213,8 +213,10 @@ class PSClient(Transport):
             the wire compressed both ways (``Cmd.ELASTIC_PACKED``): this client and each
             server keep the same reference of the worker's x, the client sends
             ``encode(x - reference)`` and gets ``encode(d)`` back
-            (:func:`easgd.algorithms.compressed_elastic_serve_`). Not with
-            ``reconnect_timeout`` (a restarted server has no reference).
+            (:func:`easgd.algorithms.compressed_elastic_serve_`). With
+            ``reconnect_timeout``, a restarted shard loses nothing here either: the
+            contributions (the decoded ``d``, exactly what the center gained) are re-sent
+            in full precision, and the reference restarts at the center of the new JOIN.
 
     Overlapped exchanges: a request the worker marks ``deferrable`` (an elastic exchange of
     ``Worker(overlap=K)``, whose payload is the worker's own copy of x) is sent and answered
@@ -255,12 +257,6 @@ class PSClient(Transport):
         compress: str = "none",
     ) -> None:
         self.codec = codec(compress)
-        if compress != "none" and reconnect_timeout:
-            raise ValueError(
-                f"compress={compress!r} with reconnect_timeout={reconnect_timeout}: a "
-                "restarted server does not have this worker's reference of the compressed "
-                "exchange (it is not checkpointed); use compress='none' with restarts"
-            )
         self._reference: Tensor | None = None  # what the servers reconstructed of x
         self._packed: list[tuple[Tensor, Tensor, Tensor]] = []  # per shard: in, out, scratch
         if not addresses:
@@ -528,30 +524,50 @@ class PSClient(Transport):
             self.traffic.exchanges += 1
 
     def _serve_packed(self, request: Request, timed: bool) -> None:
-        """A compressed elastic exchange with every shard (see ``compress``)."""
-        ref = self._reference
-        assert ref is not None and request.reply is not None
+        """A compressed elastic exchange with every shard (see ``compress``); a lost shard
+        is reached again as in :meth:`_exchange` (the reference restarts at its center)."""
+        assert self._reference is not None and request.reply is not None
         with self._lock:
             self._check_joined(request.payload)
             start = time.perf_counter()
-            for conn, (a, b), (out, _, scratch) in zip(
-                self._conns, self.ranges, self._packed, strict=True
-            ):
-                if conn.lost is not None:
-                    self._fail_connection(conn, ConnectionError(str(conn.lost)))
-                compressed_elastic_send_(request.payload[a:b], ref[a:b], self.codec, scratch, out)
-                self._send(conn, Cmd.ELASTIC_PACKED, out)
-            for conn, (a, b), (_, back, scratch) in zip(
-                self._conns, self.ranges, self._packed, strict=True
-            ):
-                h = self._recv(conn, back)
-                conn.acked += 1
-                conn.pending, conn.durable = h.pending, h.durable
-                compressed_elastic_receive_(ref[a:b], back, request.reply[a:b], self.codec,
-                                            scratch)  # fmt: skip
+            lost: set[int] = set()
+            for i, conn in enumerate(self._conns):
+                try:
+                    if conn.lost is not None:
+                        raise _Lost(conn, str(conn.lost))
+                    self._send_packed(i, request)
+                except _Lost:
+                    lost.add(i)
+            for i in range(len(self._conns)):
+                if i in lost:
+                    continue
+                try:
+                    self._recv_packed(i, request)
+                except _Lost:
+                    lost.add(i)
+            for i in sorted(lost):  # only with reconnect_timeout > 0 (else _Lost is not raised)
+                self._reconnect(i, Cmd.ELASTIC_PACKED, request)
             if timed:
                 self.traffic.last_exchange_seconds = time.perf_counter() - start
             self.traffic.exchanges += 1
+
+    def _send_packed(self, i: int, request: Request) -> None:
+        """Shard ``i``'s part of a compressed exchange: ``encode(x - reference)``."""
+        assert self._reference is not None
+        (a, b), (out, _, scratch) = self.ranges[i], self._packed[i]
+        compressed_elastic_send_(request.payload[a:b], self._reference[a:b], self.codec,
+                                 scratch, out)  # fmt: skip
+        self._send(self._conns[i], Cmd.ELASTIC_PACKED, out)
+
+    def _recv_packed(self, i: int, request: Request) -> None:
+        """Shard ``i``'s reply ``encode(d)``: ``d`` into the reply, the reference moved by it,
+        and the contribution remembered until it is durable (:meth:`_account`)."""
+        assert self._reference is not None and request.reply is not None
+        conn, (a, b), (_, back, scratch) = self._conns[i], self.ranges[i], self._packed[i]
+        h = self._recv(conn, back)
+        compressed_elastic_receive_(self._reference[a:b], back, request.reply[a:b], self.codec,
+                                    scratch)  # fmt: skip
+        self._account(conn, h, request, a, b, added_to=None)
 
     def _account(
         self, conn: _Conn, h: Header, request: Request, a: int, b: int, added_to: int | None
@@ -611,12 +627,17 @@ class PSClient(Transport):
         if self._dtype is not None:  # a worker: a new session, and its missing updates
             scratch = torch.empty(b - a, dtype=self._dtype)
             conn.session = self.nonce
+            flags = JOIN_RECOVER | COMPRESS_CODES[self.codec.name] << COMPRESS_SHIFT
             self._send(conn, Cmd.JOIN, None, dtype=dtype_code(self._dtype), numel=b - a, aux=a,
-                       flags=JOIN_RECOVER)  # fmt: skip
+                       flags=flags)  # fmt: skip
             conn.session = self._recv(conn, scratch, more=True).session
             hp, info = self._recv_join_trailer(conn)
             if hp.to_dict() != self.server_hp.to_dict():
                 self._fail_value(f"{conn.where} came back with other hyperparameters")
+            if self._reference is not None:
+                # A compressed session's reference restarts, on both sides, at the center of
+                # the JOIN reply (the server keeps no reference across a restart).
+                self._reference[a:b].copy_(scratch)
             missing = conn.acked - int(info.get("applied", 0))
             if missing > 0:  # a restarted shard: its checkpoint lacks some of our updates
                 resent = self._resend(conn, int(info.get("restored_seq", 0)), missing)
@@ -639,6 +660,9 @@ class PSClient(Transport):
                                numel=b - a)  # fmt: skip
                     self._recv(conn, request.reply[a:b])
                 conn.acked += 1
+            elif cmd is Cmd.ELASTIC_PACKED:
+                self._send_packed(i, request)
+                self._recv_packed(i, request)
             else:
                 self._send(conn, cmd, request.payload[a:b])
                 h = self._recv(conn, request.reply[a:b] if request.reply is not None else None)

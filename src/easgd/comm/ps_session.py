@@ -46,7 +46,6 @@ from easgd.comm.wire import (
     COMPRESS_NAMES,
     COMPRESS_SHIFT,
     DEFAULT_TIMEOUT,
-    JOIN_RECOVER,
     MAX_JSON,
     OP_CMD,
     AuthenticationError,
@@ -433,8 +432,6 @@ class Session:
                     f"compressed exchanges are elastic (easgd, eamsgd); this server runs "
                     f"{srv.hp.method}"
                 )
-            elif h.flags & JOIN_RECOVER:
-                refusal = "a compressed session cannot recover a restarted shard"
         if refusal:
             return self._reject(h, refusal)
         trailer = pack_json({"hp": srv.hp.to_dict(), **srv.recovery_info(h.session)})
@@ -449,7 +446,10 @@ class Session:
             self.codec = codec(COMPRESS_NAMES[code])
             n = padded(srv.numel, self.codec.align)
             size = self.codec.packed_size(n, srv.dtype)
-            self.reference = center.clone()  # the center the worker starts from, as it does
+            # The reference starts as the center of this reply, on both sides: a new worker
+            # takes it as its x; a recovering one (JOIN_RECOVER) keeps its x and resets its
+            # reference to it, so the restart needs no checkpointed reference.
+            self.reference = center.clone()
             self.packed = (torch.zeros(size, dtype=torch.uint8),
                            torch.zeros(size, dtype=torch.uint8),
                            torch.zeros(n, dtype=srv.dtype))  # fmt: skip
