@@ -334,3 +334,35 @@ def test_paper_fig4_needs_the_folder_and_decodes_it_before_the_first_run(
     _prepare_data("imagenet", str(tmp_path / "in"))
     (cache,) = (tmp_path / "cache" / "imagenet").iterdir()
     assert json.loads((cache / "meta.json").read_text())["train_size"] == 1
+
+
+def test_the_sweep_extends_by_the_median_seed_as_the_report_chooses(tmp_path: Path) -> None:
+    """One lucky seed at the smallest rate must not steer the extension: the sweep judges a
+    rate by its median seed, as ``easgd report``'s table does (the digits-hard-fig3 sweep
+    once extended by the best single run and left MSGD's median best on the top edge)."""
+    exp = dataclasses.replace(_experiment(), taus=(1,), seeds=3)
+
+    def runner(ctx: Any, run: RunSpec, folder: Path) -> dict[str, Any]:
+        lucky = run.lr == 0.01 and run.seed == 0
+        error = 0.01 if lucky else (0.5 if run.lr == 0.01 else 0.3 - run.lr)
+        summary = {"method": run.method, "tau": run.tau, "workers": run.workers, "lr": run.lr,
+                   "seed": run.seed, "best_center_test_error": error,
+                   "center_test_error": error}  # fmt: skip
+        (folder / "summary.json").write_text(json.dumps(summary))
+        return summary
+
+    res = run_sweep(exp, tmp_path, runtime="sim", step_time=0.01, max_extensions=1,
+                    runner=runner)  # fmt: skip
+    key = ("easgd", 1, 2)
+    assert res.extended[key] == [0.2]  # up: the median of 0.1 is best; never down to 0.005
+    assert res.best[key]["lr"] == 0.2 and res.edge(key) == "top"
+    # The report, drawn from the same runs, picks the same rate and marks the same edge.
+    from easgd.report import build_report, load_runs
+
+    for run in tmp_path.glob("easgd_*"):
+        summary = json.loads((run / "summary.json").read_text())
+        (run / "config.json").write_text(json.dumps(summary))
+        (run / "eval.jsonl").write_text("")
+        (run / "metrics.jsonl").write_text("")
+    (line,) = build_report(load_runs([tmp_path])).lines
+    assert line.run.lr == 0.2 and line.edge == "top"

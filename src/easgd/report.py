@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from easgd.algorithms import METHODS
-from easgd.experiments import grid_edge, select_best
+from easgd.experiments import grid_edge, seed_medians, select_best
 from easgd.runlog import (
     PROGRESS_EVENTS,
     SUMMARY_FILE,
@@ -408,21 +408,10 @@ def build_report(
         panel = detect_panel(runs)
     elif panel not in _PANEL_SYMBOL:
         raise ValueError(f"panel={panel!r}; choose tau or workers")
-    seeds: dict[tuple[str, int, int, float], list[Run]] = {}
-    for r in runs:
-        seeds.setdefault((r.method, r.tau, r.workers, r.lr), []).append(r)
-    # A learning rate is judged by its median seed (the paper keeps its best of 3 runs; the
-    # median is what a reader can expect of one run).
-    records = []
-    for group in seeds.values():
-        group.sort(key=lambda r: (_rank(r.best_error), _rank(r.final_error), r.seed))
-        median_run = group[(len(group) - 1) // 2]
-        records.append({
-            "method": median_run.method, "tau": median_run.tau, "workers": median_run.workers,
-            "lr": median_run.lr, "best_center_test_error": _stat([r.best_error for r in group])[0],
-            "center_test_error": _stat([r.final_error for r in group])[0], "run": median_run,
-            "runs": group,
-        })  # fmt: skip
+    records = seed_medians(
+        runs, setting=lambda r: (r.method, r.tau, r.workers, r.lr),
+        best=lambda r: r.best_error, final=lambda r: r.final_error, seed=lambda r: r.seed,
+    )  # fmt: skip
     best = select_best(records)
     tried: dict[tuple[str, int, int], int] = {}
     rates: dict[tuple[str, int, int], set[float]] = {}
@@ -470,10 +459,6 @@ def build_report(
     virtual = all(r.runtime == "sim" for r in runs)
     label = "virtual time (s)" if virtual else "wall-clock time since training start (s)"
     return Report(panel, panels, lines, reference, target, rule, label)
-
-
-def _rank(value: float) -> float:
-    return value if math.isfinite(value) else math.inf
 
 
 def _target(lines: Sequence[Line], target: float | None) -> tuple[float, str]:

@@ -36,7 +36,9 @@ from easgd.experiments.sweep import (
     grid_edge,
     next_rates,
     run_sweep,
+    seed_medians,
     select_best,
+    summary_medians,
 )
 
 __all__ = [
@@ -58,5 +60,7 @@ __all__ = [
     "measure_step_time",
     "next_rates",
     "run_sweep",
+    "seed_medians",
     "select_best",
+    "summary_medians",
 ]
