@@ -66,7 +66,11 @@ class Shard:
     def address(self) -> tuple[str, int]:
         """The live server's address (an OSError while it is down: the client retries)."""
         info = json.loads(self.files["address"].read_text())
-        assert self.proc is not None and info["pid"] == self.proc.pid, "a stale address"
+        if self.proc is None or info["pid"] != self.proc.pid:
+            # The file of the killed server, read just before the restart replaced it: an
+            # OSError, which the client's resolve retries (an AssertionError here ended a
+            # loaded CI run's worker thread).
+            raise OSError(f"a stale address (pid {info['pid']})")
         return str(info["host"]), int(info["port"])
 
     def wait_listening(self) -> tuple[str, int]:
