@@ -397,14 +397,26 @@ def locate_dataset(
 
     Looks where :func:`load_dataset` looks, with the same arguments and the same errors;
     ``{filename: path}`` in the spec's order, empty for ``digits`` (no files: scikit-learn's);
-    ``imagenet``: its two split folders (``{"train": ..., "val": ...}``), scanned.
+    ``digits-hard``: its cache file, generated here if it is missing (so a launcher's workers
+    read it rather than each generating it); ``imagenet``: its two split folders
+    (``{"train": ..., "val": ...}``), scanned.
     A launcher calls it once before starting its workers, which then find the files in place.
     """
     key = _canonical_name(name)
     if spec is not None and spec.name != key:
         raise ValueError(f"spec is for {spec.name!r} but the data set asked for is {key!r}")
-    if key in ("digits", "digits-hard"):  # generated, not fetched
+    if key == "digits":  # scikit-learn's, nothing to fetch
         return {}
+    if key == "digits-hard":  # generated here once, into the cache its readers find
+        from easgd.data.digits_hard import digits_hard_arrays, digits_hard_cache_path
+
+        where = None if cache_dir is None else str(cache_dir)
+        try:
+            digits_hard_arrays(cache_dir=where)
+        except (ImportError, OSError, ValueError) as exc:
+            raise DatasetNotFoundError(f"digits-hard could not be generated: {exc}") from exc
+        path = digits_hard_cache_path(cache_dir=where)
+        return {path.name: path} if path.is_file() else {}
     if key == "imagenet":  # nothing to fetch: the split folders, checked (easgd.data.imagefolder)
         from easgd.data.imagefolder import TEST_SPLITS, scan_image_folder
 

@@ -20,16 +20,21 @@ the paper).
 
 The arrays are generated once and cached as ``digits-hard/v<VERSION>-seed<seed>.npz``
 under the data cache (``$EASGD_DATA_DIR`` or ``~/.cache/easgd/data``), written
-atomically, so the workers of a run read the file the launcher's preflight wrote.
+atomically, so the workers of a run read the file the launcher's preflight wrote
+(``easgd train``'s preflight, and :func:`easgd.data.locate_dataset` before a sweep's first
+run). A process that finds the file missing while another is generating it waits for that
+one (a file lock) rather than generating its own copy.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import logging
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -82,15 +87,33 @@ def _gaussian_kernel(sigma: float) -> torch.Tensor:
     return k / k.sum()
 
 
-def _smooth(field: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of ``(N, C, H, W)``, reflecting at the borders."""
+#: Planes blurred per convolution call. ``conv2d`` unfolds its input into a matrix of
+#: ``taps x H x W`` values per plane (25 taps at sigma 4): 3.6 GB in float64 for the 22,992
+#: planes of the training set at once, which was every worker's peak when the workers of a
+#: run generated the set together (the kernel's OOM killer ended a sweep's first run). In
+#: blocks of 1024 planes the peak is 160 MB, and the bytes are the same: a plane's blur
+#: does not depend on the others (tests/test_digits_hard.py holds it).
+_SMOOTH_BLOCK = 1024
+
+
+def _smooth(field: torch.Tensor, sigma: float, block: int = _SMOOTH_BLOCK) -> torch.Tensor:
+    """Separable Gaussian blur of ``(N, C, H, W)``, reflecting at the borders.
+
+    Done ``block`` planes at a time (:data:`_SMOOTH_BLOCK`), so the memory it needs does not
+    grow with ``N``; the result does not depend on ``block``.
+    """
     k = _gaussian_kernel(sigma)
     r = (len(k) - 1) // 2
     n, c, h, w = field.shape
-    x = field.reshape(n * c, 1, h, w)
-    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
-    x = F.conv2d(F.pad(x, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1))
-    return x.reshape(n, c, h, w)
+    planes = field.reshape(n * c, 1, h, w)
+    out = torch.empty_like(planes)
+    for start in range(0, n * c, block):
+        x = planes[start : start + block]
+        x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
+        out[start : start + block] = F.conv2d(
+            F.pad(x, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1)
+        )
+    return out.reshape(n, c, h, w)
 
 
 def distort_digits(images: np.ndarray, copies: int, seed: int) -> np.ndarray:
@@ -150,7 +173,7 @@ def _generate(seed: int) -> dict[str, np.ndarray]:
     }
 
 
-def _read_cache(path: Path) -> dict[str, np.ndarray] | None:
+def _read_cache(path: Path, *, warn: bool = True) -> dict[str, np.ndarray] | None:
     """The cached arrays, or None when the file is absent or unreadable (then regenerated)."""
     try:
         with np.load(path, allow_pickle=False) as z:
@@ -158,15 +181,51 @@ def _read_cache(path: Path) -> dict[str, np.ndarray] | None:
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError) as exc:
-        logger.warning("%s is unreadable (%s): generating digits-hard again", path, exc)
+        if warn:
+            logger.warning("%s is unreadable (%s): generating digits-hard again", path, exc)
         return None
     side = (1, DIGITS_HARD_SIZE, DIGITS_HARD_SIZE)
     if any(arrays[f"{s}_x"].shape[1:] != side for s in ("train", "test")) or any(
         len(arrays[f"{s}_x"]) != len(arrays[f"{s}_y"]) for s in ("train", "test")
     ):
-        logger.warning("%s has the wrong shapes: generating digits-hard again", path)
+        if warn:
+            logger.warning("%s has the wrong shapes: generating digits-hard again", path)
         return None
     return arrays
+
+
+@contextlib.contextmanager
+def _generation_lock(path: Path) -> Iterator[None]:
+    """Hold ``<path>.lock`` (``flock``), so one process generates and the others wait.
+
+    The workers, server and evaluator of a run, or the ranks of a torchrun job, may all
+    find the cache missing at once; each generating its own copy multiplied the memory by
+    the number of processes. The lock is the kernel's: it is released when its holder
+    exits, however it exits. Where no lock can be taken (no ``fcntl``, a read-only cache
+    folder) every process generates, as before.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not on POSIX
+        yield
+        return
+    lock = path.with_name(path.name + ".lock")
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        logger.debug("no lock for %s (%s): generating without one", path, exc)
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info("another process is generating %s: waiting for it", path)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 @functools.lru_cache(maxsize=2)
@@ -184,14 +243,20 @@ def digits_hard_arrays(
     path = digits_hard_cache_path(seed, cache_dir)
     arrays = _read_cache(path)
     if arrays is None:
-        arrays = _generate(seed)
-        buf = io.BytesIO()
-        np.savez(buf, **arrays)  # type: ignore[arg-type]
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(path, buf.getvalue(), mode=0o644)
-        except OSError as exc:
-            logger.warning("cannot cache digits-hard in %s (%s); generated in memory", path, exc)
+        with _generation_lock(path):
+            arrays = _read_cache(path, warn=False)  # written meanwhile by the lock's holder?
+            if arrays is None:
+                logger.info("generating digits-hard (seed %d) into %s", seed, path)
+                arrays = _generate(seed)
+                buf = io.BytesIO()
+                np.savez(buf, **arrays)  # type: ignore[arg-type]
+                try:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    atomic_write_bytes(path, buf.getvalue(), mode=0o644)
+                except OSError as exc:
+                    logger.warning(
+                        "cannot cache digits-hard in %s (%s); generated in memory", path, exc
+                    )
     out = (
         np.ascontiguousarray(arrays["train_x"], dtype=np.uint8),
         np.ascontiguousarray(arrays["train_y"], dtype=np.int64),
