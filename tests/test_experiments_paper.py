@@ -366,3 +366,41 @@ def test_the_sweep_extends_by_the_median_seed_as_the_report_chooses(tmp_path: Pa
         (run / "metrics.jsonl").write_text("")
     (line,) = build_report(load_runs([tmp_path])).lines
     assert line.run.lr == 0.2 and line.edge == "top"
+
+
+def test_the_sweep_judges_a_real_run_by_its_budget_as_the_report_does(tmp_path: Path) -> None:
+    """A real run's final center is evaluated when its last worker stops, a little past the
+    budget. The table reads evaluations up to the budget only; the sweep read the summary,
+    so in the digits-hard-fig2 sweep MDOWNPOUR's median seed was best inside its grid by the
+    summary (not extended) and on its bottom edge by the table."""
+    exp = dataclasses.replace(_experiment(), taus=(1,), seeds=1)
+
+    def runner(ctx: Any, run: RunSpec, folder: Path) -> dict[str, Any]:
+        in_budget = 0.2 + run.lr  # within the budget: the smaller the rate the better
+        past = 0.05 if run.lr == 0.02 else in_budget  # after it: 0.02 gets lucky
+        summary = {"method": run.method, "tau": run.tau, "workers": run.workers, "lr": run.lr,
+                   "seed": run.seed, "runtime": "real", "wall_seconds": 1.5,
+                   "best_center_test_error": min(in_budget, past),
+                   "center_test_error": past}  # fmt: skip
+        (folder / "config.json").write_text(json.dumps(summary))
+        (folder / "run.json").write_text(json.dumps({"runtime": "real", "train_budget": 1.0}))
+        (folder / "metrics.jsonl").write_text(
+            json.dumps({"event": "train_start", "wall": 100.0}) + "\n"
+            + json.dumps({"event": "worker_done", "wall": 101.2}) + "\n"
+        )  # fmt: skip
+        (folder / "eval.jsonl").write_text(
+            json.dumps({"wall": 100.9, "test_error": in_budget, "test_loss": 1.0}) + "\n"
+        )
+        (folder / "summary.json").write_text(json.dumps(summary))
+        return summary
+
+    res = run_sweep(exp, tmp_path, runtime="sim", step_time=0.01, max_extensions=1,
+                    runner=runner)  # fmt: skip
+    key = ("easgd", 1, 2)
+    assert res.extended.get(key) == [0.005]  # the table's bottom edge, not the lucky 0.02
+    assert res.best[key]["lr"] == 0.005 and res.edge(key) == "bottom"
+    assert res.best[key]["best_center_test_error"] == pytest.approx(0.205)
+    from easgd.report import build_report, load_runs
+
+    (line,) = build_report(load_runs([tmp_path])).lines
+    assert line.run.lr == 0.005 and line.edge == "bottom"

@@ -40,7 +40,16 @@ from easgd.runlog import (
     training_span,
 )
 
-__all__ = ["Line", "Report", "Run", "build_report", "detect_panel", "load_runs", "write_report"]
+__all__ = [
+    "Line",
+    "Report",
+    "Run",
+    "build_report",
+    "detect_panel",
+    "load_run",
+    "load_runs",
+    "write_report",
+]
 
 _COLORS = {
     "eamsgd": "#d62728", "easgd": "#1f77b4", "downpour": "#2ca02c", "adownpour": "#9467bd",
@@ -181,7 +190,9 @@ def _check_config(config: dict[str, Any], path: Path) -> None:
             )
 
 
-def _load_run(root: Path) -> Run:
+def load_run(root: str | Path) -> Run:
+    """One run directory as the report reads it: evaluations up to the training budget."""
+    root = Path(root)
     paths = RunPaths(root)
     summary = _read_json(paths.summary)
     config_path = paths.config if paths.config.exists() else paths.summary
@@ -282,7 +293,7 @@ def load_runs(dirs: Iterable[str | Path]) -> list[Run]:
             f"no run directories (summary.json) under {where}; run `easgd experiment NAME "
             f"--out {roots[0]}` or `easgd train --out {roots[0]}/run1` first"
         )
-    return [_load_run(p) for p in found]
+    return [load_run(p) for p in found]
 
 
 def detect_panel(runs: Sequence[Run]) -> str | None:
