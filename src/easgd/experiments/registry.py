@@ -86,7 +86,8 @@ def _fig_plans(fig3: bool, sgd: Grid, mom: Grid) -> tuple[MethodPlan, ...]:
 _PAPER_SGD: Grid = (_SGD_GRID, 0.05)
 _PAPER_MOM: Grid = (_MOM_GRID, 0.001)
 # Two-point grids for digits, from a simulator sweep of 0.02-0.2 (0.0005-0.005 with
-# momentum) at tau 1 and 16 (results/digits-fig2/README.md): the DOWNPOUR family is best
+# momentum) at tau 1 and 16 (results/digits-fig2/README.md, retired after commit 964c178;
+# in git history): the DOWNPOUR family is best
 # near 0.02-0.05, EASGD near 0.1-0.2, the Nesterov methods near 0.001-0.002.
 _DIGITS_SGD: Grid = ((0.03, 0.1), 0.03)
 _DIGITS_MOM: Grid = ((0.001, 0.002), 0.001)
