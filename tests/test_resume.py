@@ -105,9 +105,13 @@ def _saved_step(paths: RunPaths, worker: int) -> int:
         return -1
 
 
-def _pid(paths: RunPaths, role: str, index: int) -> int:
-    procs = json.loads(paths.processes.read_text())["processes"]
-    return next(p["pid"] for p in procs if p["role"] == role and p["index"] == index)
+def _pid(paths: RunPaths, role: str, index: int) -> int | None:
+    """From processes.json; None until the launcher has written it (see test_train._pid)."""
+    try:
+        procs = json.loads(paths.processes.read_text())["processes"]
+    except FileNotFoundError:
+        return None
+    return next((int(p["pid"]) for p in procs if (p["role"], p["index"]) == (role, index)), None)
 
 
 def _kill_worker_mid_run(out: Path, args: list[str]) -> tuple[int, str, str]:
@@ -119,7 +123,10 @@ def _kill_worker_mid_run(out: Path, args: list[str]) -> tuple[int, str, str]:
                             cwd=ROOT, start_new_session=True)  # fmt: skip
     try:
         _wait_for(lambda: _saved_step(paths, 1) >= 24, proc)
-        os.kill(_pid(paths, "worker", 1), signal.SIGKILL)
+        _wait_for(lambda: _pid(paths, "worker", 1) is not None, proc)
+        pid = _pid(paths, "worker", 1)
+        assert pid is not None and pid > 0, pid
+        os.kill(pid, signal.SIGKILL)
         stdout, stderr = proc.communicate(timeout=240)
     finally:
         if proc.poll() is None:

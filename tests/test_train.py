@@ -143,10 +143,15 @@ def _exchanged(paths: RunPaths, worker: int) -> bool:
                for e in iter_jsonl(paths.metrics))  # fmt: skip
 
 
-def _pid(paths: RunPaths, role: str, index: int) -> int:
-    """The pid of ``role`` ``index``'s current process, from processes.json."""
-    procs = json.loads(paths.processes.read_text())["processes"]
-    return int(next(p["pid"] for p in procs if (p["role"], p["index"]) == (role, index)))
+def _pid(paths: RunPaths, role: str, index: int) -> int | None:
+    """The pid of ``role`` ``index``'s current process, from processes.json; None until the
+    launcher has written it (on a loaded machine a worker can exchange before the launcher,
+    starting the other processes, gets to write the file: seen with two CPU hogs)."""
+    try:
+        procs = json.loads(paths.processes.read_text())["processes"]
+    except FileNotFoundError:
+        return None
+    return next((int(p["pid"]) for p in procs if (p["role"], p["index"]) == (role, index)), None)
 
 
 @pytest.mark.timeout(480)
@@ -162,7 +167,7 @@ def test_killed_worker_is_replaced_and_the_run_completes(tmp_path: Path) -> None
                             cwd=ROOT)  # fmt: skip
     try:
         _wait_for(lambda: _exchanged(paths, 1), 200)
-        pid = _pid(paths, "worker", 1)
+        pid = _wait_for(lambda: _pid(paths, "worker", 1), 200)
         os.kill(pid, signal.SIGKILL)
         killed_at = max(e["wall"] for e in iter_jsonl(paths.metrics))
         stdout, stderr = proc.communicate(timeout=400)
