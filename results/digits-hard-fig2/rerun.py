@@ -36,7 +36,7 @@ def chosen_plans() -> tuple[MethodPlan, ...]:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2 or sys.argv[1].startswith("-") and sys.argv[1] != "--dry-run":
+    if len(sys.argv) != 2 or (sys.argv[1].startswith("-") and sys.argv[1] != "--dry-run"):
         raise SystemExit("usage: python results/digits-hard-fig2/rerun.py OUT")
     experiment = dataclasses.replace(get_experiment("digits-hard-fig2"), plans=chosen_plans())
     if "--dry-run" in sys.argv[1:]:  # the runs it would do
