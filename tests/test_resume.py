@@ -32,6 +32,7 @@ from easgd.runlog import (
     iter_jsonl,
     load_checkpoint,
 )
+from test_train import listed_pid
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(300)
@@ -105,15 +106,6 @@ def _saved_step(paths: RunPaths, worker: int) -> int:
         return -1
 
 
-def _pid(paths: RunPaths, role: str, index: int) -> int | None:
-    """From processes.json; None until the launcher has written it (see test_train._pid)."""
-    try:
-        procs = json.loads(paths.processes.read_text())["processes"]
-    except FileNotFoundError:
-        return None
-    return next((int(p["pid"]) for p in procs if (p["role"], p["index"]) == (role, index)), None)
-
-
 def _kill_worker_mid_run(out: Path, args: list[str]) -> tuple[int, str, str]:
     """Start ``easgd train``, SIGKILL worker 1 once it saved step 24; its status and output."""
     paths = RunPaths(out)
@@ -123,8 +115,8 @@ def _kill_worker_mid_run(out: Path, args: list[str]) -> tuple[int, str, str]:
                             cwd=ROOT, start_new_session=True)  # fmt: skip
     try:
         _wait_for(lambda: _saved_step(paths, 1) >= 24, proc)
-        _wait_for(lambda: _pid(paths, "worker", 1) is not None, proc)
-        pid = _pid(paths, "worker", 1)
+        _wait_for(lambda: listed_pid(paths, "worker", 1) is not None, proc)
+        pid = listed_pid(paths, "worker", 1)
         assert pid is not None and pid > 0, pid
         os.kill(pid, signal.SIGKILL)
         stdout, stderr = proc.communicate(timeout=240)

@@ -143,7 +143,7 @@ def _exchanged(paths: RunPaths, worker: int) -> bool:
                for e in iter_jsonl(paths.metrics))  # fmt: skip
 
 
-def _pid(paths: RunPaths, role: str, index: int) -> int | None:
+def listed_pid(paths: RunPaths, role: str, index: int) -> int | None:
     """The pid of ``role`` ``index``'s current process, from processes.json; None until the
     launcher has written it (on a loaded machine a worker can exchange before the launcher,
     starting the other processes, gets to write the file: seen with two CPU hogs)."""
@@ -167,7 +167,7 @@ def test_killed_worker_is_replaced_and_the_run_completes(tmp_path: Path) -> None
                             cwd=ROOT)  # fmt: skip
     try:
         _wait_for(lambda: _exchanged(paths, 1), 200)
-        pid = _wait_for(lambda: _pid(paths, "worker", 1), 200)
+        pid = _wait_for(lambda: listed_pid(paths, "worker", 1), 200)
         os.kill(pid, signal.SIGKILL)
         killed_at = max(e["wall"] for e in iter_jsonl(paths.metrics))
         stdout, stderr = proc.communicate(timeout=400)

@@ -36,10 +36,10 @@ def chosen_plans() -> tuple[MethodPlan, ...]:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2 or (sys.argv[1].startswith("-") and sys.argv[1] != "--dry-run"):
-        raise SystemExit("usage: python results/digits-hard-fig2/rerun.py OUT")
+    if len(sys.argv) != 2 or sys.argv[1] in ("-h", "--help"):
+        raise SystemExit("usage: python results/digits-hard-fig2/rerun.py OUT | --dry-run")
     experiment = dataclasses.replace(get_experiment("digits-hard-fig2"), plans=chosen_plans())
-    if "--dry-run" in sys.argv[1:]:  # the runs it would do
+    if sys.argv[1] == "--dry-run":  # the runs it would do
         for run in experiment.runs(lr_grid=False):
             print(run.name)
         raise SystemExit(0)
