@@ -252,6 +252,11 @@ def test_sim_scale_quick(tmp_path: Path) -> None:
     result = quick("sim_scale", tmp_path, timeout=170)
     assert {r["problem"] for r in result["speed"]} == {"quadratic", "digits"}
     assert all(r["real_s_per_sim_hour"] > 0 for r in result["speed"])
+    big = [r for r in result["speed"] if r["workers"] == 1024]  # both engines, both schedules
+    assert {(r["schedule"], r["engine"]) for r in big} == {
+        (s, e) for s in ("sync", "async") for e in ("batched", "per-worker")
+    }
+    assert all(r["speedup_vs_per_worker"] > 0 for r in big if r["engine"] == "batched")
     variants = {v["name"]: v for v in result["settings"]["variants"]}
     assert {v["method"] for v in variants.values()} == {"allreduce", "eamsgd", "diloco"}
     assert variants["allreduce_nesterov"]["momentum"] == 0.9

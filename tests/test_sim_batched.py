@@ -120,6 +120,64 @@ def test_batched_runs_the_sequential_methods_bitwise(method: str) -> None:
     assert_identical(a, b)
 
 
+#: Every asynchronous method, and the overlapped exchange (its reply K steps later).
+ASYNC: dict[str, dict[str, Any]] = {
+    "easgd": {"method": "easgd", "tau": 3, "alpha": 0.1},
+    "easgd overlap 1": {"method": "easgd", "tau": 3, "alpha": 0.1, "overlap": 1},
+    "eamsgd": {"method": "eamsgd", "tau": 4, "alpha": 0.05, "momentum": 0.9},
+    "eamsgd overlap 4": {"method": "eamsgd", "tau": 4, "momentum": 0.9, "overlap": 4},
+    "eamsgd lr decay": {"method": "eamsgd", "tau": 2, "lr_decay": 0.1, "lr_power": 0.5},
+    "downpour": {"method": "downpour", "tau": 2, "weight_decay": 0.01},
+    "mdownpour": {"method": "mdownpour", "momentum": 0.5},
+    "adownpour": {"method": "adownpour", "tau": 2},
+    "mvadownpour": {"method": "mvadownpour", "tau": 3},
+}
+
+
+@pytest.mark.parametrize("name", sorted(ASYNC))
+@pytest.mark.parametrize("cost", [COST, CostModel()], ids=["1 Gbit/s", "free links"])
+def test_batched_asynchronous_schedule_equals_per_worker_bitwise(
+    name: str, cost: CostModel
+) -> None:
+    """Constant step times and an unqueued server keep the workers in lockstep: every
+    worker's events fall on the same instants, where the per-worker engine serves them in
+    rank order and the batched one serves the rows in rank order, with the evaluations and
+    the trajectory taken after the same center updates."""
+    kw = dict(ASYNC[name])
+    overlap = kw.pop("overlap", 0)
+    p = 5
+    hp = Hyperparams(workers=p, lr=0.05, **kw)
+    a, b = both(Targets(p, 13), hp, schedule="async", steps=23, cost=cost, trajectory=True,
+                eval_interval=0.45, overlap=overlap)  # fmt: skip
+    assert_identical(a, b)
+    assert a.exchanges >= p * 23 // hp.tau and len(a.center_trajectory) == a.exchanges
+    assert len(a.times) > 3  # evaluated in between, not only at the ends
+
+
+@pytest.mark.parametrize("method", ["downpour", "mdownpour", "adownpour", "mvadownpour"])
+def test_batched_serves_the_downpour_family_on_the_synchronous_schedule_bitwise(
+    method: str,
+) -> None:
+    kw = ASYNC[method]
+    hp = Hyperparams(workers=4, lr=0.05, **kw)
+    a, b = both(Targets(4, 7), hp, steps=19, cost=COST, trajectory=True, eval_interval=0.3)
+    assert_identical(a, b)
+
+
+def test_batched_asynchronous_noise_agrees_in_distribution() -> None:
+    """With noise the two engines draw different numbers; the asynchronous center's
+    stationary variance (no closed form here) agrees between them."""
+    hp = Hyperparams(method="easgd", lr=0.1, tau=1, workers=4)
+    problem = Quadratic(sigma=1.0, x0=0.0, dim=3_000)
+    variances = []
+    for engine in ("per-worker", "batched"):
+        res = simulate(problem, hp, schedule="async", steps=500, seed=3, trajectory=True,
+                       engine=engine)  # fmt: skip
+        samples = torch.stack(res.center_trajectory[800::40])  # 4 updates per step
+        variances.append(float(samples.var(dim=1).mean()))
+    assert variances[1] == pytest.approx(variances[0], rel=0.06)
+
+
 @pytest.mark.parametrize(
     "cost",
     [
@@ -156,22 +214,31 @@ def test_auto_picks_batched_only_where_it_gives_the_per_worker_results() -> None
     noisy = Quadratic(sigma=1.0)
     assert simulate(noisy, hp, steps=3).engine == "per-worker"  # its noise streams
     assert simulate(noisy, hp, steps=3, engine="batched").engine == "batched"
-    assert simulate(Quadratic(), hp, steps=3, schedule="async").engine == "per-worker"
+    assert simulate(Quadratic(), hp, steps=3, schedule="async").engine == "batched"  # lockstep
+    queued = CostModel(server_time=0.1)  # the server's queue: a clock per worker
+    assert simulate(Quadratic(), hp, steps=3, schedule="async", cost=queued).engine == "per-worker"
     assert simulate(Quadratic(), hp, steps=3, compress="bf16").engine == "per-worker"
 
 
 @pytest.mark.parametrize(
     ("kw", "message"),
     [
-        ({"schedule": "async"}, "synchronous schedule only, not schedule='async'"),
-        ({"schedule": "round-robin"}, "not schedule='round-robin'"),
+        ({"schedule": "round-robin"}, "schedule='round-robin' runs one worker's step"),
         ({"compress": "int8"}, "compress='int8'"),
-        ({"method": "downpour"}, "method='downpour' is asynchronous"),
+        ({"schedule": "async", "compress": "bf16"}, "compress='bf16'"),
+        (
+            {"schedule": "async", "cost": CostModel(step_dist="exponential")},
+            "step_dist='exponential': on the asynchronous schedule each worker",
+        ),
+        (
+            {"schedule": "async", "cost": CostModel(stragglers={1: 2.0})},
+            "stragglers={1: 2.0}",
+        ),
+        ({"schedule": "async", "cost": CostModel(server_time=0.01)}, "server_time=0.01"),
     ],
 )
 def test_batched_where_it_cannot_run_says_why(kw: dict[str, Any], message: str) -> None:
-    method = kw.pop("method", "easgd")
-    hp = Hyperparams(method=method, lr=0.1, tau=2, workers=3)
+    hp = Hyperparams(method="easgd", lr=0.1, tau=2, workers=3)
     with pytest.raises(ValueError, match="engine='batched' cannot run this") as err:
         simulate(Quadratic(), hp, steps=2, engine="batched", **kw)
     assert message in str(err.value)

@@ -161,7 +161,10 @@ def test_cli_engine_flag(capsys: pytest.CaptureFixture[str]) -> None:
         (["--group-size", "2", "--group-bandwidth", "0"], "--group-bandwidth 0.0 must be > 0"),
         (["--group-size", "2", "--group-latency", "-1"], "--group-latency -1.0 must be a finite"),
         (["--group-size", "2", "--straggler", "3:2"], "2 groups (--workers 4 / --group-size 2)"),
-        (["--schedule", "async", "--engine", "batched"], "--engine batched cannot run this"),
+        (
+            ["--schedule", "async", "--server-time", "0.1", "--engine", "batched"],
+            "--engine batched cannot run this",
+        ),
     ],
 )
 def test_cli_refuses_bad_groups(

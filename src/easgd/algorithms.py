@@ -59,7 +59,7 @@ import dataclasses
 import enum
 import math
 import warnings
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -1209,14 +1209,37 @@ class Center:
         return self.center
 
     def handle(self, op: Op, payload: Tensor, reply: Tensor) -> None:
-        hp, c = self.hp, self.center
-        expected = hp.spec.server_op
+        """Serve one request: ``op`` with its ``payload``, the answer into ``reply``."""
+        self._check_op(op)
+        self._apply(op, payload, reply)
+
+    def handle_each(
+        self,
+        op: Op,
+        payloads: Sequence[Tensor],
+        replies: Sequence[Tensor],
+        after: Callable[[], None] | None = None,
+    ) -> None:
+        """Serve several requests of one ``op`` one after another, in order (each exactly as
+        :meth:`handle` serves it), calling ``after()`` after each: the simulator's batched
+        engine serves the P workers of one instant so."""
+        self._check_op(op)
+        for payload, reply in zip(payloads, replies, strict=True):
+            self._apply(op, payload, reply)
+            if after is not None:
+                after()
+
+    def _check_op(self, op: Op) -> None:
+        expected = self.hp.spec.server_op
         if op is not expected:
             served = "nothing" if expected is None else repr(expected.value)
             raise ValueError(
-                f"the center of {hp.method} does not serve {op.value!r} requests; it serves "
-                f"{served}"
+                f"the center of {self.hp.method} does not serve {op.value!r} requests; it "
+                f"serves {served}"
             )
+
+    def _apply(self, op: Op, payload: Tensor, reply: Tensor) -> None:
+        hp, c = self.hp, self.center
         if self.z is not None:
             # ADOWNPOUR / MVADOWNPOUR: z_{t+1} = (1 - a) z_t + a * center_t.
             assert hp.spec.average is not None

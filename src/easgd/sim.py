@@ -595,8 +595,9 @@ class _Sim:
             return torch.stack([w.x for w in self.workers]).mean(0)
         return self.workers[0].evaluation_vector()
 
-    def serve(self, req: Request, rank: int) -> None:
-        """Worker ``rank``'s exchange with the center, served at once."""
+    def serve(self, req: Request, rank: int, after: Callable[[], None] | None = None) -> None:
+        """Worker ``rank``'s exchange with the center, served at once; then ``after()``
+        (the asynchronous schedule's bookkeeping of one center update)."""
         assert req.reply is not None
         if self.codec.name != "none" and req.op is Op.ELASTIC:
             if not self._async:
@@ -606,6 +607,8 @@ class _Sim:
             self.center.handle(req.op, req.payload, req.reply)
         self.exchanges += 1
         self.bytes += 2 * self.msg_bytes
+        if after is not None:
+            after()
 
     # -- schedules with a global clock ----------------------------------------------------
 
@@ -700,12 +703,13 @@ class _Sim:
         events: list[tuple[float, int, int, str]] = []  # (time, seq, worker, kind)
         seq = 0
         gens: list[Generator[Request, Any, None]] = [w.step() for w in self.workers]
-        pending: list[Request | None] = [None] * self.p
+        n = len(self.workers)  # P, or 1 on the batched engine (all P workers' rows)
+        pending: list[Request | None] = [None] * n
         # Overlapped exchanges (Worker(overlap=True)): the request on its way, and whether
         # the worker waits for its reply (it yielded WAIT before the reply came back).
-        flying: list[Request | None] = [None] * self.p
-        waiting = [False] * self.p
-        done_steps = [0] * self.p
+        flying: list[Request | None] = [None] * n
+        waiting = [False] * n
+        done_steps = [0] * n
         server_free = 0.0
         now = 0.0
 
@@ -745,7 +749,13 @@ class _Sim:
                     push(at + self.cost.message(self.msg_bytes), rank, "arrive")
                 return
 
-        for r in range(self.p):
+        def updated() -> None:
+            """After each center update (on the batched engine, each row's), as after
+            each event: the update's bookkeeping, then the evaluation if one is due."""
+            on_update(now)
+            record(now)
+
+        for r in range(n):
             advance(r, None, 0.0)
         while events:
             now, _, r, kind = heapq.heappop(events)
@@ -765,8 +775,7 @@ class _Sim:
                 server_free = start + self.cost.server_time
                 push(server_free, r, "o-served" if kind == "o-arrive" else "served")
             elif kind in ("served", "o-served"):
-                self.serve(req, r)
-                on_update(now)
+                self.serve(req, r, updated)
                 push(now + self.cost.message(self.msg_bytes), r,
                      "o-reply" if kind == "o-served" else "reply")  # fmt: skip
             else:  # reply reached the worker
@@ -814,9 +823,12 @@ def simulate(
     reply, as the runtime's workers do.
     ``engine``: ``per-worker`` drives one :class:`Worker` per replica; ``batched``
     (:mod:`easgd.sim_batched`) drives ONE worker whose tensors hold all P replicas' rows, so
-    a global step is a few tensor operations whatever P is (the synchronous schedule, no
-    compression, an objective with batched gradients, e.g. :class:`Quadratic`; its noise is
-    one stream for all workers, the per-worker engine's in distribution only); ``auto``
+    a local step is a few tensor operations whatever P is (the synchronous schedule, or the
+    asynchronous one where every worker's events fall on the same instants: constant step
+    times, no stragglers, ``server_time=0``; the center serves an instant's P requests one
+    row at a time; no compression; an objective with batched gradients, e.g.
+    :class:`Quadratic`; its noise is one stream for all workers, the per-worker engine's in
+    distribution only); ``auto``
     (default) is ``batched`` where it applies and gives the per-worker results (a
     noise-free quadratic), else ``per-worker``.
     """
@@ -831,7 +843,9 @@ def simulate(
     if engine != "per-worker":
         from easgd.sim_batched import BatchedSim, batched_unsupported
 
-        why = batched_unsupported(objective, hp, schedule, compress=compress, overlap=overlap)
+        why = batched_unsupported(
+            objective, hp, schedule, compress=compress, overlap=overlap, cost=cost
+        )
         if why is not None and engine == "batched":
             raise ValueError(f"engine='batched' cannot run this: {why}; use engine='per-worker'")
         if why is None and (engine == "batched" or getattr(objective, "batched_is_exact", False)):

@@ -18,6 +18,17 @@ pseudo-gradients), is served here by reducing over the worker dimension,
 engine's ``torch.stack(payloads).sum(0)``, so in the same row order. The clock, the
 exchanges and the bytes are the per-worker engine's own code (``_Sim.sync_step``).
 
+The asynchronous schedule runs here too where the workers stay in lockstep: with constant
+step times, no stragglers and an unqueued center (``server_time=0``) every worker's events
+fall on the same instants, and the per-worker engine's event loop (``_Sim.run_async``, run
+as it is, with the block as its one worker) serves them in rank order. What the block's
+exchange asks of the center, P requests of one instant, is served one row at a time in
+rank order (:meth:`easgd.algorithms.Center.handle_each`, each row exactly as ``handle``
+serves a worker), with the evaluation and the trajectory taken after each row's update,
+where the per-worker engine takes them. That makes the DOWNPOUR family (served in worker
+order on the synchronous schedule) batched as well. With a queued server or drawn step
+times each worker has its own clock: the per-worker engine runs those.
+
 So on a noise-free objective the two engines agree bitwise (held by
 ``tests/test_sim_batched.py``). With noise they agree in distribution only: the objective's
 batched oracle (:meth:`easgd.sim.Quadratic.batched_grad_fn`) draws the whole block from one
@@ -26,34 +37,54 @@ generator, not each worker from its own.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from torch import Tensor
 
-from easgd.algorithms import Evaluated, Hyperparams, Mode, Worker
-from easgd.sim import _Sim, resolve_mode
+from easgd.algorithms import Evaluated, Hyperparams, Request, Worker
+from easgd.sim import CostModel, _Sim
 
 __all__ = ["BatchedSim", "batched_unsupported"]
 
 
 def batched_unsupported(
-    objective: Any, hp: Hyperparams, schedule: str, *, compress: str = "none", overlap: int = 0
+    objective: Any,
+    hp: Hyperparams,
+    schedule: str,
+    *,
+    compress: str = "none",
+    overlap: int = 0,
+    cost: CostModel | None = None,
 ) -> str | None:
     """Why the batched engine cannot run this simulation, or None when it can."""
-    if schedule != "sync":
-        return f"it runs the synchronous schedule only, not schedule={schedule!r}"
-    if resolve_mode(hp, schedule) is Mode.ASYNC:
-        return (
-            f"method={hp.method!r} is asynchronous: on the synchronous schedule the center "
-            "serves its workers one at a time"
-        )
+    if schedule == "round-robin":
+        return "schedule='round-robin' runs one worker's step at a time"
+    if schedule == "async":
+        cost = cost or CostModel()
+        # Lockstep: every worker's events fall on the same instants, in rank order.
+        if cost.step_dist != "constant":
+            return (
+                f"step_dist={cost.step_dist!r}: on the asynchronous schedule each worker "
+                "then has its own clock (the batched engine needs constant step times, "
+                "so that every worker's events fall on the same instants)"
+            )
+        if cost.stragglers:
+            return (
+                f"stragglers={cost.stragglers!r}: on the asynchronous schedule a straggler "
+                "has its own clock (the batched engine needs every worker on the same one)"
+            )
+        if cost.server_time > 0:
+            return (
+                f"server_time={cost.server_time!r}: the server's queue puts each worker on "
+                "its own clock (the batched engine serves an instant's requests at once: "
+                "server_time=0)"
+            )
     if compress != "none":
         return (
-            f"compress={compress!r}: the compressed sum keeps every worker's own error "
+            f"compress={compress!r}: the compressed exchange keeps every worker's own error "
             "feedback (the per-worker engine runs it)"
         )
-    if overlap:
-        return f"overlap={overlap!r} is the asynchronous exchange's"
     supported = getattr(objective, "batched", None)  # Grouped: whether its base has them
     if supported is None:
         supported = callable(getattr(objective, "batched_grad_fn", None))
@@ -70,12 +101,32 @@ class BatchedSim(_Sim):
 
     def _build_workers(self, x0: Tensor, seed: int, overlap: int) -> None:
         self.dim = x0.numel()
+        self._views: dict[int, tuple[Tensor, tuple[Tensor, ...]]] = {}
         x = x0.repeat(self.p)  # row r: worker r, starting at x0
         self.workers.append(Worker(self.hp, x, self.mode, overlap=overlap))
         self.grads.append(self.objective.batched_grad_fn(self.p, seed))  # type: ignore[attr-defined]
 
     def _rows(self, flat: Tensor) -> Tensor:
         return flat.view(self.p, self.dim)
+
+    def _row_views(self, flat: Tensor) -> tuple[Tensor, ...]:
+        """``flat``'s P rows as views, made once per buffer (a worker's buffers persist)."""
+        hit = self._views.get(id(flat))
+        if hit is None or hit[0] is not flat:
+            hit = (flat, self._rows(flat).unbind(0))
+            self._views[id(flat)] = hit
+        return hit[1]
+
+    def serve(self, req: Request, rank: int, after: Callable[[], None] | None = None) -> None:
+        """The P workers' exchanges of one instant, served one row at a time in rank order
+        (as the per-worker engine serves the same instant's requests), each by
+        :meth:`easgd.algorithms.Center.handle_each` on the row's views, ``after()`` after
+        each."""
+        assert req.reply is not None
+        self.center.handle_each(req.op, self._row_views(req.payload),
+                                self._row_views(req.reply), after)  # fmt: skip
+        self.exchanges += self.p
+        self.bytes += self.p * 2 * self.msg_bytes
 
     def all_reduce_(self, payloads: list[Tensor], *, mean: bool) -> None:
         (payload,) = payloads
@@ -86,6 +137,8 @@ class BatchedSim(_Sim):
         rows.copy_(total)
 
     def center_vector(self) -> Tensor:
+        if self.hp.spec.evaluated_on_server(self.mode):  # the center (or its average)
+            return self.center.evaluation_vector()
         rows = self._rows(self.workers[0].evaluation_vector())
         return rows.mean(0) if self.hp.spec.evaluated is Evaluated.MEAN_X else rows[0]
 

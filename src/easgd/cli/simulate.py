@@ -247,7 +247,8 @@ def register(subparsers: Any) -> None:
         default="auto",
         choices=ENGINES,
         help="per-worker (one worker generator per replica), batched (every replica a row "
-        "of one population: the sync schedule at large P; its noise is one stream) or auto "
+        "of one population, for large P: the sync schedule, and the async one with constant "
+        "step times, no stragglers and no server time; its noise is one stream) or auto "
         "(batched where it gives the per-worker results)",
     )
     run_g.add_argument(
