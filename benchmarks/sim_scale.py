@@ -47,7 +47,7 @@ Two questions, answered with :func:`easgd.sim.simulate`:
 
 Usage, from the repository root::
 
-    python -m benchmarks.sim_scale [--quick] [--target 0.05] [--json PATH]
+    python -m benchmarks.sim_scale [--quick] [--only speed|accuracy] [--target 0.05] [--json PATH]
 
 The figures and what limits them: ``benchmarks/RESULTS.md``, section 5.
 """
@@ -542,6 +542,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = base_parser("sim_scale", __doc__)
     parser.add_argument("--target", type=float, default=None, help="test error (0.05)")
     parser.add_argument("--workers", type=int, default=64, help="P (64)")
+    parser.add_argument(
+        "--only",
+        choices=["speed", "accuracy"],
+        default=None,
+        help="only section 1 (the simulator's speed, a few minutes) or 2 (time to accuracy)",
+    )
     args = parser.parse_args(argv)
     single_thread()
     workers = 16 if args.quick else args.workers
@@ -569,6 +575,8 @@ def main(argv: list[str] | None = None) -> int:
     for method, schedule in (("eamsgd", "sync"), ("allreduce", "sync"), ("eamsgd", "async")):
         speed_plan.append(big(method, 20 if quick else 2000, schedule, "batched"))
         speed_plan.append(big(method, 3 if quick else 30, schedule, "per-worker"))
+    if args.only == "accuracy":
+        speed_plan = []
     speed_rows = [speed(run, workers) for run in speed_plan]
     for r in speed_rows:  # the batched engine against the per-worker one, same setting
         same = ("problem", "dim", "method", "schedule", "workers")
@@ -614,7 +622,9 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     # 2. Time to accuracy at every P and link, and where each method stops winning.
-    tta = time_to_accuracy(args.quick, target)
+    tta: dict[str, Any] = {"variants": [], "best": [], "crossover": [], "runs": []}
+    if args.only != "speed":
+        tta = time_to_accuracy(args.quick, target)
     write_json(
         args.json,
         {
