@@ -109,6 +109,11 @@ def test_batched_engine_runs_groups() -> None:
     b = simulate(problem, hp, steps=9, cost=cost)
     assert b.engine == "batched"  # auto: noise-free, so exact
     assert torch.equal(a.center, b.center) and a.virtual_seconds == b.virtual_seconds
+    # Asynchronously too: the group's all-reduce is part of a constant step (lockstep).
+    a = simulate(problem, hp, schedule="async", steps=9, cost=cost, engine="per-worker")
+    b = simulate(problem, hp, schedule="async", steps=9, cost=cost)
+    assert b.engine == "batched" and a.exchanges == b.exchanges > 0
+    assert torch.equal(a.center, b.center) and a.virtual_seconds == b.virtual_seconds
     noisy = Grouped(Quadratic(sigma=1.0, dim=5000), 4)
     x = torch.zeros(3 * 5000, dtype=torch.float64)
     g = torch.empty_like(x)
