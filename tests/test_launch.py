@@ -138,6 +138,48 @@ def test_doc_lists_exactly_the_fields_of_processes_json() -> None:
     assert _doc_table("`processes.json`") == code
 
 
+def test_processes_json_lists_each_process_as_soon_as_it_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker can exchange (or die) before the launcher has started the next process: the
+    file must already name it then, not only once every process is started."""
+    from easgd import launch
+    from easgd.config import TrainConfig
+
+    paths = RunPaths(tmp_path / "run")
+    listed: list[list[tuple[str, int]]] = []  # what the file said as each process started
+
+    class Child:
+        pid = os.getpid()
+
+        def poll(self) -> int | None:
+            return None
+
+    class Spawner:
+        parent_pid = os.getpid()
+
+        def warm(self) -> None:
+            pass
+
+        def start(self, env: dict[str, str], log_path: Path, append: bool = False) -> Child:
+            file = paths.processes
+            now = json.loads(file.read_text())["processes"] if file.exists() else []
+            listed.append([(p["role"], p["index"]) for p in now])
+            return Child()
+
+    monkeypatch.setattr(launch, "shared", Spawner)
+    cfg = TrainConfig(method="easgd", workers=2, steps=1, out=str(paths.root))
+    launcher = launch._Launcher(cfg, None)
+    started = [cfg.role_of(rank) for rank in range(cfg.world_size())]
+    for rank, (role, index) in enumerate(started):
+        launcher.spawn(role, index, rank)
+    launcher.spawn("evaluator", 0, -1)
+    assert listed == [started[:k] for k in range(len(started) + 1)]
+    final = json.loads(paths.processes.read_text())["processes"]
+    assert [(p["role"], p["index"]) for p in final] == [*started, ("evaluator", 0)]
+    assert [e for p in final for e in process_errors(p)] == []
+
+
 def test_display_says_which_workers_wait_for_which_server(tmp_path: Path) -> None:
     paths = RunPaths(tmp_path).make()
     with JsonlWriter(paths.metrics) as out:

@@ -264,7 +264,9 @@ def test_a_torchrun_restart_resumes_the_run_from_its_checkpoints(tmp_path: Path)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             cwd=ROOT)  # fmt: skip
     try:
-        _wait_for(lambda: (paths.checkpoints / "worker-1.pt").exists()
+        # Every worker has saved a step to resume from (on a loaded machine one can be 50
+        # steps behind the other), and the shard a checkpoint.
+        _wait_for(lambda: all((paths.checkpoints / f"worker-{i}.pt").exists() for i in (0, 1))
                   and any(e.get("event") == "checkpoint" for e in iter_jsonl(paths.metrics)),
                   300)  # fmt: skip
         server = next(e for e in iter_jsonl(paths.metrics) if e.get("event") == "start")

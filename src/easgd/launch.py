@@ -452,6 +452,9 @@ class _Launcher:
         proc = _Proc(role, index, rank, popen, log_path, restarts)
         self.procs.append(proc)
         self.current[(role, index)] = proc
+        # Listed as soon as it runs: a process may act (exchange, fail) before the next one
+        # has started, and whoever reads the file (a user, a test) then finds it there.
+        self.write_processes()
         return proc
 
     def stop_all(self, grace: float = 5.0) -> None:
@@ -739,7 +742,6 @@ class _Launcher:
                 role, index = cfg.role_of(rank)
                 self.spawn(role, index, rank)
             self.spawn("evaluator", 0, -1)
-            self.write_processes()
             self.watch(display)
         except RunFailed as exc:
             failure = exc
