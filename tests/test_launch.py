@@ -171,9 +171,12 @@ def test_processes_json_lists_each_process_as_soon_as_it_starts(
     cfg = TrainConfig(method="easgd", workers=2, steps=1, out=str(paths.root))
     launcher = launch._Launcher(cfg, None)
     started = [cfg.role_of(rank) for rank in range(cfg.world_size())]
-    for rank, (role, index) in enumerate(started):
-        launcher.spawn(role, index, rank)
-    launcher.spawn("evaluator", 0, -1)
+    try:
+        for rank, (role, index) in enumerate(started):
+            launcher.spawn(role, index, rank)
+        launcher.spawn("evaluator", 0, -1)
+    finally:
+        launcher.events.close()
     assert listed == [started[:k] for k in range(len(started) + 1)]
     final = json.loads(paths.processes.read_text())["processes"]
     assert [(p["role"], p["index"]) for p in final] == [*started, ("evaluator", 0)]

@@ -250,7 +250,7 @@ def test_batched_needs_batched_gradients() -> None:
         batched_grad_fn = None  # type: ignore[assignment]
 
     hp = Hyperparams(method="easgd", lr=0.1, workers=2)
-    why = batched_unsupported(PerWorkerOnly(2, 1), hp, "sync")
+    why = batched_unsupported(PerWorkerOnly(2, 1), "sync")
     assert why is not None and "PerWorkerOnly has no batched gradients" in why
     assert simulate(PerWorkerOnly(2, 1), hp, steps=2).engine == "per-worker"
     with pytest.raises(ValueError, match="no batched gradients"):

@@ -843,9 +843,7 @@ def simulate(
     if engine != "per-worker":
         from easgd.sim_batched import BatchedSim, batched_unsupported
 
-        why = batched_unsupported(
-            objective, hp, schedule, compress=compress, overlap=overlap, cost=cost
-        )
+        why = batched_unsupported(objective, schedule, compress=compress, cost=cost)
         if why is not None and engine == "batched":
             raise ValueError(f"engine='batched' cannot run this: {why}; use engine='per-worker'")
         if why is None and (engine == "batched" or getattr(objective, "batched_is_exact", False)):

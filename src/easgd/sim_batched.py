@@ -42,20 +42,14 @@ from typing import Any
 
 from torch import Tensor
 
-from easgd.algorithms import Evaluated, Hyperparams, Request, Worker
+from easgd.algorithms import Evaluated, Request, Worker
 from easgd.sim import CostModel, _Sim
 
 __all__ = ["BatchedSim", "batched_unsupported"]
 
 
 def batched_unsupported(
-    objective: Any,
-    hp: Hyperparams,
-    schedule: str,
-    *,
-    compress: str = "none",
-    overlap: int = 0,
-    cost: CostModel | None = None,
+    objective: Any, schedule: str, *, compress: str = "none", cost: CostModel | None = None
 ) -> str | None:
     """Why the batched engine cannot run this simulation, or None when it can."""
     if schedule == "round-robin":
