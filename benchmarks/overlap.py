@@ -49,7 +49,8 @@ from benchmarks._common import (
 
 #: (name, tau, overlap K, compress) of every exchanging row; ``local`` is the baseline.
 ROWS = (("blocking", 1, 0, "none"), ("overlap", 1, 1, "none"), ("blocking", 1, 0, "bf16"),
-        ("overlap", 1, 1, "bf16"), ("blocking", 10, 0, "none"), ("overlap", 10, 1, "none"),
+        ("overlap", 1, 1, "bf16"), ("blocking", 1, 0, "int8"), ("overlap", 1, 1, "int8"),
+        ("blocking", 10, 0, "none"), ("overlap", 10, 1, "none"),
         ("overlap", 10, 10, "none"))  # fmt: skip
 QUICK_ROWS = (("blocking", 1, 0, "none"), ("overlap", 1, 1, "none"))
 LR = 1e-4  # small: the benchmark measures time, and the run must stay finite
