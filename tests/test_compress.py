@@ -465,3 +465,25 @@ def test_int8_without_the_compiled_kernels_warns_once_and_sends_the_same_bytes(
         c.encode(v, eager)  # once per process
         c.decode(eager, torch.empty_like(v))
         c.encode(v.double(), torch.empty_like(compiled))  # other dtypes never use the kernels
+
+
+@pytest.mark.parametrize("kernels", ["compiled", "eager"])
+def test_int8_refuses_partial_chunks_and_wrongly_sized_buffers(
+    kernels: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The compiled kernels write what the sizes say: a vector that is not whole chunks, or a
+    # buffer of the wrong size or dtype, is refused before either path touches memory (the
+    # kernels would otherwise have encoded 256 of 500 values without a word).
+    if kernels == "eager":
+        _eager(monkeypatch)
+    c = codec("int8")
+    with pytest.raises(ValueError, match=r"whole chunks of 256 values, got a vector of 500"):
+        c.encode(torch.randn(500), torch.empty(260, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"whole chunks of 256 values, got a vector of 500"):
+        c.decode(torch.empty(260, dtype=torch.uint8), torch.empty(500))
+    with pytest.raises(ValueError, match=r"512 values into 520 uint8 bytes, got a buffer of 100"):
+        c.encode(torch.randn(512), torch.empty(100, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"got a buffer of 1040 torch.uint8"):
+        c.decode(torch.empty(1040, dtype=torch.uint8), torch.empty(512))
+    with pytest.raises(ValueError, match=r"got a buffer of 130 torch.float32"):
+        c.encode(torch.randn(512), torch.empty(130))
