@@ -41,6 +41,7 @@ __all__ = [
     "interleaved",
     "machine_info",
     "median",
+    "partial_json",
     "print_table",
     "ratio",
     "single_thread",
@@ -100,6 +101,16 @@ def base_parser(name: str, doc: str | None) -> argparse.ArgumentParser:
         "--json", type=Path, default=RESULTS / f"{name}.json", help="where to write the results"
     )
     return parser
+
+
+def partial_json(args: argparse.Namespace, name: str) -> Path:
+    """Where a run with ``--only PART`` writes its results: ``--json`` if given, else
+    ``results/<name>-<PART>.json``, so that a partial run never overwrites the full run's
+    ``results/<name>.json`` (which RESULTS.md cites)."""
+    only = getattr(args, "only", None)
+    if only and args.json == RESULTS / f"{name}.json":
+        return RESULTS / f"{name}-{only}.json"
+    return Path(args.json)
 
 
 def interleaved(variants: Sequence[str], repeats: int) -> Iterator[tuple[int, str]]:

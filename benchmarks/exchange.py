@@ -91,6 +91,7 @@ from benchmarks._common import (
     init_gloo,
     machine_info,
     median,
+    partial_json,
     print_table,
     ratio,
     write_json,
@@ -723,6 +724,7 @@ def main(argv: list[str] | None = None) -> int:
         help="after measuring, profile these rows with torch.profiler (10 calls, rank 0)",
     )
     args = parser.parse_args(argv)
+    args.json = partial_json(args, "exchange")
     numel = args.numel or (200_000 if args.quick else 5_000_000)
     repeats = args.repeats or (3 if args.quick else 20)
     periods = 0 if args.no_loop or args.only else (args.periods or (2 if args.quick else 10))

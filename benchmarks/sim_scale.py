@@ -65,6 +65,7 @@ from typing import Any
 from benchmarks._common import (
     base_parser,
     machine_info,
+    partial_json,
     print_table,
     ratio,
     single_thread,
@@ -549,6 +550,7 @@ def main(argv: list[str] | None = None) -> int:
         help="only section 1 (the simulator's speed, a few minutes) or 2 (time to accuracy)",
     )
     args = parser.parse_args(argv)
+    args.json = partial_json(args, "sim_scale")
     single_thread()
     workers = 16 if args.quick else args.workers
     target = args.target or (0.5 if args.quick else 0.05)

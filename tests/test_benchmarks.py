@@ -346,3 +346,23 @@ def test_overlap_quick(tmp_path: Path) -> None:
         assert rows[name]["server_cpu_ms_per_exchange"] > 0  # the server really served
     # Blocked time is measured, not assumed: a blocking exchange blocks for its round trip.
     assert rows["blocking tau=1"]["blocked_ms_per_step"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_partial_benchmark_run_keeps_the_full_runs_results(tmp_path: Path) -> None:
+    # `--only codec` without --json writes results/exchange-codec.json: the full run's
+    # results/exchange.json (which RESULTS.md cites) is left as it was (it was overwritten).
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "exchange.json").write_text('{"full": true}\n')
+    code = ("import pathlib, sys; import benchmarks._common as c; "
+            "c.RESULTS = pathlib.Path(sys.argv[1]); from benchmarks import exchange; "
+            "sys.exit(exchange.main(['--only', 'codec', '--quick']))")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code, str(results)], capture_output=True,
+                          text=True, timeout=240, cwd=ROOT)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert (results / "exchange.json").read_text() == '{"full": true}\n'
+    partial = json.loads((results / "exchange-codec.json").read_text())
+    assert {r["name"] for r in partial["rows"]} == {"codec_copy", "codec_bf16", "codec_int8"}
+    assert f"wrote {results / 'exchange-codec.json'}" in proc.stdout
