@@ -123,9 +123,9 @@ class _Int8(Codec):
 
     def encode(self, v: Tensor, out: Tensor) -> None:
         scales, q = self._split(out, v.numel())
-        if _compiled(v, out):
-            assert _kernels is not None
-            _kernels.encode(v.data_ptr(), scales.numel(), scales.data_ptr(), q.data_ptr())
+        kernels = _compiled(v, out)
+        if kernels is not None:
+            kernels.encode(v.data_ptr(), scales.numel(), scales.data_ptr(), q.data_ptr())
             return
         t, inv, peak = _scratch(v.dtype)
         for r, s, qb in _blocks(v.view(-1, CHUNK), scales, q):
@@ -145,21 +145,21 @@ class _Int8(Codec):
 
     def decode(self, packed: Tensor, out: Tensor) -> None:
         scales, q = self._split(packed, out.numel())
-        if _compiled(out, packed):
-            assert _kernels is not None
-            _kernels.decode(scales.data_ptr(), q.data_ptr(), scales.numel(), out.data_ptr())
+        kernels = _compiled(out, packed)
+        if kernels is not None:
+            kernels.decode(scales.data_ptr(), q.data_ptr(), scales.numel(), out.data_ptr())
             return
         for o, qb, s in _blocks(out.view(-1, CHUNK), q, scales.to(out.dtype)[:, None]):
             o.copy_(qb)
             o.mul_(s)
 
 
-def _compiled(v: Tensor, packed: Tensor) -> bool:
-    """Whether the compiled kernels serve this float32 vector and its packed bytes (contiguous,
-    on the CPU); warns once if they would but were not built."""
+def _compiled(v: Tensor, packed: Tensor) -> ModuleType | None:
+    """The compiled kernels if they serve this float32 vector and its packed bytes (contiguous,
+    on the CPU), else None; warns once if they would but were not built."""
     global _warned
     if v.dtype != torch.float32 or v.device.type != "cpu":
-        return False
+        return None
     if _kernels is None:
         if not _warned:
             _warned = True
@@ -169,8 +169,8 @@ def _compiled(v: Tensor, packed: Tensor) -> bool:
                 "a C compiler (gcc or clang) and reinstall easgd to build it",
                 RuntimeWarning, stacklevel=4,
             )  # fmt: skip
-        return False
-    return v.is_contiguous() and packed.is_contiguous()
+        return None
+    return _kernels if v.is_contiguous() and packed.is_contiguous() else None
 
 
 def _blocks(*rows: Tensor) -> Iterable[tuple[Tensor, ...]]:
