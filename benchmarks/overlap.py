@@ -4,7 +4,10 @@ and overlapped, side by side.
 One worker trains the exchange benchmark's 4.6M-parameter MLP (batch 8, one torch thread;
 ``benchmarks.exchange.LoopVariant``) against one parameter server in another process (one
 torch thread, frames authenticated with a shared secret, as ``easgd train`` runs them), on
-loopback. Rows, each a run of ``--steps`` local steps, interleaved over ``--repeats``:
+loopback; each exchanging row names its transport: ``tcp`` (every body through the socket,
+``PSClient(shm=False)``) or ``shm`` (the bodies through memory shared with the server,
+:mod:`easgd.comm.shm`, the default on one host). Rows, each a run of ``--steps`` local
+steps, interleaved over ``--repeats``:
 
 * ``local``: no exchange: the gradient and the local step alone (the baseline);
 * ``blocking tau=T``: asynchronous EASGD, ``Worker(overlap=0)``: the worker waits for every
@@ -47,12 +50,15 @@ from benchmarks._common import (
     write_json,
 )
 
-#: (name, tau, overlap K, compress) of every exchanging row; ``local`` is the baseline.
-ROWS = (("blocking", 1, 0, "none"), ("overlap", 1, 1, "none"), ("blocking", 1, 0, "bf16"),
-        ("overlap", 1, 1, "bf16"), ("blocking", 1, 0, "int8"), ("overlap", 1, 1, "int8"),
-        ("blocking", 10, 0, "none"), ("overlap", 10, 1, "none"),
-        ("overlap", 10, 10, "none"))  # fmt: skip
-QUICK_ROWS = (("blocking", 1, 0, "none"), ("overlap", 1, 1, "none"))
+#: (name, tau, overlap K, compress, transport) of every exchanging row; ``local`` is the
+#: baseline.
+ROWS = (("blocking", 1, 0, "none", "tcp"), ("overlap", 1, 1, "none", "tcp"),
+        ("blocking", 1, 0, "none", "shm"), ("overlap", 1, 1, "none", "shm"),
+        ("blocking", 1, 0, "int8", "tcp"), ("overlap", 1, 1, "int8", "tcp"),
+        ("overlap", 1, 1, "int8", "shm"),
+        ("blocking", 10, 0, "none", "tcp"), ("overlap", 10, 10, "none", "tcp"),
+        ("blocking", 10, 0, "none", "shm"), ("overlap", 10, 10, "none", "shm"))  # fmt: skip
+QUICK_ROWS = (("blocking", 1, 0, "none", "tcp"), ("overlap", 1, 1, "none", "shm"))
 LR = 1e-4  # small: the benchmark measures time, and the run must stay finite
 SECRET = os.urandom(16).hex()
 
@@ -63,7 +69,7 @@ def _server(numel: int, secret: str, ready: Any, stop: Any, cpu: Any) -> None:
     from easgd.algorithms import Hyperparams
     from easgd.comm.ps import ParameterServer
 
-    hp = Hyperparams(method="easgd", lr=LR, tau=1, workers=2)  # a client per codec
+    hp = Hyperparams(method="easgd", lr=LR, tau=1, workers=4)  # a client per codec, transport
     with ParameterServer(hp, torch.zeros(numel), secret=secret, timeout=600) as server:
         ready.put(server.address)
         while not stop.wait(0.05):
@@ -83,11 +89,12 @@ class _Timed:
         self.seconds += time.perf_counter() - t0
 
 
-def _name(kind: str, tau: int, k: int, compress: str) -> str:
+def _name(kind: str, tau: int, k: int, compress: str, transport: str) -> str:
     return (
         f"{kind} tau={tau}"
         + (f" K={k}" if k else "")
         + (f" {compress}" if compress != "none" else "")
+        + f" {transport}"
     )
 
 
@@ -116,9 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     samples: dict[str, list[dict[str, float]]] = {}
     try:
         address = ready.get(timeout=300)
-        codecs = sorted({r[3] for r in rows})
-        clients = {c: PSClient([address], numel, worker_id=i, secret=SECRET, timeout=600,
-                               compress=c) for i, c in enumerate(codecs)}  # fmt: skip
+        kinds = sorted({(r[3], r[4]) for r in rows})  # a client per codec and transport
+        clients = {k: PSClient([address], numel, worker_id=i, secret=SECRET, timeout=600,
+                               compress=k[0], shm=k[1] == "shm")
+                   for i, k in enumerate(kinds)}  # fmt: skip
         try:
             for client in clients.values():
                 client.start(x)
@@ -126,11 +134,11 @@ def main(argv: list[str] | None = None) -> int:
             spec = {_name(*r): r for r in rows}
             for _, name in interleaved(names, repeats):
                 worker = None
-                client = clients["none"]
+                client = next(iter(clients.values()))
                 if name != "local":
-                    _, tau, k, compress = spec[name]
-                    client = clients[compress]
-                    hp = Hyperparams(method="easgd", lr=LR, tau=tau, workers=2)
+                    _, tau, k, compress, transport = spec[name]
+                    client = clients[compress, transport]
+                    hp = Hyperparams(method="easgd", lr=LR, tau=tau, workers=4)
                     worker = Worker(hp, x, Mode.ASYNC, grad=g, overlap=k)
                 serve = _Timed(client.serve)
                 exchanges0, cpu0 = client.exchanges, cpu.value

@@ -339,13 +339,13 @@ def test_checkpoints_quick(tmp_path: Path) -> None:
 def test_overlap_quick(tmp_path: Path) -> None:
     result = quick("overlap", tmp_path, timeout=280)
     rows = {r["row"]: r for r in result["rows"]}
-    assert set(rows) == {"local", "blocking tau=1", "overlap tau=1 K=1"}
+    assert set(rows) == {"local", "blocking tau=1 tcp", "overlap tau=1 K=1 shm"}
     assert rows["local"]["ratio"] == 1.0
-    for name in ("blocking tau=1", "overlap tau=1 K=1"):
+    for name in ("blocking tau=1 tcp", "overlap tau=1 K=1 shm"):
         assert rows[name]["steps_per_s"] > 0
         assert rows[name]["server_cpu_ms_per_exchange"] > 0  # the server really served
     # Blocked time is measured, not assumed: a blocking exchange blocks for its round trip.
-    assert rows["blocking tau=1"]["blocked_ms_per_step"] > 0
+    assert rows["blocking tau=1 tcp"]["blocked_ms_per_step"] > 0
 
 
 @pytest.mark.slow

@@ -421,7 +421,7 @@ def test_bytes_that_are_not_a_hello_are_refused(
         sock.sendall(blob.ljust(_HELLO, b"\0"))
         assert _read(sock, wire._SERVER_HELLO.size)[:4] == b"EAHS"
         _closed_within(sock, PATIENCE)  # no reply: closed, and not by the 10 s deadline
-        assert wait_until(lambda: "client hello of version 4" in caplog.text)
+        assert wait_until(lambda: f"client hello of version {VERSION}" in caplog.text)
     sock.close()
     assert server.stats()["sessions"] == [] and server.t == 0
     honest = clients([server.address], N, worker_id=0, heartbeat=0)

@@ -36,6 +36,7 @@ from easgd.algorithms import (
     run_step,
 )
 from easgd.comm.ps import PSClient, read_checkpoint
+from easgd.comm.shm import SHM_MIN
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "scripts" / "ps_server.py"
@@ -230,6 +231,19 @@ def test_a_killed_shard_restarts_and_loses_no_update(
         assert resent >= killed_at - workers  # (but those in flight) came back re-sent
     for s in servers:
         assert s.proc is not None and s.proc.returncode == 0
+    if 4 * N // shards >= SHM_MIN:  # every session shared memory: the restarted one's too
+        transports = [e for t in trainers for e in t.events if e["event"] == "transport"]
+        assert len(transports) == workers * (shards + 1) and all(e["shm"] for e in transports)
+
+
+@pytest.mark.timeout(400)
+def test_a_killed_shard_restarts_and_loses_no_update_on_shared_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Shards above SHM_MIN: the workers' bodies go through segments shared with the server
+    # processes; the killed one's segments die with it and the restarted one offers new ones.
+    monkeypatch.setattr(sys.modules[__name__], "N", 40_000)
+    test_a_killed_shard_restarts_and_loses_no_update(tmp_path, "eamsgd", 2, 0.2, 1, "none")
 
 
 @pytest.mark.timeout(400)

@@ -38,6 +38,7 @@ from easgd.algorithms import (
     contribution,
 )
 from easgd.comm.base import Traffic, Transport
+from easgd.comm.shm import SHM_MIN, Segment, ShmUnavailable, is_loopback, resolve_shm
 from easgd.comm.wire import (
     BYE_DONE,
     CMD_OP,
@@ -48,6 +49,8 @@ from easgd.comm.wire import (
     ERRORS,
     JOIN_RECOVER,
     OP_CMD,
+    SHM_CONFIRM,
+    SHM_DECLINE,
     AuthenticationError,
     Channel,
     Cmd,
@@ -142,6 +145,7 @@ class _Conn:
         self.acked = 0
         self.pending, self.durable = 1, 0  # the shard's checkpoint numbers, last heard
         self.lost: PSConnectionError | None = None
+        self.shm: bool | None = None  # bodies through shared memory (None: not asked yet)
 
     def carry_over(self, old: _Conn) -> None:
         """A reconnection keeps what the worker knows of its contributions."""
@@ -217,6 +221,11 @@ class PSClient(Transport):
             ``reconnect_timeout``, a restarted shard loses nothing here either: the
             contributions (the decoded ``d``, exactly what the center gained) are re-sent
             in full precision, and the reference restarts at the center of the new JOIN.
+        shm: move the bodies through memory shared with a server on this host (reached
+            over loopback, without TLS; :mod:`easgd.comm.shm`), asked for at each
+            session's first large body (default ``EASGD_SHM``, else True). Where the
+            server declines or the segment cannot be opened the session stays on TCP
+            (a ``transport`` event and a log line say why).
 
     Overlapped exchanges: a request the worker marks ``deferrable`` (an elastic exchange of
     ``Worker(overlap=K)``, whose payload is the worker's own copy of x) is sent and answered
@@ -255,8 +264,10 @@ class PSClient(Transport):
         on_event: Callable[[dict[str, Any]], None] | None = None,
         tls: ssl.SSLContext | None = None,
         compress: str = "none",
+        shm: bool | None = None,
     ) -> None:
         self.codec = codec(compress)
+        self._shm = resolve_shm(shm)
         self._reference: Tensor | None = None  # what the servers reconstructed of x
         self._packed: list[tuple[Tensor, Tensor, Tensor]] = []  # per shard: in, out, scratch
         if not addresses:
@@ -847,6 +858,8 @@ class PSClient(Transport):
         add_to: Tensor | None = None,
         **fields: Any,
     ) -> None:
+        if conn.shm is None and payload is not None and payload.nbytes >= SHM_MIN:
+            self._share(conn)
         chan = conn.chan
         before = chan.bytes_sent
         try:
@@ -914,6 +927,65 @@ class PSClient(Transport):
         conn.t = h.aux
         self._last_io = time.monotonic()
         return h
+
+    def _share(self, conn: _Conn) -> None:
+        """Ask ``conn``'s server for a shared segment (:mod:`easgd.comm.shm`), before the
+        session's first large body; the session stays on TCP when either side declines."""
+        conn.shm = False
+        peer = conn.sock.getpeername()[0] if self._shm else ""
+        if not self._shm:
+            reason = "this client does not share memory (shm=False or EASGD_SHM=0)"
+        elif self._tls is not None:
+            reason = "the session is on TLS"
+        elif not is_loopback(str(peer)):
+            reason = f"{conn.where} is reached at {peer}, not over loopback"
+        else:
+            reason = self._negotiate_shm(conn)
+        fields = {"worker_id": self.worker_id, "server": conn.where}
+        if conn.shm:
+            logger.debug("worker %d: %s: bodies through shared memory", self.worker_id, conn.where)
+            self._emit("transport", shm=True, **fields)
+        else:
+            logger.info("worker %d: %s: bodies over TCP: %s", self.worker_id, conn.where, reason)
+            self._emit("transport", shm=False, reason=reason, **fields)
+
+    def _negotiate_shm(self, conn: _Conn) -> str:
+        """SHM with the server: its offer, then our confirmation (or refusal); "" when the
+        bodies go through the segment from now on, else why not."""
+        chan, ids = conn.chan, {"worker_id": self.worker_id, "session": conn.session}
+        try:
+            conn.sock.settimeout(self.timeout)
+            chan.send_header(Cmd.SHM, **ids)
+            h = chan.recv_header()
+            if h.cmd == Cmd.ERROR:
+                raise ConnectionError(f"SHM refused: {chan.recv_error_text(h)}")
+            if h.cmd != Cmd.OK:
+                raise ConnectionError(f"unexpected reply to SHM (command {h.cmd})")
+            offer, _ = chan.recv_json()
+            reason = str(offer.get("reason", "")) if isinstance(offer, dict) else repr(offer)
+            if reason:  # the server declined: nothing in flight
+                return f"the server declined: {reason}"
+            segment = None
+            try:
+                segment = Segment.open(offer)
+            except ShmUnavailable as exc:
+                reason = str(exc)
+            if segment is not None:
+                chan.send_frame(Cmd.SHM, segment.token, flags=SHM_CONFIRM,
+                                dtype=dtype_code(torch.uint8), numel=len(segment.token),
+                                **ids)  # fmt: skip
+            else:
+                chan.send_frame(Cmd.SHM, b"", flags=SHM_DECLINE, **ids)
+            h = chan.recv_header()
+            if h.cmd != Cmd.OK:
+                raise ConnectionError(f"unexpected reply to SHM (command {h.cmd})")
+        except (OSError, ConnectionError) as exc:
+            self._fail_connection(conn, exc)
+        if segment is not None and h.aux == 1:
+            chan.use_shm(tx=segment.c2s, rx=segment.s2c)
+            conn.shm = True
+            return ""
+        return reason or "the server did not take this client's token"
 
     def _fail_connection(self, conn: _Conn, exc: BaseException) -> NoReturn:
         if self._broken is not None:

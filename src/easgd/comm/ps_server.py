@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import ipaddress
 import logging
 import os
 import signal
@@ -54,6 +53,7 @@ from torch import Tensor
 from easgd.algorithms import Center, Hyperparams, Op
 from easgd.comm.ps_checkpoint import read_checkpoint, write_checkpoint
 from easgd.comm.ps_session import Clocks, Session, SessionState, SessionStats
+from easgd.comm.shm import is_loopback, resolve_shm
 from easgd.comm.wire import (
     SECRET_ENV,
     Cmd,
@@ -134,16 +134,6 @@ def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` is a loopback address (where a server may run without a secret)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 class ParameterServer:
     """Serves one shard of the center to any number of asynchronous workers.
 
@@ -172,6 +162,9 @@ class ParameterServer:
         handshake_timeout, frame_timeout: the sessions' deadlines, seconds (default
             :data:`easgd.comm.ps_session.HANDSHAKE_TIMEOUT` from the accept to the end of
             the handshake, and ``FRAME_TIMEOUT`` for a frame to arrive whole).
+        shm: offer workers on this host (connected over loopback, without TLS) to move
+            the bodies through shared memory (:mod:`easgd.comm.shm`; default
+            ``EASGD_SHM``, else True); a worker may still decline.
 
     Example::
 
@@ -199,6 +192,7 @@ class ParameterServer:
         tls: ssl.SSLContext | None = None,
         handshake_timeout: float | None = None,
         frame_timeout: float | None = None,
+        shm: bool | None = None,
     ) -> None:
         if center_shard.dim() != 1 or not center_shard.is_contiguous():
             raise ValueError("center_shard must be a flat, contiguous 1-D tensor")
@@ -255,6 +249,7 @@ class ParameterServer:
         self.min_heartbeat = float(min_heartbeat)
         self.max_heartbeat = float(max_heartbeat)
         self._tls = tls
+        self._shm = resolve_shm(shm)
         self._deadlines = {"handshake_timeout": handshake_timeout, "frame_timeout": frame_timeout}
         self._exchange_op: Op = server_op
         self._lock = threading.Lock()  # the center and every counter
@@ -402,6 +397,10 @@ class ParameterServer:
     @property
     def stopping(self) -> bool:
         return self._stopping
+
+    @property
+    def shm(self) -> bool:
+        return self._shm
 
     def stats(self) -> dict[str, Any]:
         """Counters for the run's metrics: totals and one entry per session."""

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from easgd.algorithms import Hyperparams, Op
+from easgd.comm.shm import Segment, ShmUnavailable, is_loopback
 from easgd.comm.wire import (
     BYE_DONE,
     CMD_OP,
@@ -48,6 +49,8 @@ from easgd.comm.wire import (
     DEFAULT_TIMEOUT,
     MAX_JSON,
     OP_CMD,
+    SHM_CONFIRM,
+    SHM_DECLINE,
     AuthenticationError,
     Channel,
     Cmd,
@@ -155,6 +158,9 @@ class SessionHost(Protocol):
     @property
     def stopping(self) -> bool: ...
 
+    @property
+    def shm(self) -> bool: ...
+
     def silence(self, heartbeat_ms: int) -> float | None: ...
 
     def check_request(self, h: Header, *, offset: int | None = None) -> str: ...
@@ -237,6 +243,7 @@ class Session:
         self.reference: Tensor | None = None
         self.packed: tuple[Tensor, Tensor, Tensor] | None = None
         self._tls_sock: ssl.SSLSocket | None = None
+        self._segment: Segment | None = None  # shared with a worker on this host (SHM)
         self._dtype = dtype_code(server.dtype)
         self._exchange_cmd = OP_CMD[server.exchange_op]
         self._nbytes = server.numel * torch.empty((), dtype=server.dtype).element_size()
@@ -261,6 +268,9 @@ class Session:
         finally:
             self.payload = self.reply = None  # a session's memory ends with it
             self.reference = self.packed = None
+            if self._segment is not None:
+                self._segment.close_fd()
+                self._segment = None
             if self._tls_sock is not None:
                 with contextlib.suppress(OSError):
                     self._tls_sock.close()
@@ -408,14 +418,83 @@ class Session:
             return self._exchange_packed(h)
         if h.cmd == Cmd.RECOVER:
             return self._recover(h)
+        if h.cmd == Cmd.SHM:
+            return self._shm(h)
         return self._reject(h, f"unknown command {h.cmd}")
+
+    def _shm_refusal(self) -> str:
+        """Why this session's bodies cannot go through shared memory ("" when they can)."""
+        if not self.server.shm:
+            return "this server does not share memory (shm=False or EASGD_SHM=0)"
+        if self.tls is not None:
+            return "the session is on TLS"
+        try:
+            host = str(self.sock.getpeername()[0])
+        except OSError as exc:
+            return f"no peer address: {exc}"
+        if not is_loopback(host):
+            return f"the worker connects from {host}, not from loopback"
+        return ""
+
+    def _shm(self, h: Header) -> bool:
+        """Offer a segment (flags 0), then switch to it when the worker proves it mapped it
+        (``SHM_CONFIRM`` with the token) or stay on TCP (``SHM_DECLINE``)."""
+        chan = self.chan
+        assert chan is not None
+        if self.stats is None:
+            return self._reject(h, "SHM before JOIN")
+        if h.flags == 0:
+            if self._segment is not None or chan.shared:
+                return self._reject(h, "SHM offered twice on one session")
+            reason = self._shm_refusal()
+            if not reason:
+                try:
+                    self._segment = Segment.create(self._nbytes)
+                except ShmUnavailable as exc:
+                    reason = str(exc)
+            offer = self._segment.offer() if self._segment is not None else {"reason": reason}
+            body = pack_json(offer)
+            self._send_ok(body, numel=len(body))
+            return True
+        segment, self._segment = self._segment, None
+        if segment is None or h.flags not in (SHM_CONFIRM, SHM_DECLINE):
+            self._drain(h)
+            return self._reject(h, f"SHM (flags {h.flags}) without an offer in flight")
+        segment.close_fd()  # the worker has it mapped, or will not
+        accepted = False
+        if h.flags == SHM_CONFIRM:
+            if h.numel != len(segment.token):
+                self._drain(h)
+                return self._reject(h, f"an SHM token of {h.numel} bytes")
+            token = bytearray(len(segment.token))
+            chan.recv_body(memoryview(token), deadline=self._recv_deadline(len(token)))
+            chan.end_recv(deadline=self._recv_deadline(len(token)))
+            accepted = bytes(token) == segment.token
+            if not accepted:
+                logger.warning("parameter server %s: worker %d (%s) sent another token for "
+                               "its segment; the session stays on TCP", self.server.where,
+                               h.worker_id, self.peer)  # fmt: skip
+        self._send_ok(aux=int(accepted))
+        if accepted:
+            chan.use_shm(tx=segment.s2c, rx=segment.c2s)
+            self._segment = segment
+            # The session's buffers become the segment's bodies: no copy on this side.
+            self.payload = self.reply = None
+            if self.packed is not None:
+                size = self.packed[0].numel()
+                self.packed = (segment.c2s.tensor(size, torch.uint8),
+                               segment.s2c.tensor(size, torch.uint8), self.packed[2])  # fmt: skip
+        return True
 
     def _exchange_buffers(self) -> tuple[Tensor, Tensor]:
         """The session's payload and reply buffers, allocated at its first exchange."""
+        srv, segment = self.server, self._segment
         if self.payload is None:
-            self.payload = _mapped_empty(self.server.numel, self.server.dtype)
+            self.payload = (segment.c2s.tensor(srv.numel, srv.dtype) if segment is not None
+                            else _mapped_empty(srv.numel, srv.dtype))  # fmt: skip
         if self.reply is None:
-            self.reply = _mapped_empty(self.server.numel, self.server.dtype)
+            self.reply = (segment.s2c.tensor(srv.numel, srv.dtype) if segment is not None
+                          else _mapped_empty(srv.numel, srv.dtype))  # fmt: skip
         return self.payload, self.reply
 
     def _join(self, h: Header) -> bool:

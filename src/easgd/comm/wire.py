@@ -64,7 +64,12 @@ contributions to the center (and their count) by ``pending`` and drops the sums 
 in ``aux``, how many exchanges they are; the server adds them to the center, so no update
 of a live worker is lost.
 
-Version 4: the handshake above, authenticated frames, CONTROL, ``BYE_DONE``.
+Shared memory (version 5). A worker and a server on one host move the tensors of the
+bodies through a segment they share (:mod:`easgd.comm.shm`), negotiated with ``SHM`` at the
+worker's first tensor body; the frames keep their order, headers and tags, and the socket
+carries an 8-byte descriptor where such a body begins (:class:`Channel`).
+
+Version 4: the handshake above, authenticated frames, CONTROL, ``BYE_DONE``; 5: SHM.
 """
 
 from __future__ import annotations
@@ -84,6 +89,7 @@ import torch
 from torch import Tensor
 
 from easgd.algorithms import Op
+from easgd.comm.shm import SHM_MIN, Region
 
 _poly1305: Any
 try:  # optional (easgd[crypto]): a MAC five times faster than HMAC-SHA256
@@ -109,6 +115,8 @@ __all__ = [
     "MAX_ERROR",
     "OP_CMD",
     "SECRET_ENV",
+    "SHM_CONFIRM",
+    "SHM_DECLINE",
     "TAG_SIZE",
     "VERSION",
     "AuthenticationError",
@@ -140,12 +148,14 @@ __all__ = [
 ]
 
 MAGIC = b"EAPS"  # every frame's header
-VERSION = 4  # 2: JOIN carries hp; 3: checkpoint clocks, RECOVER; 4: authenticated frames
+VERSION = 5  # 2: JOIN carries hp; 3: checkpoint clocks, RECOVER; 4: authenticated frames;
+# 5: shared-memory bodies on one host (SHM)
 
 # magic, version, cmd, dtype, flags, worker_id, session, numel, aux, durable, pending
 HEADER = struct.Struct("<4sBBBBiqqqqq")
 JOIN_RECOVER = 1  # JOIN flag: a live worker reconnecting to a restarted shard
 BYE_DONE = 1  # BYE flag: the worker spent its budget (not one that gave up)
+SHM_CONFIRM, SHM_DECLINE = 1, 2  # SHM flags: the worker mapped the offered segment, or not
 TAG_SIZE = 16
 MAC_HMAC_SHA256 = 1  # bits of the server hello's ``macs``; the client hello names one
 MAC_POLY1305 = 2
@@ -163,6 +173,7 @@ _REPLY = struct.Struct("<4sBBHI32s")
 _MAC_LEN = 32
 _SEQ = struct.Struct("<Q")
 _JSON_LEN = struct.Struct("<I")
+_DESC = struct.Struct("<Q")  # a shared-memory body's descriptor: its bytes in the segment
 MAX_JSON = 1 << 20  # bytes; a longer JSON body is not from an easgd peer
 MAX_ERROR = 1 << 16  # bytes of an error's text
 _CHUNK = 1 << 18  # bytes moved per call when they are hashed or encrypted: still in cache
@@ -184,6 +195,9 @@ class Cmd(enum.IntEnum):
     # payload: encode(x - reference), uint8 (numel = its bytes) -> reply: encode(d), uint8
     # (a session that JOINed with a codec in ``flags``: COMPRESS_CODES; easgd.compress)
     ELASTIC_PACKED = 10
+    # header only -> OK + pack_json(offer) (easgd.comm.shm; {"reason": ...} when declined);
+    # then SHM_CONFIRM with the token as body (or SHM_DECLINE) -> OK, aux = 1 when in use
+    SHM = 11
     OK = 16
     ERROR = 17
 
@@ -289,6 +303,7 @@ COMPRESS_CODES = {"none": 0, "bf16": 1, "int8": 2}
 COMPRESS_NAMES = {v: k for k, v in COMPRESS_CODES.items()}
 COMPRESS_SHIFT = 4
 _CODES = {v: k for k, v in _DTYPES.items()}
+_ITEMSIZE = {code: torch.empty((), dtype=dt).element_size() for dt, code in _DTYPES.items()}
 
 
 def dtype_code(dtype: torch.dtype) -> int:
@@ -483,6 +498,12 @@ class _Direction:
         return frame
 
 
+#: The frames whose body starts with a tensor (``numel`` elements of ``dtype``): on a shared
+#: segment that tensor travels through it (requests, and OK replies that carry a dtype).
+_SHM_CMDS = frozenset({Cmd.ELASTIC, Cmd.PUSH_PULL, Cmd.GRAD_PULL, Cmd.RECOVER,
+                       Cmd.ELASTIC_PACKED, Cmd.OK})  # fmt: skip
+
+
 class Channel:
     """The frames of one connection, in both directions (see the module docstring).
 
@@ -493,7 +514,17 @@ class Channel:
     (no secret) frames carry no tags and the checks are no-ops.
 
     ``deadline`` arguments are absolute (``time.monotonic()``); None leaves each wait to the
-    socket's timeout. Counters: ``bytes_sent``, ``bytes_received`` (frames, tags included).
+    socket's timeout. Counters: ``bytes_sent``, ``bytes_received`` (frames, tags included,
+    wherever their bodies travel; a shared-memory descriptor is not counted).
+
+    Shared memory (:meth:`use_shm`, both ends of one host; :mod:`easgd.comm.shm`): a frame
+    whose body starts with a tensor of at least :data:`easgd.comm.shm.SHM_MIN` bytes that
+    fits the segment (both ends decide from the header alone) puts that tensor in the
+    segment, and the socket carries, where the body would begin, a descriptor: the bytes it
+    wrote there (8 bytes, covered by ``tag_b``; 0 when the segment is still being read, and
+    the tensor then follows on the socket). The descriptor is sent once the tensor is in the
+    segment, so a receiver that reads it may read the tensor; the rest of the body (a JOIN
+    reply's JSON) follows on the socket, and ``tag_b`` authenticates what the socket carried.
     """
 
     def __init__(
@@ -507,6 +538,31 @@ class Channel:
         self.tag_size = TAG_SIZE if tx is not None else 0
         self.bytes_sent = self.bytes_received = 0
         self.frame_started = 0.0  # when the first byte of the last header arrived
+        self.shm_tx: Region | None = None
+        self.shm_rx: Region | None = None
+        # The frame being sent / received on a segment: its tensor's bytes by the header
+        # (0: no descriptor), the bytes the descriptor says are in the segment (-1: not sent
+        # or read yet).
+        self._tx_plan = self._rx_plan = 0
+        self._tx_shm = self._rx_shm = -1
+
+    def use_shm(self, tx: Region, rx: Region) -> None:
+        """From the next frame on, bodies' tensors travel through ``tx`` and ``rx``."""
+        assert not self._tx_body and not self._rx_body, "switched in mid-frame"
+        self.shm_tx, self.shm_rx = tx, rx
+
+    @property
+    def shared(self) -> bool:
+        """Whether bodies travel through a shared segment."""
+        return self.shm_tx is not None
+
+    @staticmethod
+    def _planned(region: Region | None, cmd: int, dtype: int, numel: int) -> int:
+        """The bytes of a frame's tensor that go through ``region`` (0: none, no descriptor)."""
+        if region is None or cmd not in _SHM_CMDS or dtype not in _ITEMSIZE or numel <= 0:
+            return 0
+        size = numel * _ITEMSIZE[dtype]
+        return size if SHM_MIN <= size <= region.size else 0
 
     @property
     def authenticated(self) -> bool:
@@ -542,14 +598,47 @@ class Channel:
             data += self._tx_frame.header_tag(data)
         send_all(self.sock, memoryview(data), deadline=deadline)
         self.bytes_sent += len(data)
+        self._tx_plan, self._tx_shm = self._planned(self.shm_tx, cmd, dtype, numel), -1
 
     def send_body(self, data: memoryview | bytes, *, deadline: float | None = None) -> None:
-        view = memoryview(data)
-        send_all(self.sock, view, deadline=deadline, mac=self._tx_frame)
-        self._tx_body += len(view)
-        self.bytes_sent += len(view)
+        view = memoryview(data).cast("B")
+        size = len(view)
+        if self._tx_plan:
+            view = self._send_shared(view, deadline)
+        if len(view):
+            send_all(self.sock, view, deadline=deadline, mac=self._tx_frame)
+        self._tx_body += size
+        self.bytes_sent += size
+
+    def _send_shared(self, view: memoryview, deadline: float | None) -> memoryview:
+        """The part of ``view`` that lies within the frame's tensor goes to the segment (when
+        it is free), the descriptor once the tensor is whole; returns what the socket takes."""
+        region, off = self.shm_tx, self._tx_body
+        assert region is not None
+        if self._tx_shm < 0:
+            if off == 0 and not region.free:  # never by the protocol: the socket serves
+                self._tx_plan = 0
+                self._send_descriptor(0, deadline)
+                return view
+            k = max(0, min(len(view), self._tx_plan - off))
+            region.write(off, view[:k])
+            if off + k >= self._tx_plan:
+                self._send_descriptor(self._tx_plan, deadline)
+            return view[k:]
+        return view
+
+    def _send_descriptor(self, size: int, deadline: float | None) -> None:
+        region = self.shm_tx
+        assert region is not None
+        if size:
+            region.published += 1  # before the descriptor: the receiver may read it at once
+        self._tx_shm = size
+        send_all(self.sock, memoryview(_DESC.pack(size)), deadline=deadline, mac=self._tx_frame)
 
     def end_send(self, *, deadline: float | None = None) -> None:
+        if self._tx_plan and self._tx_shm < 0 and self._tx_body:  # shorter than its tensor
+            self._send_descriptor(self._tx_body, deadline)
+        self._tx_plan = 0
         if self._tx_frame is not None and self._tx_body:
             tag = self._tx_frame.body_tag()
             send_all(self.sock, memoryview(tag), deadline=deadline)
@@ -606,19 +695,42 @@ class Channel:
             raise ConnectionError(
                 f"not an easgd parameter-server message (magic {magic!r}, version {version})"
             )
-        return Header(*fields)
+        h = Header(*fields)
+        self._rx_plan, self._rx_shm = self._planned(self.shm_rx, h.cmd, h.dtype, h.numel), -1
+        return h
 
     def recv_body(self, view: memoryview, *, deadline: float | None = None) -> None:
         """Receive part of the body into ``view`` (not to be used before :meth:`end_recv`)."""
-        recv_exact(self.sock, view, deadline=deadline, mac=self._rx_frame)
-        self._rx_body += len(view)
-        self.bytes_received += len(view)
+        view = memoryview(view).cast("B")
+        size = len(view)
+        if self._rx_plan:
+            region, off = self.shm_rx, self._rx_body
+            assert region is not None
+            if self._rx_shm < 0:  # the descriptor: the sender's tensor is in the segment
+                desc = bytearray(_DESC.size)
+                recv_exact(self.sock, memoryview(desc), deadline=deadline, mac=self._rx_frame)
+                (self._rx_shm,) = _DESC.unpack(desc)
+                if self._rx_shm > self._rx_plan:
+                    raise ConnectionError(
+                        f"a shared-memory descriptor of {self._rx_shm} bytes for a tensor of "
+                        f"{self._rx_plan}; is this an easgd peer?"
+                    )
+            k = max(0, min(size, self._rx_shm - off))
+            region.read(off, view[:k])
+            view = view[k:]
+        if len(view):
+            recv_exact(self.sock, view, deadline=deadline, mac=self._rx_frame)
+        self._rx_body += size
+        self.bytes_received += size
 
     def end_recv(self, *, deadline: float | None = None) -> None:
         """Verify the body received since the header (:class:`IntegrityError`)."""
         frame, body = self._rx_frame, self._rx_body
         self._rx_frame, self._rx_body = None, 0
+        shared, self._rx_plan, self._rx_shm = self._rx_shm > 0, 0, -1
         if frame is None or not body:
+            if shared:
+                self._consumed()
             return
         tag = bytearray(TAG_SIZE)
         recv_exact(self.sock, memoryview(tag), deadline=deadline)
@@ -629,6 +741,14 @@ class Channel:
                 f"frame {self._rx.seq - 1}: its body of {body} bytes failed the integrity "
                 "check (altered in transit)"
             )
+        if shared:
+            self._consumed()
+
+    def _consumed(self) -> None:
+        """The segment's body was read and verified: the sender may write the next one."""
+        region = self.shm_rx
+        assert region is not None
+        region.consumed = region.published
 
     def recv_json(self, *, deadline: float | None = None) -> tuple[Any, int]:
         """Receive what :func:`pack_json` packed, verify the frame, then parse it.
