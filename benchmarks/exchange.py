@@ -347,11 +347,14 @@ def _gloo_row(mode: int, body: Callable[[], None]) -> Callable[[], None]:
 
 #: The parameter-server rows: name, what they measure.
 PS_ROWS = {
-    "ps_elastic": "asynchronous elastic exchange through easgd.comm.ps",
+    "ps_elastic": "asynchronous elastic exchange through easgd.comm.ps, over loopback TCP",
+    "ps_elastic_shm": "the same, the bodies through memory shared with the server "
+    "(easgd.comm.shm; the default on one host)",
     "ps_elastic_recovering": "the same, by a client that keeps its contributions for a "
     "restarted server",
     "ps_elastic_authenticated": "the same with a shared secret: every frame authenticated",
     "ps_elastic_authenticated_sha256": "the same, HMAC-SHA256 (the standard library's)",
+    "ps_elastic_authenticated_shm": "authenticated frames, the bodies through shared memory",
     "ps_elastic_tls": "the same over TLS (the client verifies the server's certificate)",
     "ps_elastic_bf16": "the same, both directions compressed to bf16 (PSClient(compress=))",
     "ps_elastic_int8": "the same, both directions compressed to int8 with a scale per 256",
@@ -619,16 +622,21 @@ def run(
             }
             x = torch.randn(numel, generator=torch.Generator().manual_seed(0))
             d = torch.empty(numel)
-            clients["ps_elastic"] = PSClient(where["plain"], numel, worker_id=0)
+            tcp = {"shm": False}  # the rows but *_shm measure the socket path
+            clients["ps_elastic"] = PSClient(where["plain"], numel, worker_id=0, **tcp)
             clients["ps_elastic_recovering"] = PSClient(where["plain"], numel, worker_id=1,
-                                                        reconnect_timeout=60.0)  # fmt: skip
+                                                        reconnect_timeout=60.0, **tcp)  # fmt: skip
             clients["ps_elastic_authenticated"] = PSClient(where["secret"], numel, worker_id=0,
-                                                           secret=SECRET)  # fmt: skip
+                                                           secret=SECRET, **tcp)  # fmt: skip
+            clients["ps_elastic_shm"] = PSClient(where["plain"], numel, worker_id=5, shm=True)
+            clients["ps_elastic_authenticated_shm"] = PSClient(
+                where["secret"], numel, worker_id=2, secret=SECRET, shm=True
+            )
             best = wire.MAC_PREFERENCE
             wire.MAC_PREFERENCE = (wire.MAC_HMAC_SHA256,)  # this client's handshake only
             try:
                 clients["ps_elastic_authenticated_sha256"] = PSClient(
-                    where["secret"], numel, worker_id=1, secret=SECRET
+                    where["secret"], numel, worker_id=1, secret=SECRET, **tcp
                 )
             finally:
                 wire.MAC_PREFERENCE = best
@@ -639,7 +647,7 @@ def run(
                 )  # fmt: skip
             for i, name in enumerate(COMPRESSED):
                 clients[f"ps_elastic_{name}"] = PSClient(
-                    where["plain"], numel, worker_id=2 + i, compress=name
+                    where["plain"], numel, worker_id=2 + i, compress=name, **tcp
                 )
             for c in clients.values():
                 c.join(d)

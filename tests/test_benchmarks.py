@@ -296,7 +296,8 @@ def test_exchange_quick(tmp_path: Path) -> None:
     assert set(rows) | no_tls == {
         "gloo_echo", "gloo_echo_elastic", "gloo_10_tensors", "gloo_100_tensors", "ps_elastic",
         "ps_elastic_recovering", "ps_elastic_authenticated", "ps_elastic_authenticated_sha256",
-        "ps_elastic_tls", "ps_elastic_finite_check", "allreduce_raw", "sync_easgd", "loop_local",
+        "ps_elastic_tls", "ps_elastic_finite_check", "ps_elastic_shm",
+        "ps_elastic_authenticated_shm", "allreduce_raw", "sync_easgd", "loop_local",
         "loop_allreduce_raw",
         "loop_sync_easgd_blocking", "loop_sync_easgd", "sync_easgd_bf16", "sync_easgd_int8",
         "codec_copy", "codec_bf16", "codec_int8", "ps_elastic_bf16", "ps_elastic_int8",
@@ -317,6 +318,9 @@ def test_exchange_quick(tmp_path: Path) -> None:
     assert rows["ps_elastic_recovering"]["baseline"] == "ps_elastic"
     assert rows["ps_elastic_authenticated"]["baseline"] == "ps_elastic"
     assert rows["ps_elastic_finite_check"]["baseline"] == "ps_elastic"
+    # The *_shm rows move the bodies through shared memory, the others through the socket.
+    assert rows["ps_elastic_shm"]["baseline"] == "ps_elastic"
+    assert rows["ps_elastic_shm"]["bytes_per_exchange"] == full
     assert len(result["target_met"]) == 7  # with the int8 codec's memory-bandwidth target
     assert any(label.startswith("int8 codec at memory bandwidth") for label in result["target_met"])
 
