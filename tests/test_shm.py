@@ -317,3 +317,35 @@ def test_a_sessions_segment_is_unmapped_when_it_ends(servers: Any, clients: Call
     assert wait_until(lambda: server.stats()["left"] == 1)
     del client
     assert wait_until(lambda: gc.collect() >= 0 and _segments_mapped() == before)
+
+
+@pytest.mark.timeout(120)
+def test_a_session_gets_one_offer_of_a_segment(servers: Any, clients: Any):
+    # The server bounds its segments: a second SHM on a session is refused, and it closes.
+    server = servers(EASGD, torch.zeros(N))
+    client = _client(clients, [server])
+    x = torch.empty(N)
+    client.join(x)
+    client.serve(Request(Op.ELASTIC, x, torch.empty(N)))
+    conn = client._conns[0]
+    conn.chan.send_header(wire.Cmd.SHM, worker_id=0, session=conn.session)
+    h = conn.chan.recv_header()
+    assert h.cmd == wire.Cmd.ERROR
+    assert "SHM asked for twice on one session" in conn.chan.recv_error_text(h)
+    assert wait_until(lambda: server.stats()["rejected"] == 1)
+
+
+@pytest.mark.timeout(120)
+def test_a_closed_client_holds_no_segment(servers: Any, clients: Any):
+    gc.collect()
+    before = _segments_mapped()
+    server = servers(EASGD, torch.zeros(N))
+    client = _client(clients, [server])
+    x = torch.empty(N)
+    client.join(x)
+    client.serve(Request(Op.ELASTIC, x, torch.empty(N)))
+    client.close()
+    assert wait_until(lambda: server.stats()["left"] == 1)
+    # The client object lives on (a caller may keep it); its mapping does not.
+    assert wait_until(lambda: gc.collect() >= 0 and _segments_mapped() == before)
+    assert not client._conns[0].chan.shared

@@ -1031,6 +1031,7 @@ class PSClient(Transport):
         for conn in self._conns:
             with contextlib.suppress(OSError):
                 conn.sock.close()
+            conn.chan.release_shm()  # a closed client holds no shard-sized shared memory
 
     def _heartbeat_loop(self) -> None:
         while not self._hb_stop.wait(self.heartbeat / 2):

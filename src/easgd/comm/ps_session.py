@@ -20,7 +20,9 @@ What a peer cannot do to the server:
   session ends as ``rejected`` with an ``auth_failure`` event before anything is applied;
 * hold shard-sized memory without exchanging: a JOIN's (and a PULL's) reply comes from a
   buffer freed once it is sent; the payload and reply buffers are allocated at the first
-  exchange (or RECOVER) and freed when the session ends.
+  exchange (or RECOVER) and freed when the session ends;
+* make it create more than one shared segment per session (``SHM``: one offer, and only
+  after JOIN), or have it share memory with a peer that is not on loopback or is on TLS.
 """
 
 from __future__ import annotations
@@ -244,6 +246,7 @@ class Session:
         self.packed: tuple[Tensor, Tensor, Tensor] | None = None
         self._tls_sock: ssl.SSLSocket | None = None
         self._segment: Segment | None = None  # shared with a worker on this host (SHM)
+        self._shm_offered = False  # one offer per session: the server bounds its segments
         self._dtype = dtype_code(server.dtype)
         self._exchange_cmd = OP_CMD[server.exchange_op]
         self._nbytes = server.numel * torch.empty((), dtype=server.dtype).element_size()
@@ -271,6 +274,8 @@ class Session:
             if self._segment is not None:
                 self._segment.close_fd()
                 self._segment = None
+            if self.chan is not None:
+                self.chan.release_shm()
             if self._tls_sock is not None:
                 with contextlib.suppress(OSError):
                     self._tls_sock.close()
@@ -444,8 +449,9 @@ class Session:
         if self.stats is None:
             return self._reject(h, "SHM before JOIN")
         if h.flags == 0:
-            if self._segment is not None or chan.shared:
-                return self._reject(h, "SHM offered twice on one session")
+            if self._shm_offered:
+                return self._reject(h, "SHM asked for twice on one session")
+            self._shm_offered = True
             reason = self._shm_refusal()
             if not reason:
                 try:

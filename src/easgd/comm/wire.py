@@ -551,6 +551,10 @@ class Channel:
         assert not self._tx_body and not self._rx_body, "switched in mid-frame"
         self.shm_tx, self.shm_rx = tx, rx
 
+    def release_shm(self) -> None:
+        """Drop this end's mapping of the segment (the connection is over)."""
+        self.shm_tx = self.shm_rx = None
+
     @property
     def shared(self) -> bool:
         """Whether bodies travel through a shared segment."""
