@@ -10,6 +10,11 @@ loopback; each exchanging row names its transport: ``tcp`` (every body through t
 steps, interleaved over ``--repeats``:
 
 * ``local``: no exchange: the gradient and the local step alone (the baseline);
+* ``local + copies``: no exchange either, but the two passes over x that an overlapped
+  exchange costs the computing thread at every exchange (``sent = x``, ``x -= d``), at each
+  step as at tau = 1: the ceiling of any overlapped worker at tau = 1 on this machine,
+  whatever the transport and however fast the server; ``local + pull`` and ``local +
+  copy`` take one of the two passes each (full runs only);
 * ``blocking tau=T``: asynchronous EASGD, ``Worker(overlap=0)``: the worker waits for every
   reply (``PSClient.serve``);
 * ``overlap tau=T K=K``: ``Worker(overlap=K)``: the exchange goes out on the client's
@@ -59,6 +64,11 @@ ROWS = (("blocking", 1, 0, "none", "tcp"), ("overlap", 1, 1, "none", "tcp"),
         ("blocking", 10, 0, "none", "tcp"), ("overlap", 10, 10, "none", "tcp"),
         ("blocking", 10, 0, "none", "shm"), ("overlap", 10, 10, "none", "shm"))  # fmt: skip
 QUICK_ROWS = (("blocking", 1, 0, "none", "tcp"), ("overlap", 1, 1, "none", "shm"))
+#: Rows without a transport: the passes over x that Worker(overlap=) makes on the computing
+#: thread at each exchange (the last exchange's pull ``x -= d``, the copy ``sent = x``).
+CEILINGS = {"local + copies": (True, True), "local + pull": (True, False),
+            "local + copy": (False, True)}  # fmt: skip
+QUICK_CEILINGS = ("local + copies",)
 LR = 1e-4  # small: the benchmark measures time, and the run must stay finite
 SECRET = os.urandom(16).hex()
 
@@ -130,12 +140,14 @@ def main(argv: list[str] | None = None) -> int:
         try:
             for client in clients.values():
                 client.start(x)
-            names = ["local"] + [_name(*r) for r in rows]
+            ceilings = QUICK_CEILINGS if args.quick else tuple(CEILINGS)
+            names = ["local", *ceilings] + [_name(*r) for r in rows]
+            sent, pull = torch.zeros_like(x), torch.zeros_like(x)  # d = 0: x is unchanged
             spec = {_name(*r): r for r in rows}
             for _, name in interleaved(names, repeats):
                 worker = None
                 client = next(iter(clients.values()))
-                if name != "local":
+                if name != "local" and name not in CEILINGS:
                     _, tau, k, compress, transport = spec[name]
                     client = clients[compress, transport]
                     hp = Hyperparams(method="easgd", lr=LR, tau=tau, workers=4)
@@ -145,6 +157,11 @@ def main(argv: list[str] | None = None) -> int:
                 start, own0 = time.perf_counter(), time.process_time()
                 for _ in range(steps):
                     if worker is None:
+                        pulls, copies = CEILINGS.get(name, (False, False))
+                        if pulls:  # Worker(overlap=) at each exchange: the last one's pull,
+                            x.sub_(pull)
+                        if copies:  # ... and the copy of x that is sent
+                            sent.copy_(x)
                         loop.grad(x, g)
                         local_step_(x, g, lr=LR)
                     else:
@@ -154,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
                 blocked = serve.seconds
                 wall, own = time.perf_counter() - start, time.process_time() - own0
                 time.sleep(0.1)  # the server's CPU counter is sampled every 50 ms
-                done = client.exchanges - exchanges0
+                done = client.exchanges - exchanges0 if worker is not None else 0
                 samples.setdefault(name, []).append({
                     "steps_per_s": steps / wall,
                     "blocked_ms_per_step": 1e3 * blocked / steps,

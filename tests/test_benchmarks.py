@@ -343,7 +343,7 @@ def test_checkpoints_quick(tmp_path: Path) -> None:
 def test_overlap_quick(tmp_path: Path) -> None:
     result = quick("overlap", tmp_path, timeout=280)
     rows = {r["row"]: r for r in result["rows"]}
-    assert set(rows) == {"local", "blocking tau=1 tcp", "overlap tau=1 K=1 shm"}
+    assert set(rows) == {"local", "local + copies", "blocking tau=1 tcp", "overlap tau=1 K=1 shm"}
     assert rows["local"]["ratio"] == 1.0
     for name in ("blocking tau=1 tcp", "overlap tau=1 K=1 shm"):
         assert rows[name]["steps_per_s"] > 0
