@@ -29,6 +29,7 @@ def make_seed_run(
     workers: int = 4,
     budget: float | None = None,
     traffic: Sequence[tuple[float, int, int]] = (),
+    steps: tuple[int, float] | None = None,
 ) -> Path:
     """A real-runtime run: training starts at wall 1.0; ``traffic`` = [(t, exchanges, bytes)]
     after that, worker 0's cumulative counters; the summary counts the whole run."""
@@ -53,6 +54,8 @@ def make_seed_run(
                "best_center_test_error": min(e for _, e in curve), "exchanges": last[1],
                "bytes_sent": last[2] // 2, "bytes_received": last[2] - last[2] // 2,
                "wall_seconds": t0 + curve[-1][0], "runtime": "real"}  # fmt: skip
+    if steps is not None:  # (every worker's local steps, seconds of training)
+        summary["local_steps"], summary["train_seconds"] = steps
     (run / "summary.json").write_text(json.dumps(summary))
     if budget is not None:
         (run / "run.json").write_text(json.dumps({"runtime": "real", "train_budget": budget}))
@@ -147,3 +150,21 @@ def test_a_restarted_worker_adds_its_processes(tmp_path: Path) -> None:
             f.write(json.dumps(event) + "\n")
     (loaded,) = load_runs([tmp_path])
     assert loaded.plotted_traffic == (8, 800.0)
+
+
+def test_local_steps_per_second_is_the_median_over_the_seeds(tmp_path: Path) -> None:
+    # Seeds of EASGD lr 0.1 at 40, 50 and 100 local steps per second (all workers); MSGD's
+    # summaries say nothing of steps (an older run): its cell is empty, never a zero.
+    for seed, (n, secs) in enumerate([(400, 10.0), (1000, 20.0), (500, 5.0)]):
+        make_seed_run(tmp_path, "easgd", 1, 0.1, seed, [(0, 0.9), (2, 0.1)], steps=(n, secs))
+    make_seed_run(tmp_path, "msgd", 1, 0.001, 0, [(0, 0.9), (4, 0.1)], workers=1)
+    report = build_report(load_runs([tmp_path]), panel="tau", target=0.1)
+    rows = {ln.label: ln for ln in report.lines}
+    assert rows["EASGD"].steps_per_second == pytest.approx(50.0)
+    assert rows["MSGD"].steps_per_second is None
+    table = table_markdown(report)
+    assert "| 2.00 | 50.0 |" in table and "| 1.00 | — |" in table  # after the speedup
+    assert "Local steps/s" in table
+    line = next(x for x in report_json(report)["lines"] if x["label"] == "EASGD")
+    assert line["local_steps_per_second"] == pytest.approx(50.0)
+    assert sorted(s["local_steps_per_second"] for s in line["per_seed"]) == [40.0, 50.0, 100.0]

@@ -127,6 +127,17 @@ class Run:
         """Seconds until the first evaluation with center test error <= ``target``."""
         return next((t for t, e in zip(self.times, self.errors, strict=True) if e <= target), None)
 
+    @property
+    def steps_per_second(self) -> float | None:
+        """Every worker's local steps per second of training (virtual seconds for a
+        simulated run); None where the summary has no steps or no training time."""
+        steps, seconds = self.summary.get("local_steps"), self.summary.get("train_seconds")
+        if not isinstance(steps, int | float) or not isinstance(seconds, int | float):
+            return None
+        if not (math.isfinite(steps) and math.isfinite(seconds)) or steps <= 0 or seconds <= 0:
+            return None
+        return float(steps) / float(seconds)
+
 
 _FIX = "remove that run directory or rerun it"
 
@@ -373,6 +384,12 @@ class Line:
             pairs = [(r.exchanges, r.megabytes) for r in self.runs]
         return statistics.median(x for x, _ in pairs), statistics.median(m for _, m in pairs)
 
+    @property
+    def steps_per_second(self) -> float | None:
+        """The median over the seeds that know it of :attr:`Run.steps_per_second`."""
+        known = [v for v in (r.steps_per_second for r in self.runs) if v is not None]
+        return statistics.median(known) if known else None
+
     def time_to(self, target: float) -> None:
         """Set the median, spread and count of the seeds' times to ``target``."""
         times = [r.time_to(target) for r in self.runs]
@@ -537,12 +554,13 @@ def table_markdown(report: Report, title: str | None = None) -> str:
         "plotted time (the training budget) and over the whole run, which may go on past it. "
         f"Time: {report.time_label}. A best lr marked (top edge) or (bottom edge) is the "
         "largest or smallest rate tried for that setting, (one rate) the only one: the best "
-        "rate may lie outside the grid.",
+        "rate may lie outside the grid. Local steps/s: every worker's local steps per second "
+        "of training, summed over the workers (median over the seeds).",
         "",
         "| panel | method | best lr | seeds | runs | best error | final error "
-        "| time to target (s) | reached | speedup | exchanges (plotted) | MB (plotted) "
-        "| exchanges (whole run) | MB (whole run) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| time to target (s) | reached | speedup | local steps/s | exchanges (plotted) "
+        "| MB (plotted) | exchanges (whole run) | MB (whole run) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for ln in report.lines:
         r = ln.run
@@ -552,7 +570,7 @@ def table_markdown(report: Report, title: str | None = None) -> str:
             f"| {ln.seeds} | {ln.tried} "
             f"| {_fmt_stat(ln.best_error, '.4f')} | {_fmt_stat(ln.final_error, '.4f')} "
             f"| {_fmt_time(ln)} | {ln.reached}/{ln.seeds} | {_fmt(ln.speedup, '.2f')} "
-            f"| {px:.0f} | {pmb:.1f} | {wx:.0f} | {wmb:.1f} |"
+            f"| {_fmt(ln.steps_per_second, '.1f')} | {px:.0f} | {pmb:.1f} | {wx:.0f} | {wmb:.1f} |"
         )
     return "\n".join(out) + "\n"
 
@@ -737,12 +755,14 @@ def report_json(report: Report) -> dict[str, Any]:
             "exchanges": wx, "megabytes": wmb,
             "plotted_exchanges": px, "plotted_megabytes": pmb,
             "local_steps": r.summary.get("local_steps"),
+            "local_steps_per_second": ln.steps_per_second,
             "per_seed": [
                 {"seed": s.seed, "run": s.path.name, "best_error": s.best_error,
                  "final_error": s.final_error, "time_to_target": s.time_to(report.target),
                  "exchanges": s.exchanges, "megabytes": s.megabytes,
                  "plotted_exchanges": s.plotted_exchanges,
-                 "plotted_megabytes": s.plotted_megabytes}
+                 "plotted_megabytes": s.plotted_megabytes,
+                 "local_steps_per_second": s.steps_per_second}
                 for s in sorted(ln.runs, key=lambda run: run.seed)
             ],
             "curve": {"time": r3(c["time"]), **band("test_error", c["test_error"]),
