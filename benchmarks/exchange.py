@@ -34,8 +34,10 @@ reports medians:
   all-gather of :class:`easgd.algorithms.CompressedSum`), ratios against ``sync_easgd``,
   with the bytes each rank sends per exchange;
 * ``codec_copy``: one copy of the flat vector (memory bandwidth), and ``codec_bf16`` /
-  ``codec_int8``: encode + decode of the vector (:mod:`easgd.compress`), ratios against
-  ``codec_copy``.
+  ``codec_int8``: encode + decode of the vector (:mod:`easgd.compress`), and
+  ``codec_int8_feedback``: the error feedback around them as a compressed exchange runs it
+  (``easgd.algorithms.compress_with_feedback_``: residual += v, encode, decode into v,
+  residual -= v), ratios against ``codec_copy``.
 
 In a training loop (``--loop``, on by default): both ranks train a 4.6M-parameter MLP
 (batch 8, one thread) for tau = 10 local steps per period, and a period ends with
@@ -55,7 +57,7 @@ Usage, from the repository root::
     python -m benchmarks.exchange [--quick] [--numel 5000000] [--repeats N] [--no-loop]
         [--only codec] [--profile ROW ...] [--json PATH]
 
-``--only codec`` runs the three codec rows alone (no servers, no peer), still interleaved.
+``--only codec`` runs the four codec rows alone (no servers, no peer), still interleaved.
 
 Every process runs one torch thread. The figures and what limits them:
 ``benchmarks/RESULTS.md``, section 2. Add a row by appending to ``build_rows`` (and, when
@@ -102,6 +104,7 @@ from easgd.algorithms import (
     Op,
     Request,
     Worker,
+    compress_with_feedback_,
     drive,
     elastic_exchange_,
     local_step_,
@@ -386,6 +389,11 @@ def codec_rows(x: torch.Tensor) -> list[Row]:
         name: torch.empty(codec(name).packed_size(xp.numel()), dtype=torch.uint8)
         for name in COMPRESSED
     }
+    v, residual = xp.clone(), torch.zeros_like(xp)
+
+    def feedback() -> None:  # v holds the last call's sent values: the same work each call
+        compress_with_feedback_(v, residual, codec("int8"), packed["int8"])
+
     return [
         Row("codec_copy", "one copy of the flat vector", lambda: scratch.copy_(xp)),
         *(
@@ -393,6 +401,7 @@ def codec_rows(x: torch.Tensor) -> list[Row]:
                 _codec_round_trip(name, xp, packed[name], scratch))
             for name in COMPRESSED
         ),
+        Row("codec_int8_feedback", "int8 error feedback of the flat vector", feedback),
     ]  # fmt: skip
 
 
@@ -722,7 +731,8 @@ def main(argv: list[str] | None = None) -> int:
         "--only",
         choices=["codec"],
         default=None,
-        help="only these rows: codec = codec_copy, codec_bf16, codec_int8 (no servers, no peer)",
+        help="only these rows: codec = codec_copy, codec_bf16, codec_int8, codec_int8_feedback "
+        "(no servers, no peer)",
     )
     parser.add_argument(
         "--profile",

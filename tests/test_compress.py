@@ -339,7 +339,7 @@ def test_int8_threads_encode_with_their_own_scratch() -> None:
 
 
 def test_codec_benchmark_rows_alone_side_by_side_with_a_copy(tmp_path: Path) -> None:
-    # `python -m benchmarks.exchange --only codec`: the three codec rows in one process (no
+    # `python -m benchmarks.exchange --only codec`: the four codec rows in one process (no
     # servers), each codec's encode + decode a ratio against one copy of the same vector.
     import json
     import subprocess
@@ -353,7 +353,7 @@ def test_codec_benchmark_rows_alone_side_by_side_with_a_copy(tmp_path: Path) -> 
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     result = json.loads(out.read_text())
     rows = {r["name"]: r for r in result["rows"]}
-    assert set(rows) == {"codec_copy", "codec_bf16", "codec_int8"}
+    assert set(rows) == {"codec_copy", "codec_bf16", "codec_int8", "codec_int8_feedback"}
     assert rows["codec_copy"]["ratio"] == 1.0 and result["int8_kernel"] == "compiled"
     (label,) = result["target_met"]  # the codec's own target only (the others need servers)
     assert label.startswith("int8 codec at memory bandwidth")
@@ -441,6 +441,93 @@ def test_int8_compiled_kernels_give_the_eager_bytes_and_values(
     assert torch.equal(back.nan_to_num(), eager_back.nan_to_num())
     assert torch.equal(back.isnan(), eager_back.isnan())
     assert back.view(-1, CHUNK)[[10, 20, 30]].isnan().all()  # a non-finite chunk stays so
+
+
+def _feedback_inputs(chunks: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A vector over scales from subnormal to huge (zero, tie, NaN and infinite chunks among
+    them) and a residual of its own, as an exchange's error feedback meets them."""
+    gen = torch.Generator().manual_seed(seed)
+    scale = torch.logspace(-44, 37, chunks, dtype=torch.float64).repeat_interleave(CHUNK)
+    v = (torch.randn(chunks * CHUNK, generator=gen, dtype=torch.float64) * scale).float()
+    rows = v.view(-1, CHUNK)
+    rows[::7] = 0.0
+    rows[9::17] = torch.tensor([0.5, 1.5, 2.5, -0.5, 127.0] * 51 + [1.0])
+    rows[10, 4], rows[20, 8], rows[30, 9] = float("nan"), float("inf"), -float("inf")
+    residual = (torch.randn(v.numel(), generator=gen, dtype=torch.float64) * scale / 300).float()
+    residual.view(-1, CHUNK)[::5] = 0.0
+    return v, residual
+
+
+def _eager_feedback(v: torch.Tensor, residual: torch.Tensor, packed: torch.Tensor) -> None:
+    """compress_with_feedback_'s four operations, one by one, in eager PyTorch."""
+    c = codec("int8")
+    residual.add_(v)
+    c.encode(residual, packed)
+    c.decode(packed, v)
+    residual.sub_(v)
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+
+
+@pytest.mark.parametrize("chunks", [40, 4096 + 5])  # plain stores; streamed (>= 4,096 chunks)
+def test_int8_fused_error_feedback_is_the_eager_arithmetic_bitwise(
+    chunks: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # compress_with_feedback_ on int8 float32 CPU vectors runs one fused kernel: the same
+    # packed bytes, sent values and residual as the four eager operations, exchange after
+    # exchange (the residual carries what each one dropped into the next).
+    from easgd.algorithms import compress_with_feedback_
+
+    c = codec("int8")
+    v0, r0 = _feedback_inputs(chunks, seed=11)
+    size = c.packed_size(v0.numel())
+    ran: list[bool] = []  # what each call of the fused kernel answered
+    real = c.feedback_
+    monkeypatch.setattr(c, "feedback_", lambda *a: ran.append(real(*a)) or ran[-1])
+    for offset in (0, 4):  # the packed bytes 16-byte aligned (streamed) or not
+        v, r, ev, er = v0.clone(), r0.clone(), v0.clone(), r0.clone()
+        buffer = torch.zeros(size + 16, dtype=torch.uint8)
+        fused, eager = buffer[offset : offset + size], torch.empty(size, dtype=torch.uint8)
+        for k in range(3):
+            compress_with_feedback_(v, r, c, fused)
+            assert ran.pop() is True  # the fused kernel did the work
+            with monkeypatch.context() as patch:
+                _eager(patch)
+                _eager_feedback(ev, er, eager)
+            assert torch.equal(fused, eager), (offset, k)
+            assert _same(v, ev) and _same(r, er), (offset, k)
+            v.copy_(v0), ev.copy_(v0)  # the next exchange's vector; the residuals carry on
+
+
+def test_int8_error_feedback_falls_back_to_eager_where_the_kernel_cannot_serve(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A residual that is not a separate contiguous float32 buffer of v's size, a float64
+    # vector, or an install without the kernels: the eager operations run (same results
+    # where both can run), and wrong sizes are the codec's usual clear error.
+    from easgd.algorithms import compress_with_feedback_
+
+    c = codec("int8")
+    v0, r0 = _feedback_inputs(40, seed=12)
+    packed = torch.empty(c.packed_size(v0.numel()), dtype=torch.uint8)
+    strided = torch.zeros(2 * v0.numel())[::2]
+    assert not c.feedback_(v0.clone(), strided, packed)  # not contiguous
+    both = torch.cat([v0, r0])
+    assert not c.feedback_(both[: v0.numel()], both[: v0.numel()], packed)  # the same memory
+    assert not c.feedback_(v0.double(), r0.double(), packed)  # not float32
+    assert not codec("bf16").feedback_(v0.clone(), r0.clone(), packed)  # no fused form
+    expected_v, expected_r, expected = v0.clone(), r0.clone(), torch.empty_like(packed)
+    compress_with_feedback_(expected_v, expected_r, c, expected)  # fused
+    with monkeypatch.context() as patch:
+        _eager(patch)
+        v, r = v0.clone(), r0.clone()
+        assert not c.feedback_(v, r, packed)
+        compress_with_feedback_(v, r, c, packed)
+    assert torch.equal(packed, expected) and _same(v, expected_v) and _same(r, expected_r)
+    with pytest.raises(ValueError, match="int8 packs 10240 values into 10400 uint8 bytes"):
+        c.feedback_(v0.clone(), r0.clone(), packed[:-1])
 
 
 def test_int8_without_the_compiled_kernels_warns_once_and_sends_the_same_bytes(

@@ -1,13 +1,16 @@
-/* The int8 codec's two kernels, one pass over memory each way (easgd.compress).
+/* The int8 codec's kernels, one pass over memory each (easgd.compress).
  *
  * encode: for each chunk of 256 float32 values, m = max |v| (as the largest of the values'
  * bit patterns without their sign: the same order for non-negative floats, and a NaN's
  * pattern is above infinity's, so a NaN propagates as torch.amax's does), scale = m / 127,
  * q = round half to even of v * (127 * (1 / m)), and q = 0 where that factor is not finite
  * or is 0 (all-zero chunks, a max so small that 127 / max overflows, NaN and infinite ones).
- * decode: v = float(q) * scale. Both are the eager PyTorch code's arithmetic, operation for
- * operation in IEEE float32 (no -ffast-math, no contraction into FMA), so the bytes and values
- * are bitwise the same; tests/test_compress.py holds them against each other.
+ * decode: v = float(q) * scale. feedback: the error feedback around the two, as
+ * easgd.algorithms.compress_with_feedback_ writes it in eager PyTorch (residual += v; encode
+ * the residual; v = its decoded values; residual -= v). Each is the eager code's arithmetic,
+ * operation for operation in IEEE float32 (no -ffast-math, no contraction into FMA), so the
+ * bytes and values are bitwise the same; tests/test_compress.py holds them against each
+ * other.
  *
  * Each chunk is read from memory once and worked on in L1. Outputs larger than the L2 cache
  * are written with streaming stores on x86-64 (no read for ownership of lines that are only
@@ -50,38 +53,68 @@
 #define CLONES
 #endif
 
+/* One chunk of CHUNK values r: its scale (returned) and its int8 values into o. */
+static inline __attribute__((always_inline)) float encode_chunk(const float *restrict r,
+                                                                 int8_t *restrict o) {
+    uint32_t top = 0;
+    for (int i = 0; i < CHUNK; i++) {
+        uint32_t bits;
+        memcpy(&bits, &r[i], sizeof bits);
+        bits &= 0x7fffffffu;
+        top = bits > top ? bits : top;
+    }
+    float m;
+    memcpy(&m, &top, sizeof m);
+    float inv = 127.0f * (1.0f / m);
+    if (isfinite(inv) && inv != 0.0f) {
+        /* t = v * inv has |t| <= 127 (plus rounding); adding 1.5 * 2^23 rounds it to an
+         * integer, half to even (as rintf in the default rounding mode), and leaves that
+         * integer's two's complement in the low bits of the float's pattern. */
+        for (int i = 0; i < CHUNK; i++) {
+            float t = r[i] * inv + 12582912.0f;
+            uint32_t bits;
+            memcpy(&bits, &t, sizeof bits);
+            o[i] = (int8_t)(uint8_t)bits;
+        }
+    } else { /* all-zero chunks, a max |v| so small that 127 / max overflows, NaN, inf */
+        memset(o, 0, CHUNK);
+    }
+    return m / 127.0f;
+}
+
 CLONES static void encode_chunks(const float *restrict v, int64_t chunks,
                                  float *restrict scales, int8_t *restrict q) {
     const int stream = chunks >= STREAM_CHUNKS && CAN_STREAM(q);
     int8_t buf[CHUNK] __attribute__((aligned(64)));
     for (int64_t c = 0; c < chunks; c++) {
-        const float *restrict r = v + c * CHUNK;
         int8_t *restrict o = stream ? buf : q + c * CHUNK;
-        uint32_t top = 0;
+        scales[c] = encode_chunk(v + c * CHUNK, o);
+        if (stream) STREAM_BYTES(q + c * CHUNK, buf);
+    }
+    if (stream) STREAM_END();
+}
+
+/* Error feedback (easgd.algorithms.compress_with_feedback_), chunk by chunk in L1:
+ * residual += v; (scales, q) = encode(residual); v = decode(scales, q); residual -= v. */
+CLONES static void feedback_chunks(float *restrict v, float *restrict residual,
+                                   int64_t chunks, float *restrict scales,
+                                   int8_t *restrict q) {
+    const int stream = chunks >= STREAM_CHUNKS && CAN_STREAM(q);
+    float t[CHUNK] __attribute__((aligned(64)));
+    int8_t buf[CHUNK] __attribute__((aligned(64)));
+    for (int64_t c = 0; c < chunks; c++) {
+        float *restrict vc = v + c * CHUNK;
+        float *restrict rc = residual + c * CHUNK;
+        int8_t *restrict o = stream ? buf : q + c * CHUNK;
+        for (int i = 0; i < CHUNK; i++) t[i] = rc[i] + vc[i];
+        const float s = encode_chunk(t, o);
+        scales[c] = s;
         for (int i = 0; i < CHUNK; i++) {
-            uint32_t bits;
-            memcpy(&bits, &r[i], sizeof bits);
-            bits &= 0x7fffffffu;
-            top = bits > top ? bits : top;
-        }
-        float m;
-        memcpy(&m, &top, sizeof m);
-        float inv = 127.0f * (1.0f / m);
-        if (isfinite(inv) && inv != 0.0f) {
-            /* t = v * inv has |t| <= 127 (plus rounding); adding 1.5 * 2^23 rounds it to an
-             * integer, half to even (as rintf in the default rounding mode), and leaves that
-             * integer's two's complement in the low bits of the float's pattern. */
-            for (int i = 0; i < CHUNK; i++) {
-                float t = r[i] * inv + 12582912.0f;
-                uint32_t bits;
-                memcpy(&bits, &t, sizeof bits);
-                o[i] = (int8_t)(uint8_t)bits;
-            }
-        } else { /* all-zero chunks, a max |v| so small that 127 / max overflows, NaN, inf */
-            memset(o, 0, CHUNK);
+            const float sent = (float)o[i] * s;
+            vc[i] = sent;
+            rc[i] = t[i] - sent;
         }
         if (stream) STREAM_BYTES(q + c * CHUNK, buf);
-        scales[c] = m / 127.0f;
     }
     if (stream) STREAM_END();
 }
@@ -123,11 +156,25 @@ static PyObject *decode(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static PyObject *feedback(PyObject *self, PyObject *args) {
+    unsigned long long v, residual, scales, q;
+    long long chunks;
+    if (!PyArg_ParseTuple(args, "KKLKK", &v, &residual, &chunks, &scales, &q)) return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    feedback_chunks((float *)(uintptr_t)v, (float *)(uintptr_t)residual, chunks,
+                    (float *)(uintptr_t)scales, (int8_t *)(uintptr_t)q);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"encode", encode, METH_VARARGS,
      "encode(v, chunks, scales, q): addresses of float32 v, float32 scales, int8 q"},
     {"decode", decode, METH_VARARGS,
      "decode(scales, q, chunks, out): addresses of float32 scales, int8 q, float32 out"},
+    {"feedback", feedback, METH_VARARGS,
+     "feedback(v, residual, chunks, scales, q): addresses of float32 v and residual (both "
+     "updated), float32 scales, int8 q"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -16,9 +16,11 @@ whole number of chunks (:func:`padded`), so a shard boundary can fall on a chunk
 
 The int8 codec of float32 CPU vectors runs in compiled kernels (``easgd._int8``, built from
 ``src/easgd/_int8.c`` at install, one pass over memory each way: encode + decode take 1.2x
-one copy of the vector where eager PyTorch takes 3x). Every other dtype and device, and an
-install without a C compiler, run the same arithmetic in eager PyTorch, bitwise the same;
-:data:`INT8_KERNEL` says which, and the first int8 exchange without the kernels warns once.
+one copy of the vector where eager PyTorch takes 3x), and so does the error feedback around
+it (:meth:`Codec.feedback_`: ``compress_with_feedback_``'s four operations in one pass).
+Every other dtype and device, and an install without a C compiler, run the same arithmetic
+in eager PyTorch, bitwise the same; :data:`INT8_KERNEL` says which, and the first int8
+exchange without the kernels warns once.
 """
 
 from __future__ import annotations
@@ -81,6 +83,11 @@ class Codec:
     def decode(self, packed: Tensor, out: Tensor) -> None:
         """Write the values that ``packed`` holds into ``out`` (any float dtype)."""
         out.copy_(packed.view(out.dtype))
+
+    def feedback_(self, v: Tensor, residual: Tensor, packed: Tensor) -> bool:
+        """:func:`easgd.algorithms.compress_with_feedback_` in one fused pass, where this
+        codec has a kernel for ``v`` and ``residual``; False (nothing done) where it has none."""
+        return False
 
 
 class _BF16(Codec):
@@ -152,6 +159,27 @@ class _Int8(Codec):
         for o, qb, s in _blocks(out.view(-1, CHUNK), q, scales.to(out.dtype)[:, None]):
             o.copy_(qb)
             o.mul_(s)
+
+    def feedback_(self, v: Tensor, residual: Tensor, packed: Tensor) -> bool:
+        scales, q = self._split(packed, v.numel())
+        kernels = _compiled(v, packed)
+        if kernels is None or not _separate(v, residual):
+            return False
+        kernels.feedback(v.data_ptr(), residual.data_ptr(), scales.numel(), scales.data_ptr(),
+                         q.data_ptr())  # fmt: skip
+        return True
+
+
+def _separate(v: Tensor, residual: Tensor) -> bool:
+    """Whether ``residual`` is a contiguous float32 buffer of ``v``'s size that shares no
+    memory with it (what the fused feedback kernel takes; else the eager code runs)."""
+    if residual.dtype != v.dtype or residual.shape != v.shape or not residual.is_contiguous():
+        return False
+    if residual.device != v.device:
+        return False
+    size = v.numel() * v.element_size()
+    a, b = v.data_ptr(), residual.data_ptr()
+    return a + size <= b or b + size <= a
 
 
 def _compiled(v: Tensor, packed: Tensor) -> ModuleType | None:
