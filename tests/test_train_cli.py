@@ -308,6 +308,25 @@ def test_a_center_that_never_moved_is_reported(tmp_path: Path) -> None:
     assert "the final center is the initial one" in result.stderr
 
 
+def test_the_closing_table_says_how_fast_the_workers_stepped(tmp_path: Path) -> None:
+    # Without --json the run ends on a table; besides the summary's numbers it gives every
+    # worker's local steps per second of training (local_steps / train_seconds).
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "easgd", "train", "--out", str(out), "--method", "easgd",
+         "--steps", "20", "--workers", "2", "--quiet"],
+        capture_output=True, text=True, cwd=ROOT, timeout=240,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = dict(line.split(None, 1) for line in result.stdout.splitlines() if "  " in line)
+    summary = json.loads((out / "summary.json").read_text())
+    assert int(rows["local_steps"]) == summary["local_steps"] == 40
+    rate = float(rows["local_steps_per_second"])
+    assert rate == pytest.approx(summary["local_steps"] / summary["train_seconds"], rel=1e-5)
+    lines = [line.split(None, 1)[0] for line in result.stdout.splitlines()]
+    assert lines.index("local_steps_per_second") == lines.index("local_steps") + 1
+
+
 # ------------------------------------------------------------------------------------------
 # TLS end to end: --tls-cert/--tls-key on the servers, --tls-ca on the workers and evaluator
 # ------------------------------------------------------------------------------------------

@@ -546,7 +546,12 @@ def run(args: argparse.Namespace) -> int:
             "center_test_error", "center_test_loss", "best_center_test_error", "wall_seconds",
             "startup_seconds", "train_seconds", "local_steps", "exchanges", "bytes_sent",
             "bytes_received", "evaluations", "status")  # fmt: skip
-    print(format_table([{"quantity": k, "value": summary[k]} for k in keys if k in summary]))
+    rows = [{"quantity": k, "value": summary[k]} for k in keys if k in summary]
+    steps, seconds = summary.get("local_steps"), summary.get("train_seconds")
+    if isinstance(steps, int) and isinstance(seconds, int | float) and seconds > 0:
+        at = next(i for i, r in enumerate(rows) if r["quantity"] == "local_steps") + 1
+        rows.insert(at, {"quantity": "local_steps_per_second", "value": steps / seconds})
+    print(format_table(rows))
     print(f"run directory: {cfg.out}")
     if _under_torchrun():
         exit_now(0)
