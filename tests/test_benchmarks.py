@@ -300,14 +300,15 @@ def test_exchange_quick(tmp_path: Path) -> None:
         "ps_elastic_authenticated_shm", "allreduce_raw", "sync_easgd", "loop_local",
         "loop_allreduce_raw",
         "loop_sync_easgd_blocking", "loop_sync_easgd", "sync_easgd_bf16", "sync_easgd_int8",
-        "codec_copy", "codec_bf16", "codec_int8", "ps_elastic_bf16", "ps_elastic_int8",
+        "codec_copy", "codec_bf16", "codec_int8", "codec_int8_feedback", "ps_elastic_bf16",
+        "ps_elastic_int8",
     }  # fmt: skip
     assert rows["gloo_echo"]["ratio"] == 1.0 and rows["allreduce_raw"]["ratio"] == 1.0
     # Compressed exchanges: fewer bytes per rank and exchange, side by side with float32.
     full = rows["sync_easgd"]["bytes_sent_per_exchange"]
     assert full / rows["sync_easgd_bf16"]["bytes_sent_per_exchange"] >= 2.0
     assert full / rows["sync_easgd_int8"]["bytes_sent_per_exchange"] >= 3.5
-    assert rows["codec_int8"]["baseline"] == "codec_copy"
+    assert rows["codec_int8"]["baseline"] == rows["codec_int8_feedback"]["baseline"] == "codec_copy"
     assert rows["sync_easgd_int8"]["baseline"] == "sync_easgd"
     full = rows["ps_elastic"]["bytes_per_exchange"]
     assert full / rows["ps_elastic_bf16"]["bytes_per_exchange"] >= 2.0
@@ -368,5 +369,7 @@ def test_a_partial_benchmark_run_keeps_the_full_runs_results(tmp_path: Path) -> 
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert (results / "exchange.json").read_text() == '{"full": true}\n'
     partial = json.loads((results / "exchange-codec.json").read_text())
-    assert {r["name"] for r in partial["rows"]} == {"codec_copy", "codec_bf16", "codec_int8"}
+    assert {r["name"] for r in partial["rows"]} == {
+        "codec_copy", "codec_bf16", "codec_int8", "codec_int8_feedback"
+    }  # fmt: skip
     assert f"wrote {results / 'exchange-codec.json'}" in proc.stdout
