@@ -173,9 +173,8 @@ class _Int8(Codec):
 def _separate(v: Tensor, residual: Tensor) -> bool:
     """Whether ``residual`` is a contiguous float32 buffer of ``v``'s size that shares no
     memory with it (what the fused feedback kernel takes; else the eager code runs)."""
-    if residual.dtype != v.dtype or residual.shape != v.shape or not residual.is_contiguous():
-        return False
-    if residual.device != v.device:
+    same = residual.dtype == v.dtype and residual.shape == v.shape and residual.device == v.device
+    if not same or not residual.is_contiguous():
         return False
     size = v.numel() * v.element_size()
     a, b = v.data_ptr(), residual.data_ptr()

@@ -37,6 +37,7 @@ from easgd.runlog import (
     atomic_write_json,
     atomic_write_text,
     iter_jsonl,
+    steps_per_second,
     training_span,
 )
 
@@ -131,12 +132,7 @@ class Run:
     def steps_per_second(self) -> float | None:
         """Every worker's local steps per second of training (virtual seconds for a
         simulated run); None where the summary has no steps or no training time."""
-        steps, seconds = self.summary.get("local_steps"), self.summary.get("train_seconds")
-        if not isinstance(steps, int | float) or not isinstance(seconds, int | float):
-            return None
-        if not (math.isfinite(steps) and math.isfinite(seconds)) or steps <= 0 or seconds <= 0:
-            return None
-        return float(steps) / float(seconds)
+        return steps_per_second(self.summary)
 
 
 _FIX = "remove that run directory or rerun it"

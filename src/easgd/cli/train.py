@@ -16,7 +16,7 @@ from easgd.cli._progress import Progress
 from easgd.cli._table import format_table
 from easgd.cli.simulate import add_hyperparam_args, check_elasticity_args
 from easgd.config import BUDGET_FIELDS, EXPERIMENT_FIELDS, MODES, TrainConfig
-from easgd.runlog import CONFIG_FILE, RunPaths
+from easgd.runlog import CONFIG_FILE, RunPaths, steps_per_second
 
 __all__ = ["DEFAULT_EPOCHS", "config_from_args", "register", "resume_config", "run"]
 
@@ -547,10 +547,10 @@ def run(args: argparse.Namespace) -> int:
             "startup_seconds", "train_seconds", "local_steps", "exchanges", "bytes_sent",
             "bytes_received", "evaluations", "status")  # fmt: skip
     rows = [{"quantity": k, "value": summary[k]} for k in keys if k in summary]
-    steps, seconds = summary.get("local_steps"), summary.get("train_seconds")
-    if isinstance(steps, int) and isinstance(seconds, int | float) and seconds > 0:
+    rate = steps_per_second(summary)
+    if rate is not None:
         at = next(i for i, r in enumerate(rows) if r["quantity"] == "local_steps") + 1
-        rows.insert(at, {"quantity": "local_steps_per_second", "value": steps / seconds})
+        rows.insert(at, {"quantity": "local_steps_per_second", "value": rate})
     print(format_table(rows))
     print(f"run directory: {cfg.out}")
     if _under_torchrun():

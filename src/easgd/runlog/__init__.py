@@ -72,6 +72,7 @@ from easgd.runlog.schema import (
 )
 from easgd.runlog.summary import (
     eval_line,
+    steps_per_second,
     training_span,
     update_summary,
     write_summary,
@@ -133,6 +134,7 @@ __all__ = [
     "read_jsonl",
     "save_checkpoint",
     "snapshot_wall",
+    "steps_per_second",
     "strict_json",
     "summary_errors",
     "training_span",

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "eval_line",
+    "steps_per_second",
     "training_span",
     "update_summary",
     "write_summary",
@@ -132,6 +133,18 @@ def write_summary(
     _check_summary(summary)
     atomic_write_json(paths.summary, summary)
     return summary
+
+
+def steps_per_second(summary: Mapping[str, Any]) -> float | None:
+    """Every worker's local steps per second of training (``local_steps / train_seconds``;
+    virtual seconds for a simulated run); None where either is missing, not finite or not
+    positive."""
+    steps, seconds = summary.get("local_steps"), summary.get("train_seconds")
+    if not isinstance(steps, int | float) or not isinstance(seconds, int | float):
+        return None
+    if not (math.isfinite(steps) and math.isfinite(seconds)) or steps <= 0 or seconds <= 0:
+        return None
+    return float(steps) / float(seconds)
 
 
 def update_summary(paths: RunPaths, **fields: Any) -> dict[str, Any]:
